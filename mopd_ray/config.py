@@ -1,0 +1,420 @@
+"""Structured configuration: every default lives here, once. YAML under conf/ only overrides.
+
+The dataclasses are registered with Hydra's ConfigStore as the schema of conf/config.yaml, so an
+unknown key or a value of the wrong type fails at composition with the key's full name.
+``validate(cfg)`` then checks the cross-field invariants and raises ``ConfigError`` with a message
+that names the key and what to change.
+"""
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Union
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+# vLLM's CPU attention accepts only these head sizes (PLATFORM.md); GPU backends accept a superset.
+VLLM_CPU_HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+SIGNALS = ("sampled", "topk", "full_vocab")
+SELF_TEACHER = "self"
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names the key and the fix."""
+
+
+@dataclass
+class TinyModelConfig:
+    """Shape of a tiny Qwen2/Llama-style model that the project builds itself (no hub)."""
+
+    arch: str = "qwen2"  # qwen2 | llama
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 2
+    num_kv_heads: int = 1
+    intermediate_size: int = 128
+    max_position_embeddings: int = 256
+    tie_word_embeddings: bool = False
+    vocab_pad_to: int = 32  # embedding rows padded to a multiple of this (real models do it too)
+    seed: int = 0
+
+
+@dataclass
+class ModelConfig:
+    """The student. ``path`` is a transformers-format folder; ``tiny`` builds it there when absent."""
+
+    path: str = "artifacts/tiny/student"
+    tiny: Optional[TinyModelConfig] = field(default_factory=TinyModelConfig)
+    tokenizer_seed: int = 0
+    dtype: str = "float32"  # float32 | bfloat16 | float16
+    trust_remote_code: bool = False
+    max_model_len: int = 256
+
+
+@dataclass
+class TeacherConfig:
+    """One teacher: an actor group of ``replicas`` x ``tensor_parallel_size`` shards."""
+
+    model_path: Optional[str] = None  # None only for the "self" teacher (a frozen initial student)
+    tiny: Optional[TinyModelConfig] = None  # build a tiny teacher at model_path when absent
+    backend: str = "vllm"  # vllm | hf
+    weight: float = 1.0  # coefficient of this teacher's distillation advantage / loss
+    signal: Optional[str] = None  # override algorithm.signal for rows routed here
+    replicas: int = 1
+    tensor_parallel_size: int = 1
+    max_model_len: int = 256
+    max_logprobs: int = 20  # vLLM engine limit on top-k log-probs
+    dtype: str = "float32"
+    hidden_dtype: str = "bfloat16"  # dtype of hidden states shipped for full_vocab
+    num_cpus_per_shard: float = 1.0
+    num_gpus_per_shard: float = 0.0
+    kv_cache_memory_bytes: int = 268435456
+
+
+@dataclass
+class TeachersConfig:
+    models: Dict[str, TeacherConfig] = field(default_factory=dict)
+    routing: Dict[str, str] = field(default_factory=dict)  # data domain -> teacher name
+    default: Optional[str] = None  # teacher for domains missing from routing (None: such a domain is an error)
+
+
+@dataclass
+class RolloutConfig:
+    replicas: int = 1
+    tensor_parallel_size: int = 1
+    n_samples_per_prompt: int = 4
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 32
+    max_logprobs: int = 20
+    dtype: str = "float32"
+    enforce_eager: bool = True
+    kv_cache_memory_bytes: int = 268435456
+    gpu_memory_utilization: float = 0.6
+    num_cpus_per_shard: float = 1.0
+    num_gpus_per_shard: float = 0.0
+    seed: int = 0
+
+
+@dataclass
+class LearnerConfig:
+    world_size: int = 2
+    zero_stage: int = 2
+    micro_batch_size: int = 8  # rows per forward/backward on one rank
+    mini_batches_per_step: int = 1  # optimizer steps per rollout batch (PPO-style reuse when > 1)
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    lr_schedule: str = "cosine"  # constant | cosine | linear
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    grad_clip: float = 1.0
+    dtype: str = "float32"
+    offload_optimizer: bool = False
+    gradient_checkpointing: bool = False
+    num_cpus_per_rank: float = 1.0
+    num_gpus_per_rank: float = 0.0
+    recompute_old_logprobs: bool = True  # pi_old from the learner instead of the rollout engine
+
+
+@dataclass
+class AlgorithmConfig:
+    signal: str = "sampled"  # sampled | topk | full_vocab
+    advantage: str = "reverse_kl"
+    kl_gamma: float = 0.0  # discount of future per-token KL in the sampled advantage (0: per token)
+    normalize_advantages: bool = False
+    alpha: float = 0.0  # weight of the GRPO outcome advantage mixed into the distillation advantage
+    outcome_estimator: str = "grpo"  # grpo | grpo_no_std
+    policy_loss: str = "ppo_clip"
+    clip_low: float = 0.2
+    clip_high: float = 0.28
+    dual_clip: Optional[float] = None
+    loss_agg: str = "token_mean"
+    is_correction: str = "tis"  # none | tis | icepop
+    tis_cap: float = 2.0
+    icepop_low: float = 0.5
+    icepop_high: float = 2.0
+    topk: int = 8
+    topk_divergence: str = "forward"  # forward | reverse
+    full_vocab_chunk_size: int = 1024
+    kl_estimator: str = "k3"  # reported estimator
+    max_staleness: int = 0  # 0: on-policy; 1: the next rollout overlaps this update
+
+
+@dataclass
+class DataConfig:
+    train_path: Optional[str] = None  # JSONL/Parquet; None: generate the synthetic domains
+    eval_path: Optional[str] = None
+    prompt_key: str = "prompt"
+    domain_key: str = "domain"
+    answer_key: str = "answer"
+    domains: List[str] = field(default_factory=lambda: ["add", "reverse", "sort"])
+    num_train_per_domain: int = 2000
+    num_eval_per_domain: int = 100
+    prompts_per_step: int = 16
+    max_prompt_len: int = 48
+    shuffle: bool = True
+    seed: int = 0
+
+
+@dataclass
+class ClusterConfig:
+    mode: str = "local"  # local: start Ray on this machine | cluster: join address
+    address: Optional[str] = None  # Ray address in cluster mode (None: "auto")
+    num_cpus: Optional[int] = None  # local mode: CPUs given to Ray (None: all)
+    num_gpus: int = 0
+    num_nodes: int = 1  # cluster size the recipe expects (resource arithmetic is checked against it)
+    gpus_per_node: int = 0
+    cpus_per_node: int = 0
+    dashboard_host: str = "127.0.0.1"
+    placement_timeout_s: float = 120.0
+    call_timeout_s: float = 600.0
+    object_store_memory: Optional[int] = None
+
+
+@dataclass
+class LoggingConfig:
+    wandb_mode: str = "offline"  # offline | online | disabled
+    project: str = "mopd_ray"
+    entity: Optional[str] = None
+    run_name: Optional[str] = None
+    jsonl: bool = True
+    progress_bar: bool = True
+
+
+@dataclass
+class RunConfig:
+    name: str = "mopd_local"
+    seed: int = 0
+    total_steps: int = 20
+    eval_every: int = 10
+    save_every: int = 0  # 0: only at the end
+    output_dir: str = "."  # Hydra's run directory by default
+    artifacts_dir: str = "artifacts"
+    resume: str = "never"  # never | auto | <path>
+    dry_run: bool = False  # build models, print the resolved config and the plan, then stop
+
+
+@dataclass
+class MOPDConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    teachers: TeachersConfig = field(default_factory=TeachersConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    learner: LearnerConfig = field(default_factory=LearnerConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+def register_configs() -> None:
+    """Register the schema: conf/config.yaml's defaults list starts from ``mopd_schema``."""
+    cs = ConfigStore.instance()
+    cs.store(name="mopd_schema", node=MOPDConfig)
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _fail(key: str, msg: str) -> None:
+    raise ConfigError(f"config key '{key}': {msg}")
+
+
+def _check_choice(key: str, value: Any, choices) -> None:
+    if value not in choices:
+        _fail(key, f"{value!r} is not one of {', '.join(map(str, choices))}")
+
+
+def _check_positive(key: str, value, allow_zero: bool = False) -> None:
+    if value is None or value < 0 or (value == 0 and not allow_zero):
+        _fail(key, f"must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+
+
+def _tiny_ok(key: str, tiny) -> None:
+    if tiny is None:
+        return
+    _check_choice(f"{key}.arch", tiny.arch, ("qwen2", "llama"))
+    if tiny.hidden_size % tiny.num_heads:
+        _fail(f"{key}.hidden_size", f"{tiny.hidden_size} is not divisible by num_heads={tiny.num_heads}")
+    head_dim = tiny.hidden_size // tiny.num_heads
+    if head_dim not in VLLM_CPU_HEAD_DIMS:
+        _fail(f"{key}.num_heads", f"head dim hidden_size/num_heads = {head_dim} is not one vLLM's CPU attention "
+              f"accepts ({', '.join(map(str, VLLM_CPU_HEAD_DIMS))}); change hidden_size or num_heads")
+    if tiny.num_heads % tiny.num_kv_heads:
+        _fail(f"{key}.num_kv_heads", f"num_heads={tiny.num_heads} is not divisible by num_kv_heads={tiny.num_kv_heads}")
+
+
+def resolved_signal(cfg, teacher_name: str) -> str:
+    """The signal used for rows routed to ``teacher_name`` (teacher override, else algorithm.signal)."""
+    t = cfg.teachers.models[teacher_name]
+    return t.signal or cfg.algorithm.signal
+
+
+def validate(cfg: Union[DictConfig, MOPDConfig]) -> None:
+    """Check cross-field invariants; raise ConfigError naming the key and the fix."""
+    from .algo import (ADVANTAGE_ESTIMATORS, IS_CORRECTIONS, KL_ESTIMATORS, LOSS_AGGREGATIONS,
+                       OUTCOME_ESTIMATORS, POLICY_LOSSES)
+
+    m, ts, ro, ln, al, da, cl = (cfg.model, cfg.teachers, cfg.rollout, cfg.learner, cfg.algorithm, cfg.data,
+                                 cfg.cluster)
+    dtypes = ("float32", "bfloat16", "float16")
+    _check_choice("model.dtype", m.dtype, dtypes)
+    _tiny_ok("model.tiny", m.tiny)
+    if not m.path:
+        _fail("model.path", "is empty; give a transformers-format model folder")
+
+    # algorithm
+    _check_choice("algorithm.signal", al.signal, SIGNALS)
+    _check_choice("algorithm.advantage", al.advantage, ADVANTAGE_ESTIMATORS.names())
+    _check_choice("algorithm.outcome_estimator", al.outcome_estimator, OUTCOME_ESTIMATORS.names())
+    _check_choice("algorithm.policy_loss", al.policy_loss, POLICY_LOSSES.names())
+    _check_choice("algorithm.loss_agg", al.loss_agg, LOSS_AGGREGATIONS.names())
+    _check_choice("algorithm.is_correction", al.is_correction, IS_CORRECTIONS.names())
+    _check_choice("algorithm.kl_estimator", al.kl_estimator, KL_ESTIMATORS.names())
+    _check_choice("algorithm.topk_divergence", al.topk_divergence, ("forward", "reverse"))
+    _check_choice("algorithm.max_staleness", al.max_staleness, (0, 1))
+    if not 0.0 <= al.kl_gamma <= 1.0:
+        _fail("algorithm.kl_gamma", f"must be in [0, 1], got {al.kl_gamma}")
+    if al.alpha < 0:
+        _fail("algorithm.alpha", f"must be >= 0 (0 disables outcome rewards), got {al.alpha}")
+    if not (0 < al.clip_low < 1) or al.clip_high <= 0:
+        _fail("algorithm.clip_low", f"need 0 < clip_low < 1 and clip_high > 0, got {al.clip_low}, {al.clip_high}")
+    if al.dual_clip is not None and al.dual_clip <= 1:
+        _fail("algorithm.dual_clip", f"must be > 1 or null, got {al.dual_clip}")
+    if al.tis_cap <= 0:
+        _fail("algorithm.tis_cap", f"must be > 0, got {al.tis_cap}")
+    if not 0 <= al.icepop_low < 1 < al.icepop_high:
+        _fail("algorithm.icepop_low", f"need 0 <= icepop_low < 1 < icepop_high, got {al.icepop_low}, {al.icepop_high}")
+    _check_positive("algorithm.topk", al.topk)
+    _check_positive("algorithm.full_vocab_chunk_size", al.full_vocab_chunk_size)
+
+    # teachers and routing
+    if not ts.models:
+        _fail("teachers.models", "no teacher is defined; add at least one (e.g. teachers=local_tiny)")
+    for name, t in ts.models.items():
+        key = f"teachers.models.{name}"
+        _check_choice(f"{key}.backend", t.backend, ("vllm", "hf"))
+        _check_choice(f"{key}.dtype", t.dtype, dtypes)
+        _check_choice(f"{key}.hidden_dtype", t.hidden_dtype, dtypes)
+        _tiny_ok(f"{key}.tiny", t.tiny)
+        if t.signal is not None:
+            _check_choice(f"{key}.signal", t.signal, SIGNALS)
+        if name != SELF_TEACHER and not t.model_path:
+            _fail(f"{key}.model_path", f"teacher '{name}' has no model_path (only the '{SELF_TEACHER}' teacher, "
+                  "a frozen copy of the initial student, may omit it)")
+        if t.weight < 0:
+            _fail(f"{key}.weight", f"must be >= 0, got {t.weight}")
+        _check_positive(f"{key}.replicas", t.replicas)
+        _check_positive(f"{key}.tensor_parallel_size", t.tensor_parallel_size)
+        need = da.max_prompt_len + ro.max_new_tokens
+        if t.max_model_len < need:
+            _fail(f"{key}.max_model_len", f"{t.max_model_len} is shorter than prompt + response = "
+                  f"data.max_prompt_len ({da.max_prompt_len}) + rollout.max_new_tokens ({ro.max_new_tokens}) "
+                  f"= {need}; raise it to at least {need}")
+        signal = resolved_signal(cfg, name)
+        if signal == "topk":
+            if t.backend != "vllm":
+                _fail(f"{key}.backend", f"top-k scoring needs the vllm backend; teacher '{name}' uses {t.backend!r}")
+            if al.topk > t.max_logprobs:
+                _fail("algorithm.topk", f"top-k {al.topk} exceeds teacher '{name}' engine limit "
+                      f"{key}.max_logprobs={t.max_logprobs}; lower algorithm.topk or raise max_logprobs")
+        if signal == "full_vocab" and t.backend != "hf":
+            _fail(f"{key}.backend", f"full_vocab needs last-layer hidden states, which the 'hf' backend returns; "
+                  f"set {key}.backend=hf or choose another signal for teacher '{name}'")
+    if al.signal == "topk" and al.topk > ro.max_logprobs:
+        _fail("algorithm.topk", f"top-k {al.topk} exceeds the rollout engine's rollout.max_logprobs="
+              f"{ro.max_logprobs}; lower algorithm.topk or raise rollout.max_logprobs")
+    for domain, teacher in ts.routing.items():
+        if teacher not in ts.models:
+            _fail(f"teachers.routing.{domain}", f"routes to teacher '{teacher}', which is not defined; "
+                  f"defined teachers: {', '.join(sorted(ts.models))}")
+    if ts.default is not None and ts.default not in ts.models:
+        _fail("teachers.default", f"'{ts.default}' is not a defined teacher ({', '.join(sorted(ts.models))})")
+    if da.train_path is None:  # synthetic domains are known now; user data is checked when loaded
+        for domain in da.domains:
+            if domain not in ts.routing and ts.default is None:
+                _fail("teachers.routing", f"data domain '{domain}' has no route; add "
+                      f"teachers.routing.{domain}=<teacher> or set teachers.default")
+
+    # rollout / learner / data
+    for key, v in (("rollout.n_samples_per_prompt", ro.n_samples_per_prompt), ("rollout.replicas", ro.replicas),
+                   ("rollout.tensor_parallel_size", ro.tensor_parallel_size),
+                   ("rollout.max_new_tokens", ro.max_new_tokens), ("learner.world_size", ln.world_size),
+                   ("learner.micro_batch_size", ln.micro_batch_size),
+                   ("learner.mini_batches_per_step", ln.mini_batches_per_step), ("learner.lr", ln.lr),
+                   ("data.prompts_per_step", da.prompts_per_step), ("data.max_prompt_len", da.max_prompt_len),
+                   ("run.total_steps", cfg.run.total_steps)):
+        _check_positive(key, v)
+    if ro.temperature <= 0:
+        _fail("rollout.temperature", f"must be > 0 for on-policy sampling, got {ro.temperature}")
+    _check_choice("rollout.dtype", ro.dtype, dtypes)
+    _check_choice("learner.zero_stage", ln.zero_stage, (1, 2, 3))
+    _check_choice("learner.lr_schedule", ln.lr_schedule, ("constant", "cosine", "linear"))
+    _check_choice("learner.dtype", ln.dtype, dtypes)
+    if ln.min_lr > ln.lr:
+        _fail("learner.min_lr", f"{ln.min_lr} is above learner.lr={ln.lr}")
+    rows = da.prompts_per_step * ro.n_samples_per_prompt
+    per_mini = rows // ln.mini_batches_per_step
+    if rows % ln.mini_batches_per_step:
+        _fail("learner.mini_batches_per_step", f"{ln.mini_batches_per_step} does not divide the {rows} rows of a "
+              f"step (data.prompts_per_step x rollout.n_samples_per_prompt)")
+    if per_mini % ln.world_size:
+        _fail("learner.world_size", f"{ln.world_size} ranks do not divide the batch of {per_mini} rows per "
+              f"optimizer step (data.prompts_per_step={da.prompts_per_step} x rollout.n_samples_per_prompt="
+              f"{ro.n_samples_per_prompt} / learner.mini_batches_per_step={ln.mini_batches_per_step}); "
+              f"pick a world size that divides {per_mini}")
+    if (per_mini // ln.world_size) % ln.micro_batch_size and ln.micro_batch_size < per_mini // ln.world_size:
+        _fail("learner.micro_batch_size", f"{ln.micro_batch_size} does not divide the {per_mini // ln.world_size} "
+              "rows each rank gets per optimizer step")
+    if m.max_model_len < da.max_prompt_len + ro.max_new_tokens:
+        _fail("model.max_model_len", f"{m.max_model_len} < data.max_prompt_len + rollout.max_new_tokens = "
+              f"{da.max_prompt_len + ro.max_new_tokens}")
+    if da.eval_path is not None and da.train_path is None:
+        _fail("data.eval_path", "is set without data.train_path")
+
+    # cluster and logging
+    _check_choice("cluster.mode", cl.mode, ("local", "cluster"))
+    _check_choice("logging.wandb_mode", cfg.logging.wandb_mode, ("offline", "online", "disabled"))
+    if cl.mode == "local" and cl.dashboard_host not in ("127.0.0.1", "localhost", "::1"):
+        _fail("cluster.dashboard_host", f"local mode binds to loopback only; got {cl.dashboard_host!r}")
+    _check_resources(cfg)
+
+
+def resource_demand(cfg) -> Dict[str, float]:
+    """Total CPUs and GPUs every role's placement asks for."""
+    ro, ln = cfg.rollout, cfg.learner
+    cpus = ro.replicas * ro.tensor_parallel_size * ro.num_cpus_per_shard + ln.world_size * ln.num_cpus_per_rank
+    gpus = ro.replicas * ro.tensor_parallel_size * ro.num_gpus_per_shard + ln.world_size * ln.num_gpus_per_rank
+    for t in cfg.teachers.models.values():
+        cpus += t.replicas * t.tensor_parallel_size * t.num_cpus_per_shard
+        gpus += t.replicas * t.tensor_parallel_size * t.num_gpus_per_shard
+    return {"CPU": cpus, "GPU": gpus}
+
+
+def _check_resources(cfg) -> None:
+    cl = cfg.cluster
+    if cl.mode != "cluster" or not cl.gpus_per_node:
+        return
+    demand = resource_demand(cfg)
+    have = cl.num_nodes * cl.gpus_per_node
+    if demand["GPU"] > have:
+        _fail("cluster.num_nodes", f"the roles need {demand['GPU']:g} GPUs but cluster.num_nodes x "
+              f"cluster.gpus_per_node = {cl.num_nodes} x {cl.gpus_per_node} = {have}; add nodes or shrink "
+              "replicas / tensor_parallel_size / learner.world_size")
+    for name, t in list(cfg.teachers.models.items()) + [("rollout", cfg.rollout)]:
+        if t.num_gpus_per_shard and t.tensor_parallel_size * t.num_gpus_per_shard > cl.gpus_per_node:
+            key = "rollout" if name == "rollout" else f"teachers.models.{name}"
+            _fail(f"{key}.tensor_parallel_size", f"{t.tensor_parallel_size} shards x {t.num_gpus_per_shard:g} GPU "
+                  f"do not fit in one node of {cl.gpus_per_node} GPUs (a replica must stay on one node)")
+    if cl.cpus_per_node and demand["CPU"] > cl.num_nodes * cl.cpus_per_node:
+        _fail("cluster.cpus_per_node", f"the roles need {demand['CPU']:g} CPUs, the cluster has "
+              f"{cl.num_nodes * cl.cpus_per_node}")
+
+
+def to_container(cfg) -> dict:
+    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else OmegaConf.to_container(
+        OmegaConf.structured(cfg), resolve=True)
+
+
+__all__ = ["MISSING", "ConfigError", "MOPDConfig", "register_configs", "resolved_signal", "validate",
+           "resource_demand", "to_container"]

@@ -67,7 +67,9 @@ class TeacherConfig:
     hidden_dtype: str = "bfloat16"  # dtype of hidden states shipped for full_vocab
     num_cpus_per_shard: float = 1.0
     num_gpus_per_shard: float = 0.0
+    custom_resources: Dict[str, float] = field(default_factory=dict)  # e.g. pin to nodes with {teacher_node: 1}
     kv_cache_memory_bytes: int = 268435456
+    micro_batch_size: int = 16  # rows per forward (hf backend)
 
 
 @dataclass
@@ -92,6 +94,9 @@ class RolloutConfig:
     gpu_memory_utilization: float = 0.6
     num_cpus_per_shard: float = 1.0
     num_gpus_per_shard: float = 0.0
+    custom_resources: Dict[str, float] = field(default_factory=dict)
+    weight_sync: str = "broadcast"  # broadcast (torch.distributed group: NCCL/gloo) | object_store
+    weight_sync_bucket_mb: int = 256
     seed: int = 0
 
 
@@ -113,6 +118,7 @@ class LearnerConfig:
     gradient_checkpointing: bool = False
     num_cpus_per_rank: float = 1.0
     num_gpus_per_rank: float = 0.0
+    custom_resources: Dict[str, float] = field(default_factory=dict)
     recompute_old_logprobs: bool = True  # pi_old from the learner instead of the rollout engine
 
 
@@ -166,6 +172,7 @@ class ClusterConfig:
     gpus_per_node: int = 0
     cpus_per_node: int = 0
     dashboard_host: str = "127.0.0.1"
+    include_dashboard: bool = True
     placement_timeout_s: float = 120.0
     call_timeout_s: float = 600.0
     object_store_memory: Optional[int] = None
@@ -348,6 +355,7 @@ def validate(cfg: Union[DictConfig, MOPDConfig]) -> None:
     if ro.temperature <= 0:
         _fail("rollout.temperature", f"must be > 0 for on-policy sampling, got {ro.temperature}")
     _check_choice("rollout.dtype", ro.dtype, dtypes)
+    _check_choice("rollout.weight_sync", ro.weight_sync, ("broadcast", "object_store"))
     _check_choice("learner.zero_stage", ln.zero_stage, (1, 2, 3))
     _check_choice("learner.lr_schedule", ln.lr_schedule, ("constant", "cosine", "linear"))
     _check_choice("learner.dtype", ln.dtype, dtypes)

@@ -64,7 +64,11 @@ def run(cfg: DictConfig) -> int:
     print(describe_plan(cfg, model_paths))
     if cfg.run.dry_run:
         return 0
-    log.info("the distributed runtime lands with issue #3; this build stops after preparing the run")
+    from .orchestrator import Orchestrator
+
+    last = Orchestrator(cfg, str(out)).run()
+    log.info("finished %d steps; last metrics: %s", cfg.run.total_steps,
+             {k: round(v, 4) for k, v in last.items() if isinstance(v, float) and "/" not in k})
     return 0
 
 

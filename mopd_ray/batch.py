@@ -1,0 +1,72 @@
+"""What roles exchange through the Ray object store: numpy arrays in small frozen dataclasses.
+
+numpy arrays come back from the object store zero-copy (read-only views); torch tensors would be
+copied. Shapes: B rows (one sampled response each), L = padded prompt + response length, K top-k,
+H teacher hidden size. Position l of ``*_logprobs_BL`` holds log pi(tokens[l] | tokens[<l]); only
+response positions (``response_mask_BL``) carry meaning.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class RolloutBatch:
+    tokens_BL: np.ndarray  # int32, prompt + response, right-padded with pad_id
+    prompt_lens_B: np.ndarray  # int32
+    response_lens_B: np.ndarray  # int32
+    rollout_logprobs_BL: np.ndarray  # float32, rollout engine's log-probs at response positions
+    group_ids_B: np.ndarray  # int64, rows sampled from the same prompt share a group
+    teacher_index_B: np.ndarray  # int32, index into the run's sorted teacher names
+    rewards_B: np.ndarray  # float32, NaN where the domain has no verifiable reward
+    finished_B: np.ndarray  # bool, the response ended with an end-of-turn token (not truncated)
+    domains: tuple[str, ...]
+    weight_version: int = 0  # learner step whose weights generated this batch
+    meta: dict = field(default_factory=dict)  # small numbers: generation time, token counts
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.tokens_BL.shape[0])
+
+    def response_mask_BL(self) -> np.ndarray:
+        pos = np.arange(self.tokens_BL.shape[1])[None, :]
+        start = self.prompt_lens_B[:, None]
+        return (pos >= start) & (pos < start + self.response_lens_B[:, None])
+
+    def sequence(self, row: int) -> np.ndarray:
+        """Prompt + response token ids of one row (no padding)."""
+        return self.tokens_BL[row, : int(self.prompt_lens_B[row] + self.response_lens_B[row])]
+
+    @property
+    def has_reward_B(self) -> np.ndarray:
+        return ~np.isnan(self.rewards_B)
+
+
+@dataclass(frozen=True)
+class TeacherScores:
+    """One teacher's scores for some rows of one rollout shard."""
+
+    teacher: str
+    rows_R: np.ndarray  # int32 indices into the shard's rows
+    teacher_logprobs_RL: np.ndarray  # float32, log pi_T(tokens[l] | tokens[<l]) at response positions
+    topk_ids_RLK: Optional[np.ndarray] = None  # int32, teacher's top-k ids per position (signal topk)
+    topk_logprobs_RLK: Optional[np.ndarray] = None  # float32
+    hidden_RLH: Optional[np.ndarray] = None  # last-layer hidden states (signal full_vocab), compact dtype
+    hidden_dtype: Optional[str] = None  # "bfloat16" hidden states travel as uint16 bit patterns
+    latency_s: float = 0.0
+
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in (self.rows_R, self.teacher_logprobs_RL, self.topk_ids_RLK,
+                                      self.topk_logprobs_RLK, self.hidden_RLH) if a is not None)
+
+
+def pad_sequences(seqs: list, pad_id: int, length: Optional[int] = None, dtype=np.int32) -> np.ndarray:
+    length = length or max((len(s) for s in seqs), default=0)
+    out = np.full((len(seqs), length), pad_id, dtype=dtype)
+    for i, s in enumerate(seqs):
+        out[i, : len(s)] = s
+    return out

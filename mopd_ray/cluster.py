@@ -1,0 +1,155 @@
+"""Ray resources, the actor group abstraction and deadlines (three thin layers; the driver calls names).
+
+- ``init_ray``: local mode starts Ray on this machine, bound to loopback; cluster mode joins one.
+- ``reserve``: a placement group per role, with a ready-timeout that turns "cannot be placed" into a
+  clear error listing what was asked and what the cluster has, instead of a hang.
+- ``ActorGroup``: N actors of one class in one placement group; call all, call one, gather with a
+  deadline.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import socket
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+log = logging.getLogger(__name__)
+
+# Every engine and rank runs one thread: more threads than cores made vLLM 10x slower on CPU.
+WORKER_ENV = {
+    "OMP_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "RAY_DEDUP_LOGS": "1",
+    "DS_ACCELERATOR": "cpu",
+}
+
+
+class PlacementError(RuntimeError):
+    pass
+
+
+class RemoteCallError(RuntimeError):
+    pass
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def init_ray(cluster_cfg, cpu_demand: float = 0.0, gpu: bool = False) -> None:
+    """Start (local mode) or join (cluster mode, or under ``ray job submit``) a Ray cluster."""
+    if ray.is_initialized():
+        return
+    env = dict(WORKER_ENV)
+    if gpu:
+        env.pop("DS_ACCELERATOR")
+    address = os.environ.get("RAY_ADDRESS") or (cluster_cfg.address if cluster_cfg.mode == "cluster" else None)
+    if address:
+        log.info("joining Ray cluster at %s", address)
+        ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True)
+        return
+    # Logical CPUs: processes of different roles take turns (rollout, score, train), so local mode
+    # may hold more one-thread actors than cores.
+    num_cpus = cluster_cfg.num_cpus or max(os.cpu_count() or 1, math.ceil(cpu_demand))
+    log.info("starting a local Ray instance on 127.0.0.1 with %d logical CPUs", num_cpus)
+    ray.init(
+        num_cpus=num_cpus,
+        num_gpus=cluster_cfg.num_gpus,
+        _node_ip_address="127.0.0.1",
+        dashboard_host=cluster_cfg.dashboard_host,
+        include_dashboard=cluster_cfg.include_dashboard,
+        object_store_memory=cluster_cfg.object_store_memory,
+        runtime_env={"env_vars": env},
+        log_to_driver=True,
+    )
+
+
+@dataclass(frozen=True)
+class Bundle:
+    cpus: float
+    gpus: float = 0.0
+    custom: Optional[dict] = None
+
+    def as_dict(self) -> dict:
+        d = {"CPU": self.cpus}
+        if self.gpus:
+            d["GPU"] = self.gpus
+        d.update(self.custom or {})
+        return d
+
+
+def reserve(name: str, bundles: list[Bundle], strategy: str, timeout_s: float):
+    """A placement group for one role, ready within ``timeout_s`` or a PlacementError."""
+    pg = placement_group([b.as_dict() for b in bundles], strategy=strategy, name=name)
+    ready, _ = ray.wait([pg.ready()], timeout=timeout_s)
+    if not ready:
+        asked = [b.as_dict() for b in bundles]
+        have = ray.available_resources()
+        total = ray.cluster_resources()
+        remove_placement_group(pg)
+        raise PlacementError(
+            f"role '{name}' could not be placed within {timeout_s:g} s (cluster.placement_timeout_s): it asks for "
+            f"{len(asked)} bundle(s) {asked} with strategy {strategy}; the cluster has {total} in total and "
+            f"{have} free. Lower the role's replicas / tensor_parallel_size / world_size or its per-shard "
+            f"resources, or add nodes.")
+    return pg
+
+
+class ActorGroup:
+    """``n`` actors of ``actor_cls``, one per bundle of a placement group."""
+
+    def __init__(self, name: str, actor_cls, n: int, bundle: Bundle, *, strategy: str = "PACK",
+                 placement_timeout_s: float = 120.0, call_timeout_s: float = 600.0, init_args=None,
+                 runtime_env: Optional[dict] = None, max_restarts: int = 0):
+        self.name = name
+        self.call_timeout_s = call_timeout_s
+        self.pg = reserve(name, [bundle] * n, strategy, placement_timeout_s)
+        remote_cls = ray.remote(actor_cls) if not hasattr(actor_cls, "remote") else actor_cls
+        self.actors = []
+        for i in range(n):
+            args, kwargs = init_args(i) if init_args else ((), {})
+            opts: dict[str, Any] = dict(
+                num_cpus=bundle.cpus, num_gpus=bundle.gpus, name=None, max_restarts=max_restarts,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i),
+            )
+            if bundle.custom:
+                opts["resources"] = dict(bundle.custom)
+            if runtime_env:
+                opts["runtime_env"] = runtime_env
+            self.actors.append(remote_cls.options(**opts).remote(*args, **kwargs))
+
+    def __len__(self) -> int:
+        return len(self.actors)
+
+    def call_all(self, method: str, *args, **kwargs) -> list:
+        return [getattr(a, method).remote(*args, **kwargs) for a in self.actors]
+
+    def call(self, i: int, method: str, *args, **kwargs):
+        return getattr(self.actors[i], method).remote(*args, **kwargs)
+
+    def gather(self, refs, what: str = "call", timeout_s: Optional[float] = None):
+        return get_with_deadline(refs, f"{self.name}.{what}", timeout_s or self.call_timeout_s)
+
+    def shutdown(self) -> None:
+        for a in self.actors:
+            ray.kill(a, no_restart=True)
+        remove_placement_group(self.pg)
+
+
+def get_with_deadline(refs, what: str, timeout_s: float):
+    """ray.get with a deadline: a hung engine becomes an error naming the call, not a hang."""
+    try:
+        return ray.get(refs, timeout=timeout_s)
+    except ray.exceptions.GetTimeoutError:
+        raise RemoteCallError(f"{what} did not finish within {timeout_s:g} s (cluster.call_timeout_s); the remote "
+                              "worker may be hung or overloaded") from None

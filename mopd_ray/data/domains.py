@@ -1,0 +1,135 @@
+"""Synthetic domains with verifiable answers: tiny character-level tasks a ~1M-parameter model can learn.
+
+Prompts are lower-case template words (merged by the project's tokenizer) plus a payload of digits or
+upper-case letters (one token each), so the payload is character-level for the student and teachers.
+Each domain also carries its reward: exact match of the response against the known answer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import string
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+END_MARKER_PREFIX = "<|"  # special tokens such as <|im_end|> start with this; nothing after it is the answer
+EVAL_BUCKETS = 10  # 1 of EVAL_BUCKETS prompt hash buckets is reserved for eval (see _is_eval_prompt)
+SPLITS = ("train", "eval")
+
+
+@dataclass(frozen=True)
+class Domain:
+    """A task family: how to draw a (prompt, answer) example and how to score a response."""
+
+    name: str
+    make_example: Callable[[random.Random], tuple[str, str]]
+    reward: Callable[[str, str], float]
+
+
+def exact_match_reward(response: str, answer: str) -> float:
+    """1.0 when the response, cut at the first special-token marker and stripped, equals the answer."""
+    text = response.split(END_MARKER_PREFIX, 1)[0].strip()
+    return 1.0 if text == answer else 0.0
+
+
+def make_add_example(rng: random.Random) -> tuple[str, str]:
+    """Two-digit addition: the answer is the decimal sum."""
+    a, b = rng.randint(10, 99), rng.randint(10, 99)
+    return f"add the numbers: {a}+{b} =", str(a + b)
+
+
+def make_reverse_example(rng: random.Random) -> tuple[str, str]:
+    """Reverse 4..6 upper-case letters."""
+    s = "".join(rng.choice(string.ascii_uppercase) for _ in range(rng.randint(4, 6)))
+    return f"reverse the letters: {s}", s[::-1]
+
+
+def make_sort_example(rng: random.Random) -> tuple[str, str]:
+    """Sort 5..7 digits ascending."""
+    d = "".join(rng.choice(string.digits) for _ in range(rng.randint(5, 7)))
+    return f"sort the digits: {d}", "".join(sorted(d))
+
+
+DOMAINS: dict[str, Domain] = {
+    "add": Domain("add", make_add_example, exact_match_reward),
+    "reverse": Domain("reverse", make_reverse_example, exact_match_reward),
+    "sort": Domain("sort", make_sort_example, exact_match_reward),
+}
+
+
+def get_domain(name: str) -> Domain:
+    """The synthetic domain called `name`; KeyError listing the valid names otherwise."""
+    try:
+        return DOMAINS[name]
+    except KeyError:
+        raise KeyError(f"unknown synthetic domain '{name}'; valid names: {', '.join(sorted(DOMAINS))}") from None
+
+
+def reward_for(domain: str, response: str, answer: str) -> float | None:
+    """Verifiable reward of a response, or None for a domain without one (user data domains)."""
+    if domain not in DOMAINS or answer is None:
+        return None
+    return DOMAINS[domain].reward(response, answer)
+
+
+def _is_eval_prompt(domain: str, prompt: str) -> bool:
+    """Whether a prompt belongs to the eval part of the prompt space.
+
+    A fixed hash partition (independent of seed and counts) keeps train and eval disjoint without
+    either split having to know how many prompts the other one drew.
+    """
+    digest = hashlib.sha256(f"{domain}\n{prompt}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") % EVAL_BUCKETS == 0
+
+
+def _unique_examples(domain: Domain, n: int, rng: random.Random, split: str) -> list[tuple[str, str]]:
+    """n distinct (prompt, answer) pairs from the split's part of the space, within a bounded number of draws."""
+    want_eval = split == "eval"
+    max_draws = 20 * n + 1000  # generous for any request that fits (coupon collector), finite when it does not
+    seen: set[str] = set()
+    examples: list[tuple[str, str]] = []
+    for _ in range(max_draws):
+        if len(examples) == n:
+            return examples
+        prompt, answer = domain.make_example(rng)
+        if prompt in seen or _is_eval_prompt(domain.name, prompt) != want_eval:
+            continue
+        seen.add(prompt)
+        examples.append((prompt, answer))
+    if len(examples) == n:
+        return examples
+    raise ValueError(f"domain '{domain.name}': asked for {n} unique {split} prompts but found only "
+                     f"{len(examples)} after {max_draws} draws; its prompt space is too small, "
+                     f"lower the number per domain")
+
+
+def generate_split(domains: list[str], n_per_domain: int, seed: int, split: str) -> list[dict]:
+    """Rows {id, prompt, domain, answer} for a split, deterministic from (seed, split, domain).
+
+    Eval prompts never appear in train: each split draws only from its own hash part of the space.
+    Rows are grouped by domain (the sampler shuffles).
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got '{split}'")
+    if n_per_domain < 0:
+        raise ValueError(f"n_per_domain must be >= 0, got {n_per_domain}")
+    rows: list[dict] = []
+    for name in domains:
+        domain = get_domain(name)
+        rng = random.Random(f"{seed}:{split}:{name}")  # str seeds hash with sha512: stable across processes
+        for i, (prompt, answer) in enumerate(_unique_examples(domain, n_per_domain, rng, split)):
+            rows.append({"id": f"{split}-{name}-{i}", "prompt": prompt, "domain": name, "answer": answer})
+    return rows
+
+
+def write_jsonl(rows: list[dict], path: str | Path) -> Path:
+    """Write rows one JSON object per line (creating parent directories); returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return path

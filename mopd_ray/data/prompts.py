@@ -1,0 +1,78 @@
+"""The run's prompt pool: rows loaded or generated, rendered once with the student's chat template.
+
+Rendering happens once, with the student's template, and teachers score exactly those ids (a
+chat-template mismatch between base student and instruct teacher ruined a reproduction:
+tinker-cookbook #796). Prompts longer than ``data.max_prompt_len`` are dropped and counted.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from .dataset import DataError, PromptSampler, check_routes, filter_long_prompts, load_prompts
+from .domains import generate_split, write_jsonl
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PromptPool:
+    train: list  # rows: prompt, domain, answer, id, prompt_ids, teacher_index
+    eval: list
+    dropped_too_long: int
+    teacher_names: list
+
+
+def render(tokenizer, prompt: str) -> list:
+    out = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                        tokenize=True, return_dict=True)
+    return list(out["input_ids"])
+
+
+def _rows(cfg, split: str, artifacts: Path) -> tuple[list, str]:
+    d = cfg.data
+    path = d.train_path if split == "train" else d.eval_path
+    if path is not None:
+        return load_prompts(path, d.prompt_key, d.domain_key, d.answer_key), str(path)
+    n = d.num_train_per_domain if split == "train" else d.num_eval_per_domain
+    rows = generate_split(list(d.domains), n, d.seed, split)
+    out = artifacts / "data" / f"synthetic_seed{d.seed}_{split}.jsonl"
+    if not out.exists():
+        write_jsonl(rows, out)
+    return rows, f"synthetic {split} split ({out})"
+
+
+def build_prompt_pool(cfg, tokenizer) -> PromptPool:
+    teacher_names = sorted(cfg.teachers.models)
+    routing, default = dict(cfg.teachers.routing), cfg.teachers.default
+    artifacts = Path(cfg.run.artifacts_dir)
+    splits = {}
+    dropped = 0
+    for split in ("train", "eval"):
+        if split == "eval" and cfg.data.train_path is not None and cfg.data.eval_path is None:
+            splits[split] = []
+            continue
+        rows, source = _rows(cfg, split, artifacts)
+        check_routes(rows, routing, default, source)
+        ids = [render(tokenizer, r["prompt"]) for r in rows]
+        kept, n_drop = filter_long_prompts(rows, [len(i) for i in ids], cfg.data.max_prompt_len)
+        if n_drop:
+            log.warning("%s: dropped %d of %d prompts longer than data.max_prompt_len=%d tokens", source, n_drop,
+                        len(rows), cfg.data.max_prompt_len)
+        dropped += n_drop
+        keep_ids = {id(r) for r in kept}
+        out = []
+        for r, i in zip(rows, ids):
+            if id(r) in keep_ids:
+                teacher = routing.get(r["domain"], default)
+                out.append({**r, "prompt_ids": i, "teacher_index": teacher_names.index(teacher)})
+        if split == "train" and not out:
+            raise DataError(f"{source}: no prompt fits data.max_prompt_len={cfg.data.max_prompt_len}; raise it")
+        splits[split] = out
+    return PromptPool(splits["train"], splits["eval"], dropped, teacher_names)
+
+
+def make_sampler(pool: PromptPool, cfg) -> PromptSampler:
+    return PromptSampler(pool.train, cfg.data.prompts_per_step, cfg.data.seed, cfg.data.shuffle)

@@ -1,0 +1,125 @@
+"""Weight sync from learner rank 0 to the rollout engines: two transports behind one interface.
+
+- ``broadcast``: a torch.distributed process group of its own (learner rank 0 + every engine), built
+  from a TCPStore so it is independent of the learners' DeepSpeed group: NCCL on GPUs, gloo on CPU,
+  so the same path is tested here. Parameters travel in flat buckets, in a fixed name order both
+  sides know (``ParamMeta``).
+- ``object_store``: rank 0 puts {name: ndarray} once; every engine reads it zero-copy.
+
+Under ZeRO-3 parameters are gathered one at a time (``GatheredParameters``), so rank 0 never needs
+more than one full layer beyond its bucket.
+"""
+
+from __future__ import annotations
+
+import datetime
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import torch
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class ParamMeta:
+    name: str
+    shape: tuple
+    dtype: str  # "float32" | "bfloat16" | "float16"
+
+    @property
+    def numel(self) -> int:
+        return int(np.prod(self.shape)) if self.shape else 1
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return {v: k for k, v in _DTYPES.items()}[dtype]
+
+
+def iter_full_params(module: torch.nn.Module, zero_stage: int) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (HF name, full tensor) for every parameter. Collective under ZeRO-3: call on all ranks."""
+    gathered = None
+    if zero_stage == 3:
+        import deepspeed
+
+        gathered = deepspeed.zero.GatheredParameters
+    for name, p in module.named_parameters():
+        ctx = gathered([p], modifier_rank=None) if gathered is not None else nullcontext()
+        with ctx:
+            yield name, p.data.detach().clone()
+
+
+def param_meta(module: torch.nn.Module, zero_stage: int) -> list[ParamMeta]:
+    if zero_stage == 3:
+        return [ParamMeta(n, tuple(p.ds_shape), dtype_name(p.dtype)) for n, p in module.named_parameters()]
+    return [ParamMeta(n, tuple(p.shape), dtype_name(p.dtype)) for n, p in module.named_parameters()]
+
+
+def make_group(host: str, port: int, rank: int, world_size: int, timeout_s: float = 600.0):
+    """A standalone process group (rank 0 hosts the store). gloo on CPU, NCCL when CUDA is present."""
+    import torch.distributed as dist
+
+    timeout = datetime.timedelta(seconds=timeout_s)
+    store = dist.TCPStore(host, port, world_size, rank == 0, timeout=timeout)
+    if torch.cuda.is_available():
+        return dist.ProcessGroupNCCL(store, rank, world_size)
+    return dist.ProcessGroupGloo(store, rank, world_size, timeout)
+
+
+def _buckets(metas: list[ParamMeta], bucket_bytes: int) -> list[list[ParamMeta]]:
+    """Group consecutive same-dtype parameters into buckets of at most ``bucket_bytes`` (one may exceed)."""
+    out, cur, size = [], [], 0
+    for m in metas:
+        nbytes = m.numel * torch.tensor([], dtype=_DTYPES[m.dtype]).element_size()
+        if cur and (size + nbytes > bucket_bytes or cur[-1].dtype != m.dtype):
+            out.append(cur)
+            cur, size = [], 0
+        cur.append(m)
+        size += nbytes
+    if cur:
+        out.append(cur)
+    return out
+
+
+def broadcast_send(group, named_params: Iterator[tuple[str, torch.Tensor]], metas: list[ParamMeta],
+                   bucket_bytes: int, is_sender: bool, device: str = "cpu") -> int:
+    """Learner side. All learner ranks iterate (ZeRO-3 gathers are collective); rank 0 sends. Returns bytes."""
+    sent = 0
+    it = iter(named_params)
+    for bucket in _buckets(metas, bucket_bytes):
+        parts = []
+        for m in bucket:
+            name, t = next(it)
+            if name != m.name:
+                raise RuntimeError(f"weight sync order mismatch: expected {m.name}, got {name}")
+            parts.append(t.reshape(-1).to(_DTYPES[m.dtype]))
+        if is_sender:
+            flat = torch.cat(parts).to(device)
+            group.broadcast(flat, 0).wait()
+            sent += flat.numel() * flat.element_size()
+    return sent
+
+
+def broadcast_recv(group, metas: list[ParamMeta], bucket_bytes: int, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """Engine side: receive every bucket and split it back into named tensors."""
+    out = {}
+    for bucket in _buckets(metas, bucket_bytes):
+        flat = torch.empty(sum(m.numel for m in bucket), dtype=_DTYPES[bucket[0].dtype], device=device)
+        group.broadcast(flat, 0).wait()
+        offset = 0
+        for m in bucket:
+            out[m.name] = flat[offset: offset + m.numel].view(m.shape)
+            offset += m.numel
+    return out
+
+
+def to_numpy_state(named_params: Iterator[tuple[str, torch.Tensor]]) -> dict[str, np.ndarray]:
+    """For the object store: bfloat16 has no numpy dtype, so it travels as float32."""
+    return {n: (t.float() if t.dtype == torch.bfloat16 else t).cpu().numpy() for n, t in named_params}
+
+
+def from_numpy_state(state: dict[str, np.ndarray], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    return {n: (torch.from_numpy(np.array(a)) if dtype is None else torch.from_numpy(np.array(a)).to(dtype))
+            for n, a in state.items()}

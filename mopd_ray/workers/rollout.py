@@ -1,0 +1,146 @@
+"""Rollout worker: one vLLM engine (tensor-parallel inside) that samples n responses per prompt."""
+
+from __future__ import annotations
+
+import time
+from typing import Optional
+
+import numpy as np
+
+from ..batch import RolloutBatch, pad_sequences
+
+
+class RolloutWorker:
+    """A Ray actor. ``generate`` returns a RolloutBatch (the caller gets an ObjectRef of it)."""
+
+    def __init__(self, model_path: str, rollout_cfg: dict, max_model_len: int, replica_index: int = 0,
+                 trust_remote_code: bool = False):
+        from transformers import AutoTokenizer
+
+        from .vllm_engine import make_llm
+
+        self.cfg = rollout_cfg
+        self.replica_index = replica_index
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        extra = {}
+        if rollout_cfg["temperature"] != 1.0:
+            extra["logprobs_mode"] = "processed_logprobs"  # log-probs of the distribution actually sampled
+        self.llm = make_llm(
+            model_path, dtype=rollout_cfg["dtype"], max_model_len=max_model_len, seed=rollout_cfg["seed"],
+            max_logprobs=rollout_cfg["max_logprobs"], tensor_parallel_size=rollout_cfg["tensor_parallel_size"],
+            kv_cache_memory_bytes=rollout_cfg["kv_cache_memory_bytes"], enforce_eager=rollout_cfg["enforce_eager"],
+            gpu_memory_utilization=rollout_cfg["gpu_memory_utilization"], trust_remote_code=trust_remote_code,
+            worker_extension_cls="mopd_ray.workers.vllm_ext.WeightLoaderExtension", **extra)
+        self.sync_group = None
+        self.weight_version = 0
+
+    def node_id(self) -> str:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
+    def ready(self) -> bool:
+        return True
+
+    def generate(self, prompts: list[dict], step: int, seed: int) -> tuple:
+        """Sample ``n_samples_per_prompt`` responses for each prompt (token ids rendered by the driver).
+
+        Each prompt dict: prompt_ids, domain, answer, group_id, teacher_index. Rewards are computed
+        here, where the tokenizer is, for domains with a verifiable reward. Returns (batch, meta): call
+        with ``num_returns=2`` so the driver can fetch the small meta without the batch.
+        """
+        from vllm import SamplingParams
+
+        from ..data.domains import reward_for
+
+        n = self.cfg["n_samples_per_prompt"]
+        params = [SamplingParams(n=n, temperature=self.cfg["temperature"], top_p=self.cfg["top_p"],
+                                 max_tokens=self.cfg["max_new_tokens"], logprobs=0,
+                                 seed=(seed * 1_000_003 + step * 10_007 + p["group_id"]) % (2**31))
+                  for p in prompts]
+        t0 = time.perf_counter()
+        outputs = self.llm.generate([{"prompt_token_ids": list(p["prompt_ids"])} for p in prompts], params,
+                                    use_tqdm=False)
+        gen_s = time.perf_counter() - t0
+        seqs, plens, rlens, lps, groups, tidx, rewards, finished, domains = [], [], [], [], [], [], [], [], []
+        for p, out in zip(prompts, outputs):
+            for o in out.outputs:
+                resp = list(o.token_ids)
+                seqs.append(list(p["prompt_ids"]) + resp)
+                plens.append(len(p["prompt_ids"]))
+                rlens.append(len(resp))
+                lps.append([0.0] * len(p["prompt_ids"]) + [d[t].logprob for d, t in zip(o.logprobs, resp)])
+                groups.append(p["group_id"])
+                tidx.append(p["teacher_index"])
+                text = self.tokenizer.decode(resp, skip_special_tokens=True)
+                r = reward_for(p["domain"], text, p.get("answer")) if p.get("answer") is not None else None
+                rewards.append(np.nan if r is None else r)
+                finished.append(o.finish_reason == "stop")
+                domains.append(p["domain"])
+        tokens = pad_sequences(seqs, self.pad_id)
+        resp_tokens = int(sum(rlens))
+        by_domain: dict = {}
+        for d, r in zip(domains, rewards):
+            if not np.isnan(r):
+                by_domain.setdefault(d, []).append(r)
+        meta = {"generate_s": gen_s, "response_tokens": resp_tokens, "rows": len(seqs), "replica": self.replica_index,
+                "finished": int(sum(finished)), "reward_sum_by_domain": {d: float(sum(v)) for d, v in by_domain.items()},
+                "reward_count_by_domain": {d: len(v) for d, v in by_domain.items()}}
+        batch = RolloutBatch(
+            tokens_BL=tokens, prompt_lens_B=np.asarray(plens, np.int32), response_lens_B=np.asarray(rlens, np.int32),
+            rollout_logprobs_BL=pad_sequences(lps, 0, tokens.shape[1], np.float32),
+            group_ids_B=np.asarray(groups, np.int64), teacher_index_B=np.asarray(tidx, np.int32),
+            rewards_B=np.asarray(rewards, np.float32), finished_B=np.asarray(finished, bool),
+            domains=tuple(domains), weight_version=self.weight_version, meta=meta)
+        return batch, meta
+
+    # ------------------------------------------------------------------ weight sync
+    def _load(self, state: dict, version: int) -> None:
+        import torch
+        from safetensors.torch import save
+
+        blob = save({k: v.contiguous() if isinstance(v, torch.Tensor) else torch.from_numpy(np.array(v))
+                     for k, v in state.items()})
+        self.llm.collective_rpc("mopd_load_weights", args=(blob,))
+        self.llm.reset_prefix_cache()  # stale prefix cache gave log-probs off by >1 after an update
+        self.weight_version = version
+
+    def update_weights_from_store(self, state: dict, version: int) -> float:
+        """``state`` is {name: ndarray}, resolved by Ray from the learner's ObjectRef in this process."""
+        t0 = time.perf_counter()
+        self._load(state, version)
+        return time.perf_counter() - t0
+
+    def init_sync_group(self, host: str, port: int, rank: int, world_size: int, metas: list,
+                        bucket_bytes: int, timeout_s: float) -> bool:
+        from ..sync import make_group
+
+        self.sync_group = make_group(host, port, rank, world_size, timeout_s)
+        self.sync_metas, self.sync_bucket_bytes = metas, bucket_bytes
+        return True
+
+    def receive_weights(self, version: int) -> float:
+        from ..sync import broadcast_recv
+
+        t0 = time.perf_counter()
+        state = broadcast_recv(self.sync_group, self.sync_metas, self.sync_bucket_bytes)
+        self._load(state, version)
+        return time.perf_counter() - t0
+
+    # ------------------------------------------------------------------ checks
+    def score_logprobs(self, sequences: list[list[int]]) -> list[np.ndarray]:
+        """Log-probs of given token ids under the engine's current weights (position l: token l)."""
+        from vllm import SamplingParams
+
+        outs = self.llm.generate([{"prompt_token_ids": list(s)} for s in sequences],
+                                 SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0), use_tqdm=False)
+        res = []
+        for s, o in zip(sequences, outs):
+            res.append(np.asarray([0.0] + [o.prompt_logprobs[i][s[i]].logprob for i in range(1, len(s))], np.float32))
+        return res
+
+    def tokenizer_fingerprint(self, path: Optional[str] = None) -> dict:
+        from ..models.compat import tokenizer_fingerprint
+
+        return tokenizer_fingerprint(self.tokenizer)

@@ -1,0 +1,156 @@
+"""Teacher worker: scores the student's trajectories with a frozen teacher, at temperature 1.
+
+Backends:
+- ``vllm``: prompt log-probs of the sampled tokens (``prompt_logprobs=0``) or the top-k plus the
+  sampled token (``prompt_logprobs=k``); tensor-parallel inside the replica.
+- ``hf``: a transformers forward; also returns last-layer hidden states for the full-vocabulary signal.
+
+Scores are aligned with the rollout batch: position l of ``teacher_logprobs_RL`` is log pi_T(tokens[l]
+| tokens[<l]) and ``hidden_RLH[l]`` is the teacher's final hidden state at l - 1 (the one that
+predicts token l), so learner-side ``hidden @ W_T`` gives exactly the teacher's logits for token l.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Optional
+
+import numpy as np
+
+from ..batch import RolloutBatch, TeacherScores
+
+
+class TeacherWorker:
+    def __init__(self, name: str, model_path: str, teacher_cfg: dict, replica_index: int = 0,
+                 trust_remote_code: bool = False):
+        from transformers import AutoConfig, AutoTokenizer
+
+        self.name, self.cfg, self.replica_index = name, teacher_cfg, replica_index
+        self.backend = teacher_cfg["backend"]
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+        self.embedding_rows = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code).vocab_size
+        if self.backend == "vllm":
+            from .vllm_engine import make_llm
+
+            self.llm = make_llm(
+                model_path, dtype=teacher_cfg["dtype"], max_model_len=teacher_cfg["max_model_len"], seed=0,
+                max_logprobs=teacher_cfg["max_logprobs"], tensor_parallel_size=teacher_cfg["tensor_parallel_size"],
+                kv_cache_memory_bytes=teacher_cfg["kv_cache_memory_bytes"], trust_remote_code=trust_remote_code)
+        else:
+            import torch
+            from transformers import AutoModelForCausalLM
+
+            dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+            self.device = "cuda" if torch.cuda.is_available() else "cpu"
+            self.model = AutoModelForCausalLM.from_pretrained(
+                model_path, dtype=dtype[teacher_cfg["dtype"]], trust_remote_code=trust_remote_code).to(self.device)
+            self.model.eval()
+
+    def node_id(self) -> str:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
+    def ready(self) -> bool:
+        return True
+
+    def fingerprint(self) -> dict:
+        from ..models.compat import tokenizer_fingerprint
+
+        return tokenizer_fingerprint(self.tokenizer, self.embedding_rows)
+
+    def output_head(self):
+        """The frozen output head (and bias) as numpy, for the learner's full-vocabulary loss."""
+        head = self.model.get_output_embeddings()
+        w = head.weight.detach().float().cpu().numpy()
+        b = None if getattr(head, "bias", None) is None else head.bias.detach().float().cpu().numpy()
+        return w, b
+
+    def score(self, batch: RolloutBatch, rows: np.ndarray, topk: int = 0, hidden: bool = False) -> tuple:
+        """(TeacherScores, meta); call with ``num_returns=2`` so the driver fetches only the meta."""
+        t0 = time.perf_counter()
+        rows = np.asarray(rows, dtype=np.int32)
+        if self.backend == "vllm":
+            if hidden:
+                raise ValueError(f"teacher '{self.name}': hidden states need backend=hf")
+            lp, ids, tk = self._score_vllm(batch, rows, topk)
+            hs, hdt = None, None
+        else:
+            lp, ids, tk, hs, hdt = self._score_hf(batch, rows, topk, hidden)
+        latency = time.perf_counter() - t0
+        scores = TeacherScores(teacher=self.name, rows_R=rows, teacher_logprobs_RL=lp, topk_ids_RLK=ids,
+                               topk_logprobs_RLK=tk, hidden_RLH=hs, hidden_dtype=hdt, latency_s=latency)
+        return scores, {"teacher": self.name, "latency_s": latency, "rows": int(len(rows)), "bytes": scores.nbytes()}
+
+    def _score_vllm(self, batch: RolloutBatch, rows: np.ndarray, topk: int):
+        from vllm import SamplingParams
+
+        L = batch.tokens_BL.shape[1]
+        seqs = [batch.sequence(int(r)).tolist() for r in rows]
+        params = SamplingParams(max_tokens=1, prompt_logprobs=topk, temperature=1.0, detokenize=False)
+        outs = self.llm.generate([{"prompt_token_ids": s} for s in seqs], params, use_tqdm=False)
+        lp = np.zeros((len(rows), L), np.float32)
+        ids = np.zeros((len(rows), L, topk), np.int32) if topk else None
+        tk = np.full((len(rows), L, topk), -np.inf, np.float32) if topk else None
+        for i, (r, s, o) in enumerate(zip(rows, seqs, outs)):
+            start = int(batch.prompt_lens_B[r])
+            for pos in range(max(start, 1), len(s)):
+                entry = o.prompt_logprobs[pos]
+                lp[i, pos] = entry[s[pos]].logprob
+                if topk:
+                    ranked = sorted(((v.rank, tok, v.logprob) for tok, v in entry.items() if v.rank <= topk))[:topk]
+                    for k, (_, tok, logprob) in enumerate(ranked):
+                        ids[i, pos, k], tk[i, pos, k] = tok, logprob
+        return lp, ids, tk
+
+    def _score_hf(self, batch: RolloutBatch, rows: np.ndarray, topk: int, hidden: bool):
+        import torch
+
+        L = batch.tokens_BL.shape[1]
+        H = self.model.config.hidden_size
+        lp = np.zeros((len(rows), L), np.float32)
+        ids = np.zeros((len(rows), L, topk), np.int32) if topk else None
+        tk = np.full((len(rows), L, topk), -np.inf, np.float32) if topk else None
+        hdt = self.cfg.get("hidden_dtype", "bfloat16")
+        hs = np.zeros((len(rows), L, H), np.uint16 if hdt == "bfloat16" else np.dtype(hdt)) if hidden else None
+        vocab = len(self.tokenizer)
+        mb = max(1, int(self.cfg.get("micro_batch_size", 16)))
+        for s in range(0, len(rows), mb):
+            sub = rows[s: s + mb]
+            tokens = torch.from_numpy(batch.tokens_BL[sub].astype(np.int64)).to(self.device)
+            lens = torch.from_numpy((batch.prompt_lens_B[sub] + batch.response_lens_B[sub]).astype(np.int64))
+            attn = (torch.arange(L)[None, :] < lens[:, None]).to(self.device)
+            with torch.no_grad():
+                out = self.model(input_ids=tokens, attention_mask=attn.long(), output_hidden_states=hidden)
+                # teacher logits truncated to the tokenizer (padded embedding rows carry no token)
+                logp = torch.log_softmax(out.logits[:, :-1, :vocab].float(), dim=-1)  # predicts tokens[:, 1:]
+                tok_lp = torch.gather(logp, -1, tokens[:, 1:, None]).squeeze(-1)
+                lp[s: s + len(sub), 1:] = tok_lp.cpu().numpy()
+                if topk:
+                    v, i = torch.topk(logp, topk, dim=-1)
+                    ids[s: s + len(sub), 1:], tk[s: s + len(sub), 1:] = i.cpu().numpy(), v.cpu().numpy()
+                if hidden:
+                    h = out.hidden_states[-1][:, :-1]  # post-norm last layer; state at l-1 predicts token l
+                    hs[s: s + len(sub), 1:] = _compact(h, hdt)
+        mask = batch.response_mask_BL()[rows]
+        lp *= mask
+        if hidden:
+            hs[~mask] = 0
+        return lp, ids, tk, hs, (hdt if hidden else None)
+
+
+def _compact(h, dtype_name: str) -> np.ndarray:
+    import torch
+
+    if dtype_name == "bfloat16":
+        return h.to(torch.bfloat16).view(torch.int16).cpu().numpy().view(np.uint16)
+    return h.to(getattr(torch, dtype_name)).cpu().numpy()
+
+
+def expand_hidden(hidden: np.ndarray, dtype_name: Optional[str]):
+    """Inverse of the compact encoding: a torch tensor of the shipped dtype."""
+    import torch
+
+    if dtype_name == "bfloat16":
+        return torch.from_numpy(np.ascontiguousarray(hidden).view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(np.array(hidden))

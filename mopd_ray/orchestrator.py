@@ -8,9 +8,11 @@ step's rollout is launched before this step's update, overlapping generation wit
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import ray
@@ -20,7 +22,7 @@ from .cluster import get_with_deadline, init_ray
 from .config import resolved_signal
 from .data.prompts import build_prompt_pool, make_sampler
 from .metrics import MetricsLogger
-from .roles import build_roles, student_fingerprint
+from .roles import build_roles, student_fingerprint, sync_weights
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +55,7 @@ class Orchestrator:
         self.cfg, self.run_dir = cfg, run_dir
         self.state = RunState()
         self.driver_fetched_bytes = 0  # what ray.get brought into this process (metadata only)
+        self._fetched_at_last_log = 0
 
     # ------------------------------------------------------------------ helpers
     def _get(self, refs, what: str):
@@ -107,19 +110,10 @@ class Orchestrator:
         return score_refs, score_meta_refs
 
     def _sync_weights(self) -> float:
-        t0 = time.perf_counter()
-        roles, ro = self.roles, self.cfg.rollout
         version = self.state.weight_version + 1
-        if ro.weight_sync == "broadcast":
-            refs = roles.learners.call_all("broadcast_weights", ro.weight_sync_bucket_mb << 20)
-            refs += roles.rollout.call_all("receive_weights", version)
-            self._get(refs, "weight sync (broadcast)")
-        else:
-            exported = self._get(roles.learners.call_all("export_to_store"), "weight export")
-            state_ref = exported[0][0]
-            self._get(roles.rollout.call_all("update_weights_from_store", state_ref, version), "weight sync (store)")
+        seconds = sync_weights(self.cfg, self.roles.learners, self.roles.rollout, version)
         self.state.weight_version = version
-        return time.perf_counter() - t0
+        return seconds
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> dict:
@@ -133,6 +127,9 @@ class Orchestrator:
         self.sampler = make_sampler(self.pool, cfg)
         init_ray(cfg.cluster, resource_demand(cfg)["CPU"], gpu=resource_demand(cfg)["GPU"] > 0)
         self.roles = build_roles(cfg, student_fingerprint(tokenizer, cfg.model.path))
+        placement = self.roles.placement()
+        (Path(self.run_dir) / "placement.json").write_text(json.dumps(placement, indent=1))
+        log.info("placement (node ids by role): %s", {k: [n[:8] for n in v] for k, v in placement.items()})
         logger = MetricsLogger(self.run_dir, OmegaConf.to_container(cfg, resolve=True), cfg.logging,
                                cfg.run.total_steps, cfg.run.name)
         last: dict = {}
@@ -184,6 +181,11 @@ class Orchestrator:
             out[f"reward/{d}"] = sums[d] / counts[d]
         if sums:
             out["reward/mean"] = sum(sums.values()) / sum(counts.values())
+        import psutil
+
+        out["driver/fetched_bytes"] = self.driver_fetched_bytes - self._fetched_at_last_log
+        out["driver/rss_mb"] = psutil.Process().memory_info().rss / 2**20
+        self._fetched_at_last_log = self.driver_fetched_bytes
         for name in self.roles.teacher_names:
             lat = [m["latency_s"] for m in scores if m["teacher"] == name]
             if lat:

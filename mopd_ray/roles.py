@@ -1,13 +1,14 @@
-"""Building the role groups on Ray and the start-up checks that run before any work."""
+"""Building the role groups on Ray, the start-up checks that run before any work, and weight sync."""
 
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 from omegaconf import OmegaConf
 
-from .cluster import ActorGroup, Bundle
+from .cluster import ActorGroup, Bundle, get_with_deadline
 from .config import SELF_TEACHER, resolved_signal
 from .models.compat import check_compatible, tokenizer_fingerprint
 from .workers.learner import LearnerWorker
@@ -35,56 +36,97 @@ class Roles:
             except Exception:  # best effort at exit
                 pass
 
+    def placement(self) -> dict:
+        """Node id of every actor, by role: {role: [node ids]}."""
+        out = {"rollout": ray_get(self.rollout.call_all("node_id")),
+               "learner": ray_get(self.learners.call_all("node_id"))}
+        for name, g in self.teachers.items():
+            out[f"teacher:{name}"] = ray_get(g.call_all("node_id"))
+        return out
+
+
+def ray_get(refs, timeout_s: float = 120.0):
+    return get_with_deadline(refs, "placement query", timeout_s)
+
 
 def teacher_model_path(cfg, name: str) -> str:
     t = cfg.teachers.models[name]
     return cfg.model.path if (name == SELF_TEACHER and not t.model_path) else t.model_path
 
 
-def build_roles(cfg, student_fp: dict) -> Roles:
-    cl, ro, ln = cfg.cluster, cfg.rollout, cfg.learner
-    common = dict(placement_timeout_s=cl.placement_timeout_s, call_timeout_s=cl.call_timeout_s)
-    trc = cfg.model.trust_remote_code
+def _common(cfg) -> dict:
+    return dict(placement_timeout_s=cfg.cluster.placement_timeout_s, call_timeout_s=cfg.cluster.call_timeout_s)
+
+
+def make_rollout_group(cfg) -> ActorGroup:
+    ro = cfg.rollout
     max_len = cfg.data.max_prompt_len + ro.max_new_tokens
-    rollout = ActorGroup(
+    return ActorGroup(
         "rollout", RolloutWorker, ro.replicas,
         Bundle(ro.num_cpus_per_shard * ro.tensor_parallel_size, ro.num_gpus_per_shard * ro.tensor_parallel_size,
                dict(ro.custom_resources) or None),
-        init_args=lambda i: ((cfg.model.path, _plain(ro), max_len, i, trc), {}), **common)
-    teacher_names = sorted(cfg.teachers.models)
-    teachers = {}
-    for name in teacher_names:
-        t = cfg.teachers.models[name]
-        teachers[name] = ActorGroup(
-            f"teacher:{name}", TeacherWorker, t.replicas,
-            Bundle(t.num_cpus_per_shard * t.tensor_parallel_size, t.num_gpus_per_shard * t.tensor_parallel_size,
-                   dict(t.custom_resources) or None),
-            init_args=lambda i, name=name: ((name, teacher_model_path(cfg, name), _plain(cfg.teachers.models[name]),
-                                             i, trc), {}), **common)
+        init_args=lambda i: ((cfg.model.path, _plain(ro), max_len, i, cfg.model.trust_remote_code), {}),
+        **_common(cfg))
+
+
+def make_teacher_group(cfg, name: str) -> ActorGroup:
+    t = cfg.teachers.models[name]
+    return ActorGroup(
+        f"teacher:{name}", TeacherWorker, t.replicas,
+        Bundle(t.num_cpus_per_shard * t.tensor_parallel_size, t.num_gpus_per_shard * t.tensor_parallel_size,
+               dict(t.custom_resources) or None),
+        init_args=lambda i: ((name, teacher_model_path(cfg, name), _plain(t), i, cfg.model.trust_remote_code), {}),
+        **_common(cfg))
+
+
+def make_learner_group(cfg, teacher_names: list) -> ActorGroup:
+    ln, ro = cfg.learner, cfg.rollout
     rows = cfg.data.prompts_per_step * ro.n_samples_per_prompt
     weights = [cfg.teachers.models[n].weight for n in teacher_names]
     signals = [resolved_signal(cfg, n) for n in teacher_names]
-    learners = ActorGroup(
+    return ActorGroup(
         "learner", LearnerWorker, ln.world_size,
         Bundle(ln.num_cpus_per_rank, ln.num_gpus_per_rank, dict(ln.custom_resources) or None),
         init_args=lambda i: ((i, ln.world_size, cfg.model.path, _plain(ln), _plain(cfg.algorithm), teacher_names,
-                              weights, signals, cfg.run.total_steps, rows, ro.temperature, cfg.run.seed, trc), {}),
-        **common)
-    roles = Roles(rollout, teachers, learners, teacher_names)
+                              weights, signals, cfg.run.total_steps, rows, ro.temperature, cfg.run.seed,
+                              cfg.model.trust_remote_code), {}),
+        **_common(cfg))
+
+
+def setup_learners(cfg, learners: ActorGroup) -> list:
+    addr, port = learners.gather(learners.call(0, "master_address"), "master_address")
+    return learners.gather(learners.call_all("setup", addr, port, cfg.cluster.call_timeout_s), "setup (DeepSpeed init)")
+
+
+def build_roles(cfg, student_fp: dict) -> Roles:
+    """Create every group, wait until all engines are up, run the start-up checks, wire weight sync."""
+    teacher_names = sorted(cfg.teachers.models)
+    groups = []
     try:
-        # Engines load in parallel; any failure (bad model folder, OOM) surfaces here with its role named.
+        rollout = make_rollout_group(cfg)
+        groups.append(rollout)
+        teachers = {}
+        for name in teacher_names:
+            teachers[name] = make_teacher_group(cfg, name)
+            groups.append(teachers[name])
+        learners = make_learner_group(cfg, teacher_names)
+        groups.append(learners)
+        roles = Roles(rollout, teachers, learners, teacher_names)
+        # Engines load in parallel; a failure (bad model folder, OOM) surfaces here with its role named.
         rollout.gather(rollout.call_all("ready"), "start (loading the student in vLLM)")
         for name, g in teachers.items():
             g.gather(g.call_all("ready"), f"start (loading teacher '{name}')")
         check_tokenizers(cfg, roles, student_fp)
-        addr, port = learners.gather(learners.call(0, "master_address"), "master_address")
-        infos = learners.gather(learners.call_all("setup", addr, port, cl.call_timeout_s), "setup (DeepSpeed init)")
-        log.info("learners ready: %s", infos[0])
+        log.info("learners ready: %s", setup_learners(cfg, learners)[0])
         _share_teacher_heads(cfg, roles)
-        if ro.weight_sync == "broadcast":
-            init_broadcast_group(cfg, roles)
+        if cfg.rollout.weight_sync == "broadcast":
+            init_broadcast_group(cfg, learners, rollout)
     except BaseException:
-        roles.shutdown()
+        for g in groups:
+            try:
+                g.shutdown()
+            except Exception:
+                pass
         raise
     return roles
 
@@ -102,21 +144,34 @@ def _share_teacher_heads(cfg, roles: Roles) -> None:
         if resolved_signal(cfg, name) == "full_vocab":
             heads[i] = roles.teachers[name].call(0, "output_head")
     if heads:
-        # Ray resolves refs nested in a dict only in the callee: pass {index: ref}, learners ray.get them.
         roles.learners.gather(roles.learners.call_all("set_teacher_heads_from_refs", heads), "set_teacher_heads")
 
 
-def init_broadcast_group(cfg, roles: Roles) -> None:
+def init_broadcast_group(cfg, learners: ActorGroup, rollout: ActorGroup) -> None:
     """One process group: learner rank 0 (rank 0 of the group) + every rollout engine."""
+    world = 1 + len(rollout)
+    host, port = learners.gather(learners.call(0, "master_address"), "master_address")
+    metas = learners.gather(learners.call(0, "param_metas"), "param_metas")
+    bucket = cfg.rollout.weight_sync_bucket_mb << 20
+    refs = [learners.call(0, "init_sync_group", host, port, world, cfg.cluster.call_timeout_s)]
+    refs += [rollout.call(i, "init_sync_group", host, port, i + 1, world, metas, bucket, cfg.cluster.call_timeout_s)
+             for i in range(len(rollout))]
+    rollout.gather(refs, "init_sync_group")
+
+
+def sync_weights(cfg, learners: ActorGroup, rollout: ActorGroup, version: int) -> float:
+    """Push the learners' current weights to every rollout engine. Returns seconds."""
+    t0 = time.perf_counter()
     ro = cfg.rollout
-    world = 1 + len(roles.rollout)
-    host, port = roles.learners.gather(roles.learners.call(0, "master_address"), "master_address")
-    metas = roles.learners.gather(roles.learners.call(0, "param_metas"), "param_metas")
-    bucket = ro.weight_sync_bucket_mb << 20
-    refs = [roles.learners.call(0, "init_sync_group", host, port, world, cfg.cluster.call_timeout_s)]
-    refs += [roles.rollout.call(i, "init_sync_group", host, port, i + 1, world, metas, bucket,
-                                cfg.cluster.call_timeout_s) for i in range(len(roles.rollout))]
-    roles.rollout.gather(refs, "init_sync_group")
+    if ro.weight_sync == "broadcast":
+        refs = learners.call_all("broadcast_weights", ro.weight_sync_bucket_mb << 20)
+        refs += rollout.call_all("receive_weights", version)
+        rollout.gather(refs, "weight sync (broadcast)")
+    else:
+        exported = learners.gather(learners.call_all("export_to_store"), "weight export")
+        state_ref = exported[0][0]  # an ObjectRef owned by learner rank 0; engines resolve it themselves
+        rollout.gather(rollout.call_all("update_weights_from_store", state_ref, version), "weight sync (store)")
+    return time.perf_counter() - t0
 
 
 def student_fingerprint(tokenizer, model_path: str) -> dict:

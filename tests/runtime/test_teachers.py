@@ -1,0 +1,89 @@
+"""Teacher groups on the real engines: sharded scoring, backends agree, start-up checks."""
+
+import numpy as np
+import pytest
+import ray
+
+from mopd_ray.batch import RolloutBatch, pad_sequences
+from mopd_ray.cluster import PlacementError
+from mopd_ray.config import TinyModelConfig
+from mopd_ray.models.compat import TokenizerMismatchError, check_compatible, tokenizer_fingerprint
+from mopd_ray.roles import make_learner_group, make_teacher_group
+
+from .conftest import compose_cfg
+
+pytestmark = pytest.mark.slow
+
+
+def _batch():
+    seqs = [[1, 298, 201, 67, 70, 70, 19, 20, 2, 201, 1, 275, 307, 201, 21, 22, 2],
+            [1, 298, 201, 80, 33, 34, 35, 2, 201, 1, 275, 307, 201, 35, 34, 33, 2, 201],
+            [1, 298, 201, 80, 33, 34, 35, 2, 201, 1, 275, 307, 201, 40, 2]]
+    plens = np.array([14, 13, 13], np.int32)
+    rlens = np.array([len(s) for s in seqs], np.int32) - plens
+    tokens = pad_sequences(seqs, 0)
+    return RolloutBatch(tokens, plens, rlens, np.zeros(tokens.shape, np.float32), np.arange(3), np.zeros(3, np.int32),
+                        np.full(3, np.nan, np.float32), np.ones(3, bool), ("add", "reverse", "reverse"))
+
+
+def _score(group, batch, rows, topk=0, hidden=False):
+    ref = ray.put(batch)
+    scores, meta = group.gather(group.actors[0].score.options(num_returns=2).remote(ref, rows, topk, hidden))
+    assert meta["rows"] == len(rows)
+    return scores
+
+
+def test_sharded_teacher_scores_equal_unsharded_and_hf(local_ray, artifacts):
+    batch = _batch()
+    rows = np.array([0, 2], np.int32)
+    out = {}
+    for label, overrides in {
+        "tp1": ["teachers.models.add_expert.tensor_parallel_size=1"],
+        "tp2": ["teachers.models.add_expert.tensor_parallel_size=2"],
+        "hf": ["teachers.models.add_expert.backend=hf"],
+    }.items():
+        cfg = compose_cfg(f"run.artifacts_dir={artifacts}", "teachers.models.add_expert.num_cpus_per_shard=1",
+                          *overrides)
+        group = make_teacher_group(cfg, "add_expert")
+        try:
+            group.gather(group.call_all("ready"))
+            out[label] = _score(group, batch, rows, topk=4)
+        finally:
+            group.shutdown()
+    mask = batch.response_mask_BL()[rows]
+    assert mask.sum() > 0 and (out["tp1"].teacher_logprobs_RL[mask] < 0).all()
+    np.testing.assert_allclose(out["tp2"].teacher_logprobs_RL, out["tp1"].teacher_logprobs_RL, atol=1e-4)
+    np.testing.assert_allclose(out["hf"].teacher_logprobs_RL, out["tp1"].teacher_logprobs_RL, atol=1e-4)
+    # top-k: same ids and log-probs from the vLLM engine (sharded or not) and the transformers forward
+    for label in ("tp2", "hf"):
+        np.testing.assert_array_equal(out[label].topk_ids_RLK[mask], out["tp1"].topk_ids_RLK[mask])
+        np.testing.assert_allclose(out[label].topk_logprobs_RLK[mask], out["tp1"].topk_logprobs_RLK[mask], atol=1e-4)
+    assert np.all(np.diff(out["tp1"].topk_logprobs_RLK[mask], axis=-1) <= 1e-6)  # sorted by rank
+
+
+def test_tokenizer_mismatch_names_both_models(tmp_path):
+    from transformers import AutoTokenizer
+
+    from mopd_ray.models import tiny
+
+    student = tiny.build_tiny_model(tmp_path / "student", TinyModelConfig())
+    old = tiny.TOKENIZER_VOCAB_SIZE
+    tiny.TOKENIZER_VOCAB_SIZE = 300  # another vocabulary
+    try:
+        other = tiny.build_tiny_model(tmp_path / "other", TinyModelConfig(seed=1))
+    finally:
+        tiny.TOKENIZER_VOCAB_SIZE = old
+    fp_s = tokenizer_fingerprint(AutoTokenizer.from_pretrained(student), 320)
+    fp_o = tokenizer_fingerprint(AutoTokenizer.from_pretrained(other), 320)
+    with pytest.raises(TokenizerMismatchError, match="teacher 'math'.*student 'stu'"):
+        check_compatible(fp_s, "stu", fp_o, "math")
+    # a padded embedding (more rows than tokens) is tolerated; fewer rows is not
+    check_compatible(fp_s, "stu", {**fp_s, "embedding_rows": 384}, "padded")
+    with pytest.raises(TokenizerMismatchError, match="fewer than"):
+        check_compatible(fp_s, "stu", {**fp_s, "embedding_rows": 100}, "short")
+
+
+def test_impossible_placement_fails_fast_with_a_clear_error(local_ray, artifacts):
+    cfg = compose_cfg(f"run.artifacts_dir={artifacts}", "learner.num_cpus_per_rank=64", "cluster.placement_timeout_s=3")
+    with pytest.raises(PlacementError, match="role 'learner' could not be placed within 3 s.*'CPU': 64"):
+        make_learner_group(cfg, sorted(cfg.teachers.models))

@@ -1,0 +1,75 @@
+"""After a sync, the rollout engine's log-probs of fixed token ids equal the learner's own (fp32)."""
+
+import numpy as np
+import pytest
+import ray
+
+from mopd_ray.batch import RolloutBatch, TeacherScores, pad_sequences
+from mopd_ray.roles import (init_broadcast_group, make_learner_group, make_rollout_group, setup_learners,
+                            sync_weights)
+
+from .conftest import compose_cfg
+
+pytestmark = pytest.mark.slow
+
+SEQS = [[1, 298, 201, 67, 70, 70, 19, 20, 2, 201, 1, 275, 307, 201, 21, 22, 2],
+        [1, 298, 201, 80, 33, 34, 35, 36, 2, 201, 1, 275, 307, 201, 36, 35, 34, 33, 2]]
+
+
+def _synthetic_batch(n_rows: int, seed: int):
+    """A rollout shard and one teacher's scores, made here, to drive a real train_step."""
+    rng = np.random.default_rng(seed)
+    seqs = [SEQS[i % 2] for i in range(n_rows)]
+    plens = np.array([9 if i % 2 == 0 else 9 for i in range(n_rows)], np.int32)
+    rlens = np.array([len(s) - 9 for s in seqs], np.int32)
+    tokens = pad_sequences(seqs, 0)
+    lp = np.where(np.arange(tokens.shape[1])[None] >= plens[:, None], -rng.random(tokens.shape) * 3, 0)
+    batch = RolloutBatch(tokens, plens, rlens, lp.astype(np.float32), np.arange(n_rows) // 2,
+                         np.zeros(n_rows, np.int32), np.full(n_rows, np.nan, np.float32), np.ones(n_rows, bool),
+                         tuple(["add"] * n_rows))
+    teacher_lp = np.where(batch.response_mask_BL(), -0.1, 0).astype(np.float32)
+    return batch, TeacherScores("add_expert", np.arange(n_rows, dtype=np.int32), teacher_lp)
+
+
+@pytest.fixture(scope="module")
+def rollout(local_ray, artifacts):
+    cfg = compose_cfg(f"run.artifacts_dir={artifacts}", "rollout.max_new_tokens=8")
+    group = make_rollout_group(cfg)
+    group.gather(group.call_all("ready"))
+    yield group
+    group.shutdown()
+
+
+# Each case trains to different weights (its own lr), so an engine left with the previous case's
+# weights would fail the comparison.
+@pytest.mark.parametrize("stage,transport,lr", [(2, "broadcast", 2e-2), (3, "broadcast", 3e-2),
+                                                (3, "object_store", 4e-2)])
+def test_rollout_matches_learner_after_sync(rollout, artifacts, stage, transport, lr):
+    cfg = compose_cfg(f"run.artifacts_dir={artifacts}", f"learner.zero_stage={stage}", f"learner.lr={lr}",
+                      f"rollout.weight_sync={transport}", "data.prompts_per_step=4", "rollout.n_samples_per_prompt=2",
+                      "learner.micro_batch_size=2", "algorithm.is_correction=none")
+    names = sorted(cfg.teachers.models)
+    learners = make_learner_group(cfg, names)
+    try:
+        setup_learners(cfg, learners)
+        if transport == "broadcast":
+            init_broadcast_group(cfg, learners, rollout)
+        before = learners.gather(learners.call_all("compute_logprobs", SEQS))[0]
+        stale = rollout.gather(rollout.call(0, "score_logprobs", SEQS))  # what the engine served so far
+        batch, scores = _synthetic_batch(8, seed=stage)
+        shard, score = ray.put(batch), ray.put(scores)
+        metrics = learners.gather(learners.call_all("train_step", [shard], [[score]], 0))[0]
+        assert np.isfinite(metrics["loss"]) and metrics["grad_norm"] > 0
+        after = learners.gather(learners.call_all("compute_logprobs", SEQS))
+        # ranks agree, and the update really moved the weights
+        for a, b in zip(after[0], after[1]):
+            np.testing.assert_allclose(a, b, atol=1e-6)
+        assert max(np.abs(a - b).max() for a, b in zip(after[0], before)) > 1e-3
+        sync_weights(cfg, learners, rollout, version=1)
+        engine_after = rollout.gather(rollout.call(0, "score_logprobs", SEQS))
+        for e, l, l0 in zip(engine_after, after[0], before):
+            np.testing.assert_allclose(e[1:], l[1:], atol=2e-5)
+            assert np.abs(e - l0).max() > 1e-3  # the engine serves the updated weights, not the initial ones
+        assert max(np.abs(e - s).max() for e, s in zip(engine_after, stale)) > 1e-4
+    finally:
+        learners.shutdown()

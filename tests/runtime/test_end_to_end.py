@@ -1,0 +1,144 @@
+"""End-to-end runs of `python -m mopd_ray.main` on the real vLLM, DeepSpeed and Ray."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from mopd_ray.metrics import read_metrics
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[2]
+FAST = ["cluster.include_dashboard=false", "logging.wandb_mode=offline"]
+
+
+def _run(args, cwd=ROOT, env=None, timeout=600):
+    proc = subprocess.run([sys.executable, "-m", "mopd_ray.main", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
+
+
+def test_main_trains_student_against_two_domain_teachers_and_self(artifacts, tmp_path):
+    run = tmp_path / "run"
+    _run([f"run.artifacts_dir={artifacts}", f"hydra.run.dir={run}", "run.total_steps=16", *FAST])
+    rows = read_metrics(run)
+    assert [r["step"] for r in rows] == list(range(16))
+    first = rows[0]
+    for key in ("loss", "entropy", "grad_norm", "is_clip_fraction", "learner_step_s", "weight_sync_s",
+                "rollout/tokens_per_s", "reverse_kl", "reward/add", "reward/reverse", "reward/sort",
+                "teacher/add_expert/token_share", "teacher/add_expert/reverse_kl",
+                "teacher/reverse_expert/score_latency_s", "teacher/self/token_share"):
+        assert key in first, key
+    shares = sum(first[f"teacher/{t}/token_share"] for t in ("add_expert", "reverse_expert", "self"))
+    assert abs(shares - 1.0) < 1e-6
+    # the student moves toward each domain teacher: reverse KL falls over the run
+    for t in ("add_expert", "reverse_expert"):
+        kl = [r[f"teacher/{t}/reverse_kl"] for r in rows if f"teacher/{t}/reverse_kl" in r]
+        assert sum(kl[-4:]) / 4 < 0.7 * sum(kl[:4]) / 4, (t, kl)
+    # self starts at the student: zero KL (up to engine/learner numerics)
+    assert abs(rows[0]["teacher/self/reverse_kl"]) < 1e-4
+    assert rows[-1]["weight_version"] == 16
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(run / "student_final")
+    placement = json.loads((run / "placement.json").read_text())
+    assert set(placement) == {"rollout", "learner", "teacher:add_expert", "teacher:reverse_expert", "teacher:self"}
+
+
+def test_multirun_sweep_each_in_its_own_dir_and_driver_memory_flat(artifacts, tmp_path):
+    """Two sweep points whose payloads differ 8x: the driver fetches the same few bytes per step."""
+    sweep = tmp_path / "sweep"
+    _run(["-m", "experiment=local_smoke", f"run.artifacts_dir={artifacts}", f"hydra.sweep.dir={sweep}",
+          "rollout.n_samples_per_prompt=2,8", "rollout.max_new_tokens=16", "learner.micro_batch_size=2",
+          "run.total_steps=4", "teachers.models.add_expert.backend=hf", "teachers.models.reverse_expert.backend=hf",
+          "teachers.models.self.backend=hf", *FAST])
+    dirs = sorted(p for p in sweep.iterdir() if p.is_dir())
+    assert len(dirs) == 2
+    runs = [read_metrics(d) for d in dirs]
+    assert all(len(r) == 4 for r in runs)
+    small, large = sorted(runs, key=lambda r: r[-1]["response_tokens"])
+
+    def payload(rows):
+        return sum(v for r in rows for k, v in r.items() if k.endswith("/payload_bytes"))
+
+    assert payload(large) > 3 * payload(small)
+    fetched_small = max(r["driver/fetched_bytes"] for r in small[1:])
+    fetched_large = max(r["driver/fetched_bytes"] for r in large[1:])
+    assert fetched_large < 1.5 * fetched_small + 512  # metadata only, independent of payload size
+    assert fetched_large < payload(large[1:2]) / 4
+    assert large[-1]["driver/rss_mb"] - large[1]["driver/rss_mb"] < 50
+
+
+def _free_port():
+    from mopd_ray.cluster import free_port
+
+    return free_port()
+
+
+def test_ray_job_submit_to_a_loopback_head(artifacts, tmp_path):
+    venv_bin = str(Path(sys.executable).parent)
+    gcs, dash = _free_port(), _free_port()
+    env = {**os.environ, "PATH": f"{venv_bin}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token",
+           "RAY_ADDRESS": f"http://127.0.0.1:{dash}", "PYTHON": sys.executable}
+    ray_cli = str(Path(venv_bin) / "ray")
+    subprocess.run([ray_cli, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(gcs),
+                    "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--num-cpus", "8",
+                    "--disable-usage-stats"], check=True, env=env, capture_output=True, timeout=180)
+    try:
+        run = tmp_path / "job_run"
+        proc = subprocess.run(
+            ["bash", str(ROOT / "launch" / "submit.sh"), "experiment=local_smoke", f"run.artifacts_dir={artifacts}",
+             f"hydra.run.dir={run}", "run.total_steps=2", "teachers.models.add_expert.backend=hf",
+             "teachers.models.reverse_expert.backend=hf", "teachers.models.self.backend=hf", *FAST],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+        assert "succeeded" in proc.stdout.lower()
+        rows = read_metrics(run)
+        assert len(rows) == 2 and rows[-1]["weight_version"] == 2
+        # the job joined the existing cluster rather than starting its own
+        assert "joining Ray cluster" in (run / "main.log").read_text()
+    finally:
+        subprocess.run([ray_cli, "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+def test_roles_on_different_nodes_of_a_multi_node_cluster(artifacts, tmp_path):
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from mopd_ray.cluster import WORKER_ENV
+    from mopd_ray.orchestrator import Orchestrator
+
+    from .conftest import compose_cfg
+
+    if ray.is_initialized():
+        ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "resources": {"learner_node": 2}})
+    cluster.add_node(num_cpus=1, resources={"rollout_node": 1})
+    cluster.add_node(num_cpus=3, resources={"teacher_node": 3})
+    try:
+        ray.init(address=cluster.address, runtime_env={"env_vars": dict(WORKER_ENV)}, log_to_driver=False)
+        cfg = compose_cfg(
+            "experiment=local_smoke", f"run.artifacts_dir={artifacts}", "run.total_steps=2", "cluster=ray_cluster",
+            f"cluster.address={cluster.address}", "logging.wandb_mode=disabled", "logging.progress_bar=false",
+            "+rollout.custom_resources.rollout_node=1", "+learner.custom_resources.learner_node=1",
+            *[f"+teachers.models.{t}.custom_resources.teacher_node=1" for t in ("add_expert", "reverse_expert", "self")],
+            *[f"teachers.models.{t}.backend=hf" for t in ("add_expert", "reverse_expert", "self")])
+        from mopd_ray.models.prepare import prepare_models
+
+        prepare_models(cfg)
+        last = Orchestrator(cfg, str(tmp_path)).run()
+        assert last["weight_version"] == 2
+        placement = json.loads((tmp_path / "placement.json").read_text())
+        learner_nodes, rollout_nodes = set(placement["learner"]), set(placement["rollout"])
+        teacher_nodes = {n for k, v in placement.items() if k.startswith("teacher:") for n in v}
+        assert len(learner_nodes) == len(rollout_nodes) == len(teacher_nodes) == 1
+        assert len(learner_nodes | rollout_nodes | teacher_nodes) == 3
+    finally:
+        ray.shutdown()
+        cluster.shutdown()

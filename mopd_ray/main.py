@@ -54,10 +54,12 @@ def run(cfg: DictConfig) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "resolved_config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     print(OmegaConf.to_yaml(cfg, resolve=True))
+    from .models.compat import check_local_tokenizers
     from .models.prepare import prepare_models
 
     try:
         model_paths = prepare_models(cfg)
+        check_local_tokenizers(cfg)
     except (FileNotFoundError, ValueError) as e:
         log.error("%s", e)
         return 2

@@ -170,7 +170,10 @@ class Orchestrator:
         out = {"step_s": step_s, "rollout/tokens_per_s": tokens / max(gen_s, 1e-9), "rollout/generate_s": gen_s,
                "rollout/mean_response_len": tokens / max(rows, 1),
                "rollout/finished_fraction": sum(m["finished"] for m in gen) / max(rows, 1),
-               "weight_version": self.state.weight_version, "data/epoch": self.sampler.epoch,
+               "weight_version": self.state.weight_version,
+               # how many updates behind the learner the trained rollouts were (0 on-policy, 1 with overlap)
+               "rollout/staleness": self.state.weight_version - 1 - min(m["weight_version"] for m in gen),
+               "data/epoch": self.sampler.epoch,
                "data/consumed": self.sampler.consumed, "data/dropped_too_long": self.pool.dropped_too_long}
         sums, counts = {}, {}
         for m in gen:

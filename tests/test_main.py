@@ -28,3 +28,26 @@ def test_config_error_exits_2_with_key(tmp_path):
     assert proc.returncode == 2
     assert "learner.world_size" in proc.stderr + proc.stdout
     assert not (tmp_path / "artifacts").exists()  # nothing is built for a config that cannot run
+
+
+def test_teacher_with_another_vocabulary_fails_before_any_engine_starts(tmp_path):
+    from mopd_ray.config import TinyModelConfig
+    from mopd_ray.models import tiny
+
+    old = tiny.TOKENIZER_VOCAB_SIZE
+    tiny.TOKENIZER_VOCAB_SIZE = 300
+    try:
+        other = tiny.build_tiny_model(tmp_path / "other_vocab", TinyModelConfig(seed=4))
+    finally:
+        tiny.TOKENIZER_VOCAB_SIZE = old
+    proc = _main(tmp_path, f"teachers.models.add_expert.model_path={other}", "teachers.models.add_expert.tiny=null")
+    assert proc.returncode == 2
+    err = proc.stderr + proc.stdout
+    assert "teacher 'add_expert" in err and "different tokenizer vocabulary" in err and "artifacts/tiny/student" in err
+    assert "starting a local Ray" not in err  # stopped before Ray was started
+
+
+def test_missing_model_folder_is_a_clear_error(tmp_path):
+    proc = _main(tmp_path, f"teachers.models.add_expert.model_path={tmp_path}/nope", "teachers.models.add_expert.tiny=null")
+    assert proc.returncode == 2
+    assert "teacher:add_expert" in proc.stderr + proc.stdout and "config.json" in proc.stderr + proc.stdout

@@ -34,3 +34,30 @@ def check_compatible(student: dict, student_name: str, teacher: dict, teacher_na
         raise TokenizerMismatchError(
             f"teacher '{teacher_name}' has {rows} output rows, fewer than the {student['vocab_size']} tokens of "
             f"the student '{student_name}''s tokenizer")
+
+
+def check_local_tokenizers(cfg) -> None:
+    """Compare every teacher's tokenizer with the student's on this machine, before any engine starts.
+
+    Teachers whose folder is not visible here (a path only the cluster's nodes see) are checked by
+    their workers at start-up instead (roles.check_tokenizers).
+    """
+    from pathlib import Path
+
+    from transformers import AutoConfig, AutoTokenizer
+
+    from ..config import SELF_TEACHER
+
+    def fp(path):
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code)
+        rows = AutoConfig.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code).vocab_size
+        return tokenizer_fingerprint(tok, rows)
+
+    if not Path(cfg.model.path, "config.json").exists():
+        return
+    student = fp(cfg.model.path)
+    for name, t in cfg.teachers.models.items():
+        if name == SELF_TEACHER and not t.model_path:
+            continue
+        if Path(t.model_path, "config.json").exists():
+            check_compatible(student, cfg.model.path, fp(t.model_path), f"{name} ({t.model_path})")

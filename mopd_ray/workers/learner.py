@@ -115,7 +115,7 @@ class LearnerWorker:
         import torch.distributed as dist
 
         from ..algo import OUTCOME_ESTIMATORS, mix_advantages, normalize_advantages, reverse_kl_advantage
-        from .loss import MicroBatch, entropy_from_logits, micro_batch_loss, token_logprobs_from_logits
+        from .loss import SIGNAL_IDS, MicroBatch, entropy_from_logits, micro_batch_loss, token_logprobs_from_logits
 
         t0 = time.perf_counter()
         shards: list[RolloutBatch] = ray.get(list(shard_refs))
@@ -130,6 +130,7 @@ class LearnerWorker:
         teacher_lp = torch.from_numpy(g["teacher_lp"]).to(dev)
         tidx = torch.from_numpy(g["teacher_index"].astype(np.int64)).to(dev)
         coef = torch.tensor(self.teacher_weights, dtype=torch.float32, device=dev)[tidx]
+        row_signal = torch.tensor([SIGNAL_IDS[s] for s in self.teacher_signals], device=dev)[tidx]
         a = self.algo
         outcome = torch.zeros_like(mask)
         if a["alpha"] > 0 and g["has_reward"].any():
@@ -163,16 +164,16 @@ class LearnerWorker:
 
         # per-teacher statistics over this rank's rows, summed across ranks below
         T = len(self.teacher_names)
-        stats = torch.zeros(6 + 3 * T, dtype=torch.float64)
+        stats = torch.zeros(7 + 3 * T, dtype=torch.float64)
         r_mine = torch.from_numpy(mine).to(dev)
         m_mine = mask[r_mine].double()
         rev_kl_k1 = ((old_lp - teacher_lp)[r_mine].double() * m_mine)
         rev_kl_k3 = (torch.expm1(teacher_lp - old_lp) - (teacher_lp - old_lp))[r_mine].double() * m_mine
         for t in range(T):
             sel = (tidx[r_mine] == t)
-            stats[6 + 3 * t] = m_mine[sel].sum()
-            stats[7 + 3 * t] = rev_kl_k1[sel].sum()
-            stats[8 + 3 * t] = rev_kl_k3[sel].sum()
+            stats[7 + 3 * t] = m_mine[sel].sum()
+            stats[8 + 3 * t] = rev_kl_k1[sel].sum()
+            stats[9 + 3 * t] = rev_kl_k3[sel].sum()
         stats[0] = m_mine.sum()
         stats[1] = ((old_lp - rollout_lp).abs()[r_mine].double() * m_mine).sum()
 
@@ -198,7 +199,7 @@ class LearnerWorker:
                     topk_logprobs_bLK=None if g["topk_lp"] is None else torch.from_numpy(g["topk_lp"][rows[s: s + self.micro]]).to(dev),
                     hidden_bLH=None if g["hidden"] is None else g["hidden"][rows[s: s + self.micro]].to(dev).float(),
                     outcome_advantages_bL=outcome[r] if a["alpha"] > 0 else None)
-                loss, mets = micro_batch_loss(logits, mb, a, g["signal"], denominator, self.teacher_heads,
+                loss, mets = micro_batch_loss(logits, mb, a, row_signal[r], denominator, self.teacher_heads,
                                               self.temperature, self.vocab_size)
                 self.engine.backward(loss)
                 self.engine.step()
@@ -214,6 +215,7 @@ class LearnerWorker:
         stats[3] = sums["loss"]
         stats[4] = sums["is_clip_fraction"] / max(n_micro, 1)
         stats[5] = sums["pg_clip_fraction"] / max(n_micro, 1)
+        stats[6] = sums["distill_loss"] / (self.world_size * self.grad_accum)
         dist.all_reduce(stats)
         tok = max(stats[0].item(), 1.0)
         metrics = {
@@ -227,16 +229,16 @@ class LearnerWorker:
             "learner_step_s": time.perf_counter() - t0,
             "response_tokens": stats[0].item(),
         }
-        if g["signal"] != "sampled":
-            metrics["distill_loss"] = sums["distill_loss"]
+        if any(s != "sampled" for s in self.teacher_signals):
+            metrics["distill_loss"] = stats[6].item() / n_mini
         for t, name in enumerate(self.teacher_names):
-            n_t = stats[6 + 3 * t].item()
+            n_t = stats[7 + 3 * t].item()
             metrics[f"teacher/{name}/token_share"] = n_t / tok
             metrics[f"teacher/{name}/tokens"] = n_t
             if n_t > 0:
-                metrics[f"teacher/{name}/reverse_kl"] = stats[7 + 3 * t].item() / n_t
-                metrics[f"teacher/{name}/reverse_kl_k3"] = stats[8 + 3 * t].item() / n_t
-        rk = [stats[7 + 3 * t].item() for t in range(T)]
+                metrics[f"teacher/{name}/reverse_kl"] = stats[8 + 3 * t].item() / n_t
+                metrics[f"teacher/{name}/reverse_kl_k3"] = stats[9 + 3 * t].item() / n_t
+        rk = [stats[8 + 3 * t].item() for t in range(T)]
         metrics["reverse_kl"] = sum(rk) / tok
         return metrics
 
@@ -351,5 +353,4 @@ def _assemble(shards: list, scores: list, teacher_names: list) -> dict:
         bad = np.nonzero(scored != 1)[0][:8].tolist()
         raise RuntimeError(f"rows {bad} were scored {scored[bad].tolist()} times; every row needs exactly one teacher")
     out.update(teacher_lp=teacher_lp, topk_ids=topk_ids, topk_lp=topk_lp, hidden=hidden)
-    out["signal"] = "full_vocab" if hidden is not None else ("topk" if topk_ids is not None else "sampled")
     return out

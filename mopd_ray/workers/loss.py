@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from ..algo import (DISTILL_LOSSES, POLICY_LOSSES, full_vocab_reverse_kl, is_correction)
+from ..algo import DISTILL_LOSSES, POLICY_LOSSES, aggregate, full_vocab_reverse_kl, is_correction
 
 
 @dataclass
@@ -47,9 +47,22 @@ def entropy_from_logits(logits_bLV: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.pad(-(logp.exp() * logp).sum(-1), (1, 0))
 
 
-def micro_batch_loss(logits_bLV: torch.Tensor, mb: MicroBatch, algo: dict, signal: str, denominator: float,
-                     teacher_heads: Optional[dict] = None, temperature: float = 1.0, vocab_size: int | None = None):
-    """Returns (loss, metrics) for one micro-batch. ``signal``: sampled | topk | full_vocab."""
+SIGNAL_IDS = {"sampled": 0, "topk": 1, "full_vocab": 2}
+
+
+def micro_batch_loss(logits_bLV: torch.Tensor, mb: MicroBatch, algo: dict, row_signal_b: torch.Tensor,
+                     denominator: float, teacher_heads: Optional[dict] = None, temperature: float = 1.0,
+                     vocab_size: int | None = None):
+    """Returns (loss, metrics) for one micro-batch.
+
+    Each row carries its teacher's signal (``row_signal_b``, ids of SIGNAL_IDS), so teachers with
+    different signals can share a micro-batch: the rows partition the tokens, and every part is
+    normalised by the same global ``denominator``, so the parts add up to one loss.
+
+    - sampled rows: PPO clipped surrogate with A = distillation (+ alpha * outcome) advantage;
+    - topk rows: coef * KL over the teacher's top-k + tail; full_vocab rows: coef * exact reverse KL;
+      plus, when alpha > 0, the clipped surrogate on alpha * outcome advantage for those rows.
+    """
     mask = mb.response_mask_bL
     logprobs = token_logprobs_from_logits(logits_bLV, mb.tokens_bL, temperature)
     gate = is_correction(algo["is_correction"], mb.old_logprobs_bL, mb.rollout_logprobs_bL, mask,
@@ -58,45 +71,50 @@ def micro_batch_loss(logits_bLV: torch.Tensor, mb: MicroBatch, algo: dict, signa
                      agg=algo["loss_agg"], weights_BT=gate.weights_BT, denominator=denominator)
     policy_loss = POLICY_LOSSES.get(algo["policy_loss"])
     metrics = {"is_clip_fraction": gate.clipped_fraction.item()}
-    if signal == "sampled":
-        out = policy_loss(logprobs, mb.old_logprobs_bL, mb.advantages_bL, mask, **pg_kwargs)
-        loss = out.loss
-    else:
+    loss = logits_bLV.new_zeros(())
+    pg_outs = []
+    sampled = (row_signal_b == SIGNAL_IDS["sampled"]).to(mask.dtype)[:, None]
+    if sampled.any():
+        out = policy_loss(logprobs, mb.old_logprobs_bL, mb.advantages_bL, mask * sampled, **pg_kwargs)
+        loss = loss + out.loss
+        pg_outs.append(out)
+    dense = 1.0 - sampled
+    if dense.any():
         b, L = mb.tokens_bL.shape
-        flat_mask = mask[:, 1:].reshape(-1)
         logits = logits_bLV[:, :-1].reshape(b * (L - 1), -1)
         if temperature != 1.0:
             logits = logits / temperature
-        if signal == "topk":
+        per_tok = logits.new_zeros(b * (L - 1))
+        sig_tok = row_signal_b[:, None].expand(b, L - 1).reshape(-1)
+        tok_mask = mask[:, 1:].reshape(-1).bool()
+        sel = tok_mask & (sig_tok == SIGNAL_IDS["topk"])
+        if sel.any():
             fn = DISTILL_LOSSES.get(f"topk_{algo['topk_divergence']}")
             K = mb.topk_ids_bLK.shape[-1]
-            per_tok = fn(logits, mb.topk_ids_bLK[:, 1:].reshape(-1, K), mb.topk_logprobs_bLK[:, 1:].reshape(-1, K),
-                         flat_mask)
-        else:  # full_vocab: rows of one micro-batch may come from several teachers
-            per_tok = torch.zeros(b * (L - 1), dtype=logits.dtype, device=logits.device)
-            tidx = mb.teacher_index_b[:, None].expand(b, L - 1).reshape(-1)
+            kl = fn(logits[sel], mb.topk_ids_bLK[:, 1:].reshape(-1, K)[sel],
+                    mb.topk_logprobs_bLK[:, 1:].reshape(-1, K)[sel], torch.ones(int(sel.sum()), device=logits.device))
+            per_tok = per_tok.index_put((sel.nonzero().squeeze(-1),), kl)
+        tidx = mb.teacher_index_b[:, None].expand(b, L - 1).reshape(-1)
+        full = tok_mask & (sig_tok == SIGNAL_IDS["full_vocab"])
+        for t in torch.unique(tidx[full]).tolist():  # rows arrive grouped by teacher: one head at a time
+            sel = full & (tidx == t)
+            w, bias = teacher_heads[t]
             H = mb.hidden_bLH.shape[-1]
-            hidden = mb.hidden_bLH[:, 1:].reshape(-1, H)
-            for t in torch.unique(mb.teacher_index_b).tolist():
-                sel = (tidx == t) & flat_mask.bool()
-                if not sel.any():
-                    continue
-                w, bias = teacher_heads[t]
-                kl = full_vocab_reverse_kl(logits[sel], hidden[sel], w, torch.ones(int(sel.sum()), device=logits.device),
-                                           chunk_size=algo["full_vocab_chunk_size"], teacher_bias_V=bias,
-                                           vocab_size=vocab_size)
-                per_tok = per_tok.index_put((sel.nonzero().squeeze(-1),), kl)
+            kl = full_vocab_reverse_kl(logits[sel], mb.hidden_bLH[:, 1:].reshape(-1, H)[sel], w,
+                                       torch.ones(int(sel.sum()), device=logits.device),
+                                       chunk_size=algo["full_vocab_chunk_size"], teacher_bias_V=bias,
+                                       vocab_size=vocab_size)
+            per_tok = per_tok.index_put((sel.nonzero().squeeze(-1),), kl)
         coef = mb.coef_b[:, None].expand(b, L - 1).reshape(-1)
         per_tok_bL = torch.nn.functional.pad((per_tok * coef).view(b, L - 1), (1, 0))
-        from ..algo import aggregate
-
-        loss = aggregate(per_tok_bL, mask, algo["loss_agg"], denominator=denominator)
-        metrics["distill_loss"] = loss.item()
-        out = None
+        distill = aggregate(per_tok_bL, mask * dense, algo["loss_agg"], denominator=denominator)
+        metrics["distill_loss"] = distill.item()
+        loss = loss + distill
         if mb.outcome_advantages_bL is not None:
-            out = policy_loss(logprobs, mb.old_logprobs_bL, mb.outcome_advantages_bL, mask, **pg_kwargs)
+            out = policy_loss(logprobs, mb.old_logprobs_bL, mb.outcome_advantages_bL, mask * dense, **pg_kwargs)
             loss = loss + out.loss
-    if out is not None:
-        metrics["pg_clip_fraction"] = out.clip_fraction.item()
-        metrics["approx_kl"] = out.approx_kl.item()
+            pg_outs.append(out)
+    if pg_outs:
+        metrics["pg_clip_fraction"] = sum(o.clip_fraction.item() for o in pg_outs) / len(pg_outs)
+        metrics["approx_kl"] = sum(o.approx_kl.item() for o in pg_outs) / len(pg_outs)
     return loss, metrics

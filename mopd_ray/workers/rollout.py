@@ -84,7 +84,7 @@ class RolloutWorker:
         for d, r in zip(domains, rewards):
             if not np.isnan(r):
                 by_domain.setdefault(d, []).append(r)
-        meta = {"generate_s": gen_s, "response_tokens": resp_tokens, "rows": len(seqs), "replica": self.replica_index,
+        meta = {"weight_version": self.weight_version, "generate_s": gen_s, "response_tokens": resp_tokens, "rows": len(seqs), "replica": self.replica_index,
                 "finished": int(sum(finished)), "reward_sum_by_domain": {d: float(sum(v)) for d, v in by_domain.items()},
                 "reward_count_by_domain": {d: len(v) for d, v in by_domain.items()}}
         batch = RolloutBatch(

@@ -43,7 +43,7 @@ def test_main_trains_student_against_two_domain_teachers_and_self(artifacts, tmp
         assert sum(kl[-4:]) / 4 < 0.7 * sum(kl[:4]) / 4, (t, kl)
     # self starts at the student: zero KL (up to engine/learner numerics)
     assert abs(rows[0]["teacher/self/reverse_kl"]) < 1e-4
-    assert rows[-1]["weight_version"] == 16
+    assert rows[-1]["weight_version"] == 16 and all(r["rollout/staleness"] == 0 for r in rows)
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(run / "student_final")
@@ -124,7 +124,8 @@ def test_roles_on_different_nodes_of_a_multi_node_cluster(artifacts, tmp_path):
     try:
         ray.init(address=cluster.address, runtime_env={"env_vars": dict(WORKER_ENV)}, log_to_driver=False)
         cfg = compose_cfg(
-            "experiment=local_smoke", f"run.artifacts_dir={artifacts}", "run.total_steps=2", "cluster=ray_cluster",
+            "experiment=local_smoke", f"run.artifacts_dir={artifacts}", "run.total_steps=3", "cluster=ray_cluster",
+            "algorithm=sampled_grpo", "algorithm.max_staleness=1",
             f"cluster.address={cluster.address}", "logging.wandb_mode=disabled", "logging.progress_bar=false",
             "+rollout.custom_resources.rollout_node=1", "+learner.custom_resources.learner_node=1",
             *[f"+teachers.models.{t}.custom_resources.teacher_node=1" for t in ("add_expert", "reverse_expert", "self")],
@@ -133,7 +134,11 @@ def test_roles_on_different_nodes_of_a_multi_node_cluster(artifacts, tmp_path):
 
         prepare_models(cfg)
         last = Orchestrator(cfg, str(tmp_path)).run()
-        assert last["weight_version"] == 2
+        assert last["weight_version"] == 3
+        rows = read_metrics(tmp_path)
+        # next rollout overlapped each update: batches after the first are one version stale
+        assert [r["rollout/staleness"] for r in rows] == [0, 1, 1]
+        assert all("reward/mean" in r for r in rows)
         placement = json.loads((tmp_path / "placement.json").read_text())
         learner_nodes, rollout_nodes = set(placement["learner"]), set(placement["rollout"])
         teacher_nodes = {n for k, v in placement.items() if k.startswith("teacher:") for n in v}

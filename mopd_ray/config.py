@@ -56,7 +56,7 @@ class TeacherConfig:
 
     model_path: Optional[str] = None  # None only for the "self" teacher (a frozen initial student)
     tiny: Optional[TinyModelConfig] = None  # build a tiny teacher at model_path when absent
-    backend: str = "vllm"  # vllm | hf
+    backend: str = "auto"  # vllm | hf | auto (hf for full_vocab, which needs hidden states; vllm otherwise)
     weight: float = 1.0  # coefficient of this teacher's distillation advantage / loss
     signal: Optional[str] = None  # override algorithm.signal for rows routed here
     replicas: int = 1
@@ -257,6 +257,14 @@ def resolved_signal(cfg, teacher_name: str) -> str:
     return t.signal or cfg.algorithm.signal
 
 
+def resolved_backend(cfg, teacher_name: str) -> str:
+    """The scoring backend of a teacher: its own setting, or for "auto" the one its signal needs."""
+    t = cfg.teachers.models[teacher_name]
+    if t.backend != "auto":
+        return t.backend
+    return "hf" if resolved_signal(cfg, teacher_name) == "full_vocab" else "vllm"
+
+
 def validate(cfg: Union[DictConfig, MOPDConfig]) -> None:
     """Check cross-field invariants; raise ConfigError naming the key and the fix."""
     from .algo import (ADVANTAGE_ESTIMATORS, IS_CORRECTIONS, KL_ESTIMATORS, LOSS_AGGREGATIONS,
@@ -300,7 +308,7 @@ def validate(cfg: Union[DictConfig, MOPDConfig]) -> None:
         _fail("teachers.models", "no teacher is defined; add at least one (e.g. teachers=local_tiny)")
     for name, t in ts.models.items():
         key = f"teachers.models.{name}"
-        _check_choice(f"{key}.backend", t.backend, ("vllm", "hf"))
+        _check_choice(f"{key}.backend", t.backend, ("auto", "vllm", "hf"))
         _check_choice(f"{key}.dtype", t.dtype, dtypes)
         _check_choice(f"{key}.hidden_dtype", t.hidden_dtype, dtypes)
         _tiny_ok(f"{key}.tiny", t.tiny)
@@ -320,12 +328,10 @@ def validate(cfg: Union[DictConfig, MOPDConfig]) -> None:
                   f"= {need}; raise it to at least {need}")
         signal = resolved_signal(cfg, name)
         if signal == "topk":
-            if t.backend != "vllm":
-                _fail(f"{key}.backend", f"top-k scoring needs the vllm backend; teacher '{name}' uses {t.backend!r}")
-            if al.topk > t.max_logprobs:
+            if resolved_backend(cfg, name) == "vllm" and al.topk > t.max_logprobs:
                 _fail("algorithm.topk", f"top-k {al.topk} exceeds teacher '{name}' engine limit "
                       f"{key}.max_logprobs={t.max_logprobs}; lower algorithm.topk or raise max_logprobs")
-        if signal == "full_vocab" and t.backend != "hf":
+        if signal == "full_vocab" and resolved_backend(cfg, name) != "hf":
             _fail(f"{key}.backend", f"full_vocab needs last-layer hidden states, which the 'hf' backend returns; "
                   f"set {key}.backend=hf or choose another signal for teacher '{name}'")
     if al.signal == "topk" and al.topk > ro.max_logprobs:

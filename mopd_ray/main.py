@@ -14,7 +14,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from .config import ConfigError, register_configs, resource_demand, resolved_signal, validate
+from .config import ConfigError, register_configs, resolved_backend, resolved_signal, resource_demand, validate
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 log = logging.getLogger("mopd_ray")
@@ -36,7 +36,7 @@ def describe_plan(cfg, model_paths: dict[str, str]) -> str:
         domains = [d for d, tn in cfg.teachers.routing.items() if tn == name]
         if cfg.teachers.default == name:
             domains.append("<default>")
-        lines.append(f"  teacher   {name:<16} {t.replicas} x TP{t.tensor_parallel_size} {t.backend}, "
+        lines.append(f"  teacher   {name:<16} {t.replicas} x TP{t.tensor_parallel_size} {resolved_backend(cfg, name)}, "
                      f"weight={t.weight}, signal={resolved_signal(cfg, name)}, domains={domains or 'none'}, "
                      f"model={model_paths[f'teacher:{name}']}")
     demand = resource_demand(cfg)

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from omegaconf import OmegaConf
 
 from .cluster import ActorGroup, Bundle, get_with_deadline
-from .config import SELF_TEACHER, resolved_signal
+from .config import SELF_TEACHER, resolved_backend, resolved_signal
 from .models.compat import check_compatible, tokenizer_fingerprint
 from .workers.learner import LearnerWorker
 from .workers.rollout import RolloutWorker
@@ -75,7 +75,8 @@ def make_teacher_group(cfg, name: str) -> ActorGroup:
         f"teacher:{name}", TeacherWorker, t.replicas,
         Bundle(t.num_cpus_per_shard * t.tensor_parallel_size, t.num_gpus_per_shard * t.tensor_parallel_size,
                dict(t.custom_resources) or None),
-        init_args=lambda i: ((name, teacher_model_path(cfg, name), _plain(t), i, cfg.model.trust_remote_code), {}),
+        init_args=lambda i: ((name, teacher_model_path(cfg, name), {**_plain(t), "backend": resolved_backend(cfg, name)},
+                              i, cfg.model.trust_remote_code), {}),
         **_common(cfg))
 
 

@@ -38,9 +38,6 @@ def test_every_yaml_file_composes_and_validates(group, option):
     if (group, option) in {("cluster", "ray_cluster"), ("model", "qwen3_4b_base"), ("teachers", "qwen3_math_code"),
                            ("rollout", "vllm_gpu"), ("learner", "zero3_gpu")}:
         overrides = ["experiment=qwen3_math_code", f"{group}={option}"]
-    if (group, option) == ("algorithm", "full_vocab"):
-        overrides += ["teachers.models.add_expert.backend=hf", "teachers.models.reverse_expert.backend=hf",
-                      "teachers.models.self.backend=hf"]
     validate(_compose(overrides))
 
 
@@ -79,7 +76,8 @@ def test_wrong_type_fails():
     (["~teachers.routing.sort"], "teachers.routing", "teachers.routing.sort="),
     (["teachers.default=nobody", "~teachers.routing.sort"], "teachers.default", "not a defined teacher"),
     (["model.tiny.num_heads=4"], "model.tiny.num_heads", "head dim"),
-    (["algorithm.signal=full_vocab"], "backend", "backend=hf"),
+    (["algorithm.signal=full_vocab", "teachers.models.self.backend=vllm"], "teachers.models.self.backend",
+     "backend=hf"),
     (["algorithm.loss_agg=token_avg"], "algorithm.loss_agg", "seq_mean_token_mean"),
     (["cluster.dashboard_host=0.0.0.0"], "cluster.dashboard_host", "loopback"),
     (["teachers.models.add_expert.model_path=null"], "teachers.models.add_expert.model_path", "self"),

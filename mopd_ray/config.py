@@ -193,7 +193,9 @@ class RunConfig:
     name: str = "mopd_local"
     seed: int = 0
     total_steps: int = 20
-    eval_every: int = 10
+    eval_every: int = 10  # evaluate at start, every N steps and at the end (0: never)
+    eval_pass_k: int = 4
+    eval_max_prompts: int = 0  # 0: the whole eval split
     save_every: int = 0  # 0: only at the end
     output_dir: str = "."  # Hydra's run directory by default
     artifacts_dir: str = "artifacts"

@@ -59,6 +59,19 @@ class MetricsLogger:
                                   "tok/s": f"{metrics.get('rollout/tokens_per_s', 0):.0f}",
                                   "loss": f"{metrics.get('loss', float('nan')):.4f}"})
 
+    def log_eval(self, step: int, results: dict) -> dict:
+        """Evaluation results {domain: {accuracy, pass@k, n}} -> eval.jsonl and wandb; returns flat metrics."""
+        flat = {f"eval/{d}/{k}": v for d, r in results.items() for k, v in r.items() if k != "n"}
+        if results:
+            flat["eval/mean_accuracy"] = sum(r["accuracy"] for r in results.values()) / len(results)
+        with (self.path.parent / "eval.jsonl").open("a") as f:
+            f.write(json.dumps({"step": step, "time_s": round(time.time() - self.t0, 3), **flat}) + "\n")
+        if self.wandb is not None:
+            self.wandb.log(flat, step=step)
+        if self.bar is not None:
+            self.bar.write(f"eval @ step {step}: " + ", ".join(f"{d} {r['accuracy']:.2f}" for d, r in sorted(results.items())))
+        return flat
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
@@ -68,8 +81,8 @@ class MetricsLogger:
             self.wandb.finish()
 
 
-def read_metrics(run_dir: str) -> list:
-    p = Path(run_dir) / "metrics.jsonl"
+def read_metrics(run_dir: str, name: str = "metrics.jsonl") -> list:
+    p = Path(run_dir) / name
     return [json.loads(line) for line in p.read_text().splitlines() if line.strip()] if p.exists() else []
 
 

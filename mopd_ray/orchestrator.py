@@ -56,6 +56,7 @@ class Orchestrator:
         self.state = RunState()
         self.driver_fetched_bytes = 0  # what ray.get brought into this process (metadata only)
         self._fetched_at_last_log = 0
+        self.eval_history: list = []  # (step, flat eval metrics)
 
     # ------------------------------------------------------------------ helpers
     def _get(self, refs, what: str):
@@ -133,7 +134,9 @@ class Orchestrator:
         logger = MetricsLogger(self.run_dir, OmegaConf.to_container(cfg, resolve=True), cfg.logging,
                                cfg.run.total_steps, cfg.run.name)
         last: dict = {}
+        self.logger = logger
         try:
+            self._maybe_evaluate(force=True)
             pending = self._launch_rollout(self.state.step)
             while self.state.step < cfg.run.total_steps:
                 step = self.state.step
@@ -153,12 +156,32 @@ class Orchestrator:
                 self.state.sampler = self.sampler.state_dict()
                 logger.log(step, metrics)
                 last = metrics
+                self._maybe_evaluate(force=self.state.step == cfg.run.total_steps)
             self._get(self.roles.learners.call_all("save_pretrained", f"{self.run_dir}/student_final"),
                       "export student")
         finally:
             logger.close()
             self.roles.shutdown()
         return last
+
+    def _maybe_evaluate(self, force: bool = False) -> None:
+        """Greedy accuracy and pass@k on the held-out split, through the rollout engines."""
+        every, step = self.cfg.run.eval_every, self.state.step
+        if every <= 0 or not self.pool.eval or not (force or step % every == 0):
+            return
+        if getattr(self, "_last_eval_step", None) == step:
+            return
+        self._last_eval_step = step
+        from .evaluate import merge_results
+
+        prompts = self.pool.eval
+        if self.cfg.run.eval_max_prompts:
+            prompts = prompts[: self.cfg.run.eval_max_prompts]
+        items = [{"prompt_ids": p["prompt_ids"], "domain": p["domain"], "answer": p.get("answer")} for p in prompts]
+        shards = np.array_split(np.arange(len(items)), len(self.roles.rollout))
+        refs = [a.evaluate.remote([items[j] for j in idx], self.cfg.run.eval_pass_k, self.cfg.run.seed)
+                for a, idx in zip(self.roles.rollout.actors, shards)]
+        self.eval_history.append((step, self.logger.log_eval(step, merge_results(self._get(refs, "evaluate")))))
 
     def _side_metrics(self, pending: PendingRollout, score_meta_refs: list, step_s: float) -> dict:
         """Small numbers the roles report about their own work (never the payloads)."""

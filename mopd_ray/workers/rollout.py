@@ -95,6 +95,12 @@ class RolloutWorker:
             domains=tuple(domains), weight_version=self.weight_version, meta=meta)
         return batch, meta
 
+    def evaluate(self, prompts: list, k: int, seed: int) -> dict:
+        """Greedy accuracy and pass@k per domain under the engine's current weights."""
+        from ..evaluate import evaluate_llm
+
+        return evaluate_llm(self.llm, self.tokenizer, prompts, k, seed, self.cfg["max_new_tokens"])
+
     # ------------------------------------------------------------------ weight sync
     def _load(self, state: dict, version: int) -> None:
         import torch

@@ -44,6 +44,10 @@ def make_llm(model_path: str, *, dtype: str = "float32", max_model_len: int = 25
         kwargs["gpu_memory_utilization"] = gpu_memory_utilization
     else:
         kwargs["kv_cache_memory_bytes"] = kv_cache_memory_bytes
+        # A seeded request whose prefill is split across engine steps fails on CPU ("CPU Generator does
+        # not use offset"): give the scheduler a token budget that holds a whole batch's prefills.
+        kwargs.setdefault("max_num_batched_tokens", 65536)
+        kwargs.setdefault("max_num_seqs", 1024)
         if tensor_parallel_size > 1:
             kwargs["distributed_executor_backend"] = "mp"
     return LLM(**kwargs)

@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import socket
+import time
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -29,7 +30,7 @@ WORKER_ENV = {
     "TOKENIZERS_PARALLELISM": "false",
     "RAY_DEDUP_LOGS": "1",
     "DS_ACCELERATOR": "cpu",
-    "VLLM_LOGGING_LEVEL": "WARNING",
+    "VLLM_LOGGING_LEVEL": "ERROR",
     "TRANSFORMERS_VERBOSITY": "error",
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",
     "HF_HUB_OFFLINE": "1",
@@ -42,6 +43,10 @@ class PlacementError(RuntimeError):
 
 
 class RemoteCallError(RuntimeError):
+    pass
+
+
+class WorkerDiedError(RuntimeError):
     pass
 
 
@@ -115,7 +120,7 @@ class ActorGroup:
 
     def __init__(self, name: str, actor_cls, n: int, bundle: Bundle, *, strategy: str = "PACK",
                  placement_timeout_s: float = 120.0, call_timeout_s: float = 600.0, init_args=None,
-                 runtime_env: Optional[dict] = None, max_restarts: int = 0):
+                 runtime_env: Optional[dict] = None, max_restarts: int = 0, max_task_retries: int = 0):
         self.name = name
         self.call_timeout_s = call_timeout_s
         self.pg = reserve(name, [bundle] * n, strategy, placement_timeout_s)
@@ -125,6 +130,7 @@ class ActorGroup:
             args, kwargs = init_args(i) if init_args else ((), {})
             opts: dict[str, Any] = dict(
                 num_cpus=bundle.cpus, num_gpus=bundle.gpus, name=None, max_restarts=max_restarts,
+                max_task_retries=max_task_retries,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i),
             )
             if bundle.custom:
@@ -149,6 +155,28 @@ class ActorGroup:
         for a in self.actors:
             ray.kill(a, no_restart=True)
         remove_placement_group(self.pg)
+
+
+def gather_fail_fast(refs: list, names: list, what: str, timeout_s: float, hint: str = "") -> list:
+    """Like ray.get on a list, but the first failure or death surfaces at once, with its name.
+
+    ranks of a collective must not wait out a deadline for a peer that already died: waiting on
+    the refs as they finish, the failed one is seen first.
+    """
+    index = {r: i for i, r in enumerate(refs)}
+    pending, deadline = list(refs), time.monotonic() + timeout_s
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+        if not done:
+            raise RemoteCallError(f"{what} did not finish within {timeout_s:g} s (cluster.call_timeout_s) on "
+                                  f"{', '.join(names[index[r]] for r in pending)}. {hint}")
+        try:
+            ray.get(done[0])
+        except ray.exceptions.RayActorError as e:
+            raise WorkerDiedError(f"{names[index[done[0]]]} died during {what} ({type(e).__name__}). {hint}") from None
+        except ray.exceptions.RayTaskError as e:
+            raise RemoteCallError(f"{what} failed on {names[index[done[0]]]}: {e}. {hint}") from None
+    return ray.get(refs)
 
 
 def get_with_deadline(refs, what: str, timeout_s: float):

@@ -15,6 +15,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 # vLLM's CPU attention accepts only these head sizes (PLATFORM.md); GPU backends accept a superset.
 VLLM_CPU_HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 SIGNALS = ("sampled", "topk", "full_vocab")
+RUN_SIGNALS = SIGNALS + ("none",)  # none: no teacher, verifiable rewards only (GRPO; needs alpha > 0)
 SELF_TEACHER = "self"
 
 
@@ -174,7 +175,8 @@ class ClusterConfig:
     dashboard_host: str = "127.0.0.1"
     include_dashboard: bool = True
     placement_timeout_s: float = 120.0
-    call_timeout_s: float = 600.0
+    call_timeout_s: float = 600.0  # deadline of every remote wait: a hung engine is an error, not a hang
+    max_restarts: int = 3  # restarts of a dead rollout or teacher replica (learner ranks fail fast)
     object_store_memory: Optional[int] = None
 
 
@@ -197,10 +199,31 @@ class RunConfig:
     eval_pass_k: int = 4
     eval_max_prompts: int = 0  # 0: the whole eval split
     save_every: int = 0  # 0: only at the end
+    steps_per_launch: int = 0  # stop (with a checkpoint) after this many steps; resume=auto continues (0: off)
     output_dir: str = "."  # Hydra's run directory by default
     artifacts_dir: str = "artifacts"
-    resume: str = "never"  # never | auto | <path>
+    resume: str = "never"  # never | auto (newest complete checkpoint in checkpoint_dir) | <step_NNNNNN path>
+    checkpoint_dir: str = "checkpoints/${run.name}"  # stable across launches, so resume=auto finds it
+    keep_checkpoints: int = 2  # newest complete checkpoints kept (0: all)
+    max_consecutive_skips: int = 3  # non-finite steps in a row before the run stops
     dry_run: bool = False  # build models, print the resolved config and the plan, then stop
+
+
+@dataclass
+class DemoConfig:
+    """The demonstration's bootstrap recipe (mopd_ray.bootstrap) and its comparison runs (mopd_ray.demo)."""
+
+    seed: int = 0
+    model: TinyModelConfig = field(default_factory=lambda: TinyModelConfig(
+        hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=384, seed=0))
+    batch: int = 64
+    base_steps: int = 60
+    base_lr: float = 1e-3
+    teacher_steps: int = 600
+    teacher_lr: float = 1e-3
+    signals: List[str] = field(default_factory=lambda: ["full_vocab", "topk", "sampled"])
+    baselines: bool = True  # single-teacher distillation (the seesaw) and reward-only GRPO
+    single_teacher: str = "add"  # domain whose teacher the seesaw baseline uses for every prompt
 
 
 @dataclass
@@ -214,6 +237,7 @@ class MOPDConfig:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    demo: DemoConfig = field(default_factory=DemoConfig)
 
 
 def register_configs() -> None:
@@ -281,7 +305,9 @@ def validate(cfg: Union[DictConfig, MOPDConfig]) -> None:
         _fail("model.path", "is empty; give a transformers-format model folder")
 
     # algorithm
-    _check_choice("algorithm.signal", al.signal, SIGNALS)
+    _check_choice("algorithm.signal", al.signal, RUN_SIGNALS)
+    if al.signal == "none" and al.alpha <= 0:
+        _fail("algorithm.alpha", "signal 'none' trains on verifiable rewards only: set algorithm.alpha > 0")
     _check_choice("algorithm.advantage", al.advantage, ADVANTAGE_ESTIMATORS.names())
     _check_choice("algorithm.outcome_estimator", al.outcome_estimator, OUTCOME_ESTIMATORS.names())
     _check_choice("algorithm.policy_loss", al.policy_loss, POLICY_LOSSES.names())
@@ -306,7 +332,9 @@ def validate(cfg: Union[DictConfig, MOPDConfig]) -> None:
     _check_positive("algorithm.full_vocab_chunk_size", al.full_vocab_chunk_size)
 
     # teachers and routing
-    if not ts.models:
+    if al.signal == "none":
+        ts = TeachersConfig()  # no teacher takes part: skip their checks
+    elif not ts.models:
         _fail("teachers.models", "no teacher is defined; add at least one (e.g. teachers=local_tiny)")
     for name, t in ts.models.items():
         key = f"teachers.models.{name}"
@@ -345,7 +373,7 @@ def validate(cfg: Union[DictConfig, MOPDConfig]) -> None:
                   f"defined teachers: {', '.join(sorted(ts.models))}")
     if ts.default is not None and ts.default not in ts.models:
         _fail("teachers.default", f"'{ts.default}' is not a defined teacher ({', '.join(sorted(ts.models))})")
-    if da.train_path is None:  # synthetic domains are known now; user data is checked when loaded
+    if da.train_path is None and al.signal != "none":  # synthetic domains are known now; files when loaded
         for domain in da.domains:
             if domain not in ts.routing and ts.default is None:
                 _fail("teachers.routing", f"data domain '{domain}' has no route; add "

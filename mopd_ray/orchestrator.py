@@ -2,14 +2,15 @@
 weights go from actor to actor through the object store and never enter this process.
 
 One step: sample prompts -> rollout shards -> each shard, as soon as it is ready, to the teachers of
-its rows -> learners train on the refs -> weight sync -> metrics. With ``max_staleness=1`` the next
-step's rollout is launched before this step's update, overlapping generation with training.
+its rows -> learners train on the refs -> weight sync -> metrics -> eval / checkpoint every k steps.
+With ``max_staleness=1`` the next step's rollout is launched before this step's update.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,25 +19,34 @@ import numpy as np
 import ray
 from omegaconf import OmegaConf
 
-from .cluster import get_with_deadline, init_ray
+from . import checkpoint as ckpt
+from .cluster import RemoteCallError, gather_fail_fast, get_with_deadline, init_ray
 from .config import resolved_signal
 from .data.prompts import build_prompt_pool, make_sampler
 from .metrics import MetricsLogger
-from .roles import build_roles, student_fingerprint, sync_weights
+from .roles import build_roles, init_broadcast_group, student_fingerprint, sync_weights
 
 log = logging.getLogger(__name__)
 
 
+class NonFiniteStepsError(RuntimeError):
+    pass
+
+
 @dataclass
 class RunState:
-    """Everything a resumable checkpoint must hold, in one place."""
+    """Everything of the driver's that a resumable checkpoint must hold, in one place."""
 
     step: int = 0
     weight_version: int = 0
-    sampler: dict = field(default_factory=dict)
+    sampler: dict = field(default_factory=dict)  # position of the next batch not yet trained on
     rng: dict = field(default_factory=dict)
     teacher_rr: dict = field(default_factory=dict)  # round-robin position per teacher
     rows_trained: int = 0
+    skipped_steps: int = 0
+    consecutive_skips: int = 0
+    rollout_retries: int = 0
+    teacher_restarts: int = 0
 
     def state_dict(self) -> dict:
         return dict(self.__dict__)
@@ -45,6 +55,8 @@ class RunState:
 @dataclass
 class PendingRollout:
     step: int
+    sampler_before: dict  # sampler state before this batch was drawn (what a checkpoint must resume from)
+    shard_items: list  # per shard: the prompt dicts sent (small), to resubmit after a replica restart
     shard_refs: list
     meta_refs: list
     shard_rows: list  # per shard: teacher index of each row (small, known from the prompts)
@@ -53,12 +65,114 @@ class PendingRollout:
 class Orchestrator:
     def __init__(self, cfg, run_dir: str):
         self.cfg, self.run_dir = cfg, run_dir
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
         self.state = RunState()
         self.driver_fetched_bytes = 0  # what ray.get brought into this process (metadata only)
         self._fetched_at_last_log = 0
         self.eval_history: list = []  # (step, flat eval metrics)
+        self.last_checkpoint = None
 
-    # ------------------------------------------------------------------ helpers
+    # ------------------------------------------------------------------ the loop
+    def run(self) -> dict:
+        cfg = self.cfg
+        self._start()
+        last: dict = {}
+        try:
+            self._maybe_evaluate(force=True)
+            stop_at = cfg.run.total_steps
+            if cfg.run.steps_per_launch > 0:  # time-limited allocations: a slice now, resume=auto later
+                stop_at = min(stop_at, self.state.step + cfg.run.steps_per_launch)
+            self.stop_at = stop_at
+            pending = self._launch_rollout(self.state.step) if self.state.step < stop_at else None
+            while self.state.step < stop_at:
+                step, t0 = self.state.step, time.perf_counter()
+                score_refs, score_meta_refs = self._score(pending)
+                current = pending
+                if cfg.algorithm.max_staleness == 1 and step + 1 < stop_at:
+                    pending = self._launch_rollout(step + 1)  # overlaps this update; one version stale
+                metrics = gather_fail_fast(
+                    self.roles.learners.call_all("train_step", current.shard_refs, score_refs, step),
+                    [f"learner rank {i}" for i in range(len(self.roles.learners))], "learner.train_step",
+                    cfg.cluster.call_timeout_s, hint=self._resume_hint())[0]
+                self._count_nonfinite(step, metrics)
+                metrics["weight_sync_s"] = self._sync_weights()
+                self.state.step += 1
+                self.state.rows_trained += int(metrics.pop("rows"))
+                metrics["rows_trained"] = self.state.rows_trained
+                metrics.update(self._side_metrics(current, score_meta_refs, time.perf_counter() - t0))
+                self.logger.log(step, metrics)
+                last = metrics
+                in_flight = pending if pending is not current else None
+                self._maybe_checkpoint(in_flight)
+                if cfg.algorithm.max_staleness == 0 and self.state.step < stop_at:
+                    pending = self._launch_rollout(self.state.step)
+                self._maybe_evaluate(force=self.state.step == stop_at)
+            self._get(self.roles.learners.call_all("save_pretrained", f"{self.run_dir}/student_final"),
+                      "export student")
+        finally:
+            self.logger.close()
+            self.roles.shutdown()
+        return last
+
+    # ------------------------------------------------------------------ start and resume
+    def _start(self) -> None:
+        cfg = self.cfg
+        from transformers import AutoTokenizer
+
+        from .config import resource_demand
+
+        resume_from = ckpt.resolve_resume(cfg.run.resume, cfg.run.checkpoint_dir)
+        tokenizer = AutoTokenizer.from_pretrained(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
+        self.pool = build_prompt_pool(cfg, tokenizer)
+        self.sampler = make_sampler(self.pool, cfg)
+        random.seed(cfg.run.seed)
+        np.random.seed(cfg.run.seed)
+        demand = resource_demand(cfg)
+        init_ray(cfg.cluster, demand["CPU"], gpu=demand["GPU"] > 0)
+        self.roles = build_roles(cfg, student_fingerprint(tokenizer, cfg.model.path))
+        placement = self.roles.placement()
+        (Path(self.run_dir) / "placement.json").write_text(json.dumps(placement, indent=1))
+        log.info("placement (node ids by role): %s", {k: [n[:8] for n in v] for k, v in placement.items()})
+        if resume_from is not None:
+            self._resume(resume_from)
+        elif cfg.run.resume == "auto":
+            log.info("run.resume=auto: no complete checkpoint in %s; starting from step 0", cfg.run.checkpoint_dir)
+        self.logger = MetricsLogger(self.run_dir, OmegaConf.to_container(cfg, resolve=True), cfg.logging,
+                                    cfg.run.total_steps, cfg.run.name)
+        if self.state.step and self.logger.bar is not None:
+            self.logger.bar.update(self.state.step)
+
+    def _resume(self, path: Path) -> None:
+        state = ckpt.load_state(path)
+        log.info("resuming from checkpoint %s (step %d)", path, state["step"])
+        self._get(self.roles.learners.call_all("load_checkpoint", str(path)), "learner.load_checkpoint")
+        self.state = RunState(**{k: v for k, v in state["run_state"].items() if k in RunState.__dataclass_fields__})
+        self.sampler.load_state_dict(self.state.sampler)
+        random.setstate(_tuple_state(state["rng"]["python"]))
+        np.random.set_state(_np_state(state["rng"]["numpy"]))
+        sync_weights(self.cfg, self.roles.learners, self.roles.rollout, self.state.weight_version)
+        self.last_checkpoint = path
+
+    def _resume_hint(self) -> str:
+        where = self.last_checkpoint or f"{self.cfg.run.checkpoint_dir} (none written yet)"
+        return f"resume with run.resume=auto from the newest checkpoint: {where}"
+
+    def _maybe_checkpoint(self, in_flight) -> None:
+        cfg, step = self.cfg, self.state.step
+        if not (step == self.stop_at or (cfg.run.save_every > 0 and step % cfg.run.save_every == 0)):
+            return
+        t0 = time.perf_counter()
+        # the sampler position of the oldest batch not yet trained on (an overlapped rollout is redone)
+        self.state.sampler = in_flight.sampler_before if in_flight is not None else self.sampler.state_dict()
+        tmp = ckpt.begin(cfg.run.checkpoint_dir, step)
+        self._get(self.roles.learners.call_all("save_checkpoint", str(tmp)), "learner.save_checkpoint")
+        state = {"step": step, "run_state": self.state.state_dict(),
+                 "rng": {"python": random.getstate(), "numpy": _np_state_json(np.random.get_state())},
+                 "config": OmegaConf.to_container(cfg, resolve=True)}
+        self.last_checkpoint = ckpt.commit(tmp, step, state, keep=cfg.run.keep_checkpoints)
+        log.info("checkpoint %s written in %.1f s", self.last_checkpoint, time.perf_counter() - t0)
+
+    # ------------------------------------------------------------------ one step's pieces
     def _get(self, refs, what: str):
         out = get_with_deadline(refs, what, self.cfg.cluster.call_timeout_s)
         self.driver_fetched_bytes += len(ray.cloudpickle.dumps(out))
@@ -66,36 +180,47 @@ class Orchestrator:
 
     def _launch_rollout(self, step: int) -> PendingRollout:
         cfg = self.cfg
+        before = self.sampler.state_dict()
         prompts = self.sampler.next_batch()
         n, R = cfg.rollout.n_samples_per_prompt, len(self.roles.rollout)
         base = step * cfg.data.prompts_per_step
         items = [{"prompt_ids": p["prompt_ids"], "domain": p["domain"], "answer": p.get("answer"),
                   "group_id": base + i, "teacher_index": p["teacher_index"]} for i, p in enumerate(prompts)]
-        shards = [s.tolist() for s in np.array_split(np.arange(len(items)), R)]
-        shard_refs, meta_refs, shard_rows = [], [], []
-        for i, idx in enumerate(shards):
-            batch_ref, meta_ref = self.roles.rollout.actors[i].generate.options(num_returns=2).remote(
-                [items[j] for j in idx], step, cfg.run.seed)
-            shard_refs.append(batch_ref)
-            meta_refs.append(meta_ref)
-            shard_rows.append(np.repeat([items[j]["teacher_index"] for j in idx], n))
-        return PendingRollout(step, shard_refs, meta_refs, shard_rows)
+        shard_items = [[items[j] for j in idx] for idx in np.array_split(np.arange(len(items)), R)]
+        pending = PendingRollout(step, before, shard_items, [None] * R, [None] * R,
+                                 [np.repeat([it["teacher_index"] for it in s], n) for s in shard_items])
+        for i in range(R):
+            self._submit_shard(pending, i)
+        return pending
+
+    def _submit_shard(self, pending: PendingRollout, i: int) -> None:
+        batch_ref, meta_ref = self.roles.rollout.actors[i].generate.options(num_returns=2).remote(
+            pending.shard_items[i], pending.step, self.cfg.run.seed)
+        pending.shard_refs[i], pending.meta_refs[i] = batch_ref, meta_ref
 
     def _score(self, pending: PendingRollout) -> tuple:
-        """Send each shard to its rows' teachers as soon as that shard is ready (refs only)."""
+        """Send each shard to its rows' teachers as soon as that shard is ready (refs only).
+
+        A rollout replica that died is restarted by Ray; its shard is generated again after the new
+        replica gets the current weights (same prompts and seeds, so the same rows).
+        """
         score_refs = [[] for _ in pending.shard_refs]
         score_meta_refs = []
-        index = {ref: i for i, ref in enumerate(pending.shard_refs)}
-        waiting = list(pending.shard_refs)
+        waiting = {pending.meta_refs[i]: i for i in range(len(pending.meta_refs))}
         deadline = time.monotonic() + self.cfg.cluster.call_timeout_s
         while waiting:
-            ready, waiting = ray.wait(waiting, num_returns=1, timeout=max(0.0, deadline - time.monotonic()),
-                                      fetch_local=False)
+            ready, _ = ray.wait(list(waiting), num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
             if not ready:
-                from .cluster import RemoteCallError
-
-                raise RemoteCallError(f"rollout.generate did not finish within {self.cfg.cluster.call_timeout_s:g} s")
-            i = index[ready[0]]
+                raise RemoteCallError(f"rollout.generate did not finish within {self.cfg.cluster.call_timeout_s:g} s "
+                                      "(cluster.call_timeout_s)")
+            i = waiting.pop(ready[0])
+            try:
+                ray.get(ready[0])  # the small meta: raises if the replica died
+            except ray.exceptions.RayActorError as e:
+                self._recover_rollout(i, e)
+                self._submit_shard(pending, i)
+                waiting[pending.meta_refs[i]] = i
+                continue
             for t, name in enumerate(self.roles.teacher_names):
                 rows = np.nonzero(pending.shard_rows[i] == t)[0].astype(np.int32)
                 if len(rows) == 0:
@@ -105,10 +230,23 @@ class Orchestrator:
                 self.state.teacher_rr[name] = k + 1
                 signal = resolved_signal(self.cfg, name)
                 scores_ref, meta_ref = group.actors[k % len(group)].score.options(num_returns=2).remote(
-                    ready[0], rows, self.cfg.algorithm.topk if signal == "topk" else 0, signal == "full_vocab")
+                    pending.shard_refs[i], rows, self.cfg.algorithm.topk if signal == "topk" else 0,
+                    signal == "full_vocab")
                 score_refs[i].append(scores_ref)
                 score_meta_refs.append(meta_ref)
         return score_refs, score_meta_refs
+
+    def _recover_rollout(self, i: int, err: Exception) -> None:
+        if self.state.rollout_retries >= self.cfg.cluster.max_restarts * len(self.roles.rollout):
+            raise RuntimeError(f"rollout replica {i} died again after {self.state.rollout_retries} restarts: {err}")
+        self.state.rollout_retries += 1
+        log.warning("rollout replica %d died (%s); waiting for its restart, re-syncing weights, retrying its shard",
+                    i, type(err).__name__)
+        rollout = self.roles.rollout
+        rollout.gather(rollout.call(i, "ready"), "ready after restart")
+        if self.cfg.rollout.weight_sync == "broadcast":
+            init_broadcast_group(self.cfg, self.roles.learners, rollout)  # the group had the dead member
+        sync_weights(self.cfg, self.roles.learners, rollout, self.state.weight_version)
 
     def _sync_weights(self) -> float:
         version = self.state.weight_version + 1
@@ -116,53 +254,22 @@ class Orchestrator:
         self.state.weight_version = version
         return seconds
 
-    # ------------------------------------------------------------------ the loop
-    def run(self) -> dict:
-        cfg = self.cfg
-        from transformers import AutoTokenizer
-
-        from .config import resource_demand
-
-        tokenizer = AutoTokenizer.from_pretrained(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
-        self.pool = build_prompt_pool(cfg, tokenizer)
-        self.sampler = make_sampler(self.pool, cfg)
-        init_ray(cfg.cluster, resource_demand(cfg)["CPU"], gpu=resource_demand(cfg)["GPU"] > 0)
-        self.roles = build_roles(cfg, student_fingerprint(tokenizer, cfg.model.path))
-        placement = self.roles.placement()
-        (Path(self.run_dir) / "placement.json").write_text(json.dumps(placement, indent=1))
-        log.info("placement (node ids by role): %s", {k: [n[:8] for n in v] for k, v in placement.items()})
-        logger = MetricsLogger(self.run_dir, OmegaConf.to_container(cfg, resolve=True), cfg.logging,
-                               cfg.run.total_steps, cfg.run.name)
-        last: dict = {}
-        self.logger = logger
-        try:
-            self._maybe_evaluate(force=True)
-            pending = self._launch_rollout(self.state.step)
-            while self.state.step < cfg.run.total_steps:
-                step = self.state.step
-                t0 = time.perf_counter()
-                score_refs, score_meta_refs = self._score(pending)
-                current = pending
-                if cfg.algorithm.max_staleness == 1 and step + 1 < cfg.run.total_steps:
-                    pending = self._launch_rollout(step + 1)  # overlaps this update; one version stale
-                metrics = self._get(self.roles.learners.call_all("train_step", current.shard_refs, score_refs, step),
-                                    "learner.train_step")[0]
-                metrics["weight_sync_s"] = self._sync_weights()
-                if cfg.algorithm.max_staleness == 0 and step + 1 < cfg.run.total_steps:
-                    pending = self._launch_rollout(step + 1)
-                metrics.update(self._side_metrics(current, score_meta_refs, time.perf_counter() - t0))
-                self.state.step += 1
-                self.state.rows_trained += int(sum(len(r) for r in current.shard_rows))
-                self.state.sampler = self.sampler.state_dict()
-                logger.log(step, metrics)
-                last = metrics
-                self._maybe_evaluate(force=self.state.step == cfg.run.total_steps)
-            self._get(self.roles.learners.call_all("save_pretrained", f"{self.run_dir}/student_final"),
-                      "export student")
-        finally:
-            logger.close()
-            self.roles.shutdown()
-        return last
+    def _count_nonfinite(self, step: int, metrics: dict) -> None:
+        skipped = int(metrics.get("skipped_minibatches", 0))
+        if not skipped:
+            self.state.consecutive_skips = 0
+            return
+        self.state.skipped_steps += 1
+        self.state.consecutive_skips += 1
+        info = metrics.get("nonfinite", {})
+        log.warning("step %d: non-finite values, update skipped (%d in a row): %s", step,
+                    self.state.consecutive_skips, info)
+        if self.state.consecutive_skips >= self.cfg.run.max_consecutive_skips:
+            raise NonFiniteStepsError(
+                f"{self.state.consecutive_skips} steps in a row had non-finite loss or inputs (run.max_consecutive_"
+                f"skips={self.cfg.run.max_consecutive_skips}); last at step {step}, rows of teacher(s) "
+                f"{info.get('teachers')}, batch statistics {info.get('stats')}. Check those teachers' models and "
+                f"payloads, or lower learner.lr; {self._resume_hint()}")
 
     def _maybe_evaluate(self, force: bool = False) -> None:
         """Greedy accuracy and pass@k on the held-out split, through the rollout engines."""
@@ -183,8 +290,20 @@ class Orchestrator:
                 for a, idx in zip(self.roles.rollout.actors, shards)]
         self.eval_history.append((step, self.logger.log_eval(step, merge_results(self._get(refs, "evaluate")))))
 
+    def _count_teacher_restarts(self, scores: list) -> int:
+        """A replica that answers from a new process was restarted by Ray (its calls were retried)."""
+        pids = self.__dict__.setdefault("_teacher_pids", {})
+        for m in scores:
+            key = (m["teacher"], m["replica"])
+            if key in pids and pids[key] != m["pid"]:
+                self.state.teacher_restarts += 1
+            pids[key] = m["pid"]
+        return self.state.teacher_restarts
+
     def _side_metrics(self, pending: PendingRollout, score_meta_refs: list, step_s: float) -> dict:
         """Small numbers the roles report about their own work (never the payloads)."""
+        import psutil
+
         gen = self._get(pending.meta_refs, "rollout meta")
         scores = self._get(score_meta_refs, "teacher meta")
         tokens = sum(m["response_tokens"] for m in gen)
@@ -196,8 +315,10 @@ class Orchestrator:
                "weight_version": self.state.weight_version,
                # how many updates behind the learner the trained rollouts were (0 on-policy, 1 with overlap)
                "rollout/staleness": self.state.weight_version - 1 - min(m["weight_version"] for m in gen),
-               "data/epoch": self.sampler.epoch,
-               "data/consumed": self.sampler.consumed, "data/dropped_too_long": self.pool.dropped_too_long}
+               "data/epoch": self.sampler.epoch, "data/consumed": self.sampler.consumed,
+               "data/dropped_too_long": self.pool.dropped_too_long, "faults/rollout_retries": self.state.rollout_retries,
+               "faults/skipped_steps": self.state.skipped_steps,
+               "faults/teacher_restarts": self._count_teacher_restarts(scores)}
         sums, counts = {}, {}
         for m in gen:
             for d, v in m["reward_sum_by_domain"].items():
@@ -207,8 +328,6 @@ class Orchestrator:
             out[f"reward/{d}"] = sums[d] / counts[d]
         if sums:
             out["reward/mean"] = sum(sums.values()) / sum(counts.values())
-        import psutil
-
         out["driver/fetched_bytes"] = self.driver_fetched_bytes - self._fetched_at_last_log
         out["driver/rss_mb"] = psutil.Process().memory_info().rss / 2**20
         self._fetched_at_last_log = self.driver_fetched_bytes
@@ -220,3 +339,15 @@ class Orchestrator:
             else:
                 log.warning("teacher '%s' got no rows at step %d", name, pending.step)
         return out
+
+
+def _np_state_json(st) -> list:
+    return [st[0], st[1].tolist(), int(st[2]), int(st[3]), float(st[4])]
+
+
+def _np_state(st) -> tuple:
+    return (st[0], np.asarray(st[1], dtype=np.uint32), st[2], st[3], st[4])
+
+
+def _tuple_state(st):
+    return (st[0], tuple(st[1]), st[2])

@@ -49,6 +49,11 @@ def ray_get(refs, timeout_s: float = 120.0):
     return get_with_deadline(refs, "placement query", timeout_s)
 
 
+def active_teachers(cfg) -> list:
+    """Sorted teacher names taking part in the run (none for reward-only training)."""
+    return [] if cfg.algorithm.signal == "none" else sorted(cfg.teachers.models)
+
+
 def teacher_model_path(cfg, name: str) -> str:
     t = cfg.teachers.models[name]
     return cfg.model.path if (name == SELF_TEACHER and not t.model_path) else t.model_path
@@ -66,7 +71,8 @@ def make_rollout_group(cfg) -> ActorGroup:
         Bundle(ro.num_cpus_per_shard * ro.tensor_parallel_size, ro.num_gpus_per_shard * ro.tensor_parallel_size,
                dict(ro.custom_resources) or None),
         init_args=lambda i: ((cfg.model.path, _plain(ro), max_len, i, cfg.model.trust_remote_code), {}),
-        **_common(cfg))
+        # a restarted engine comes back with the initial weights: the driver re-syncs, then retries
+        max_restarts=cfg.cluster.max_restarts, max_task_retries=0, **_common(cfg))
 
 
 def make_teacher_group(cfg, name: str) -> ActorGroup:
@@ -77,7 +83,8 @@ def make_teacher_group(cfg, name: str) -> ActorGroup:
                dict(t.custom_resources) or None),
         init_args=lambda i: ((name, teacher_model_path(cfg, name), {**_plain(t), "backend": resolved_backend(cfg, name)},
                               i, cfg.model.trust_remote_code), {}),
-        **_common(cfg))
+        # teachers are frozen and stateless: Ray restarts a dead replica and retries its calls
+        max_restarts=cfg.cluster.max_restarts, max_task_retries=cfg.cluster.max_restarts, **_common(cfg))
 
 
 def make_learner_group(cfg, teacher_names: list) -> ActorGroup:
@@ -101,7 +108,7 @@ def setup_learners(cfg, learners: ActorGroup) -> list:
 
 def build_roles(cfg, student_fp: dict) -> Roles:
     """Create every group, wait until all engines are up, run the start-up checks, wire weight sync."""
-    teacher_names = sorted(cfg.teachers.models)
+    teacher_names = active_teachers(cfg)
     groups = []
     try:
         rollout = make_rollout_group(cfg)

@@ -45,7 +45,8 @@ def _rows(cfg, split: str, artifacts: Path) -> tuple[list, str]:
 
 
 def build_prompt_pool(cfg, tokenizer) -> PromptPool:
-    teacher_names = sorted(cfg.teachers.models)
+    reward_only = cfg.algorithm.signal == "none"
+    teacher_names = [] if reward_only else sorted(cfg.teachers.models)
     routing, default = dict(cfg.teachers.routing), cfg.teachers.default
     artifacts = Path(cfg.run.artifacts_dir)
     splits = {}
@@ -55,7 +56,8 @@ def build_prompt_pool(cfg, tokenizer) -> PromptPool:
             splits[split] = []
             continue
         rows, source = _rows(cfg, split, artifacts)
-        check_routes(rows, routing, default, source)
+        if not reward_only:
+            check_routes(rows, routing, default, source)
         ids = [render(tokenizer, r["prompt"]) for r in rows]
         kept, n_drop = filter_long_prompts(rows, [len(i) for i in ids], cfg.data.max_prompt_len)
         if n_drop:
@@ -66,8 +68,8 @@ def build_prompt_pool(cfg, tokenizer) -> PromptPool:
         out = []
         for r, i in zip(rows, ids):
             if id(r) in keep_ids:
-                teacher = routing.get(r["domain"], default)
-                out.append({**r, "prompt_ids": i, "teacher_index": teacher_names.index(teacher)})
+                tidx = 0 if reward_only else teacher_names.index(routing.get(r["domain"], default))
+                out.append({**r, "prompt_ids": i, "teacher_index": tidx})
         if split == "train" and not out:
             raise DataError(f"{source}: no prompt fits data.max_prompt_len={cfg.data.max_prompt_len}; raise it")
         splits[split] = out

@@ -120,7 +120,7 @@ class LearnerWorker:
         t0 = time.perf_counter()
         shards: list[RolloutBatch] = ray.get(list(shard_refs))
         scores: list[list[TeacherScores]] = [ray.get(list(refs)) for refs in score_refs]
-        g = _assemble(shards, scores, self.teacher_names)
+        g = _assemble(shards, scores, require_scores=bool(self.teacher_names))
         N, L = g["tokens"].shape
         dev = self.device
         tokens = torch.from_numpy(g["tokens"].astype(np.int64)).to(dev)
@@ -129,8 +129,12 @@ class LearnerWorker:
         rollout_lp = torch.from_numpy(g["rollout_lp"]).to(dev)
         teacher_lp = torch.from_numpy(g["teacher_lp"]).to(dev)
         tidx = torch.from_numpy(g["teacher_index"].astype(np.int64)).to(dev)
-        coef = torch.tensor(self.teacher_weights, dtype=torch.float32, device=dev)[tidx]
-        row_signal = torch.tensor([SIGNAL_IDS[s] for s in self.teacher_signals], device=dev)[tidx]
+        if self.teacher_names:
+            coef = torch.tensor(self.teacher_weights, dtype=torch.float32, device=dev)[tidx]
+            row_signal = torch.tensor([SIGNAL_IDS[s] for s in self.teacher_signals], device=dev)[tidx]
+        else:  # reward-only (GRPO): no distillation term, the outcome advantage alone
+            coef = torch.zeros(N, dtype=torch.float32, device=dev)
+            row_signal = torch.zeros(N, dtype=torch.long, device=dev)
         a = self.algo
         outcome = torch.zeros_like(mask)
         if a["alpha"] > 0 and g["has_reward"].any():
@@ -176,11 +180,13 @@ class LearnerWorker:
             stats[9 + 3 * t] = rev_kl_k3[sel].sum()
         stats[0] = m_mine.sum()
         stats[1] = ((old_lp - rollout_lp).abs()[r_mine].double() * m_mine).sum()
+        stats.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)  # garbage rows are reported, not averaged in
 
         agg = a["loss_agg"]
         sums = {"loss": 0.0, "is_clip_fraction": 0.0, "pg_clip_fraction": 0.0, "approx_kl": 0.0, "distill_loss": 0.0}
         n_micro = 0
         grad_norms = []
+        skipped, nonfinite = 0, None
         for m, rows in enumerate(my_rows):
             lo, hi = m * mini, (m + 1) * mini
             if agg == "token_mean":
@@ -188,7 +194,15 @@ class LearnerWorker:
             else:
                 den_global = float((mask[lo:hi].sum(-1) > 0).sum().item())
             denominator = max(den_global, 1.0) / (self.world_size * self.grad_accum)
+            bad = self._nonfinite_inputs(g, rows, old_lp, mask)
+            if _any_rank(bad is not None):  # garbage in: skip this update on every rank, report why
+                skipped += 1
+                nonfinite = bad or nonfinite or {"teachers": [], "stats": "non-finite on another rank"}
+                continue
+            skip_rest = False
             for s in range(0, len(rows), self.micro):
+                if skip_rest:
+                    break
                 r = torch.from_numpy(rows[s: s + self.micro]).to(dev)
                 logits = self._forward_logits(tokens[r], attn[r])
                 mb = MicroBatch(
@@ -201,6 +215,17 @@ class LearnerWorker:
                     outcome_advantages_bL=outcome[r] if a["alpha"] > 0 else None)
                 loss, mets = micro_batch_loss(logits, mb, a, row_signal[r], denominator, self.teacher_heads,
                                               self.temperature, self.vocab_size)
+                if _any_rank(not bool(torch.isfinite(loss))):
+                    if self.grad_accum > 1 and s > 0:
+                        raise FloatingPointError(
+                            f"non-finite loss at step {step} in the middle of gradient accumulation; raise "
+                            "learner.micro_batch_size to the rows per rank so that such steps can be skipped")
+                    skipped += 1
+                    nonfinite = nonfinite or {"teachers": sorted({self.teacher_names[i] for i in
+                                                                  g["teacher_index"][rows].tolist()}),
+                                              "stats": {"loss": float(loss), "rows": len(rows)}}
+                    skip_rest = True
+                    continue
                 self.engine.backward(loss)
                 self.engine.step()
                 ent = entropy_from_logits(logits)
@@ -209,6 +234,8 @@ class LearnerWorker:
                 for k, v in mets.items():
                     sums[k] = sums.get(k, 0.0) + v
                 n_micro += 1
+            if skip_rest:
+                continue
             gn = self.engine.get_global_grad_norm()
             grad_norms.append(float(gn) if gn is not None else float("nan"))
             self.optimizer_steps += 1
@@ -224,11 +251,15 @@ class LearnerWorker:
             "is_clip_fraction": stats[4].item() / self.world_size,
             "pg_clip_fraction": stats[5].item() / self.world_size,
             "train_rollout_logprob_gap": stats[1].item() / tok,
-            "grad_norm": float(np.mean(grad_norms)),
+            "grad_norm": float(np.mean(grad_norms)) if grad_norms else float("nan"),
             "lr": self.scheduler.get_last_lr()[0],
             "learner_step_s": time.perf_counter() - t0,
             "response_tokens": stats[0].item(),
+            "rows": N,
+            "skipped_minibatches": skipped,
         }
+        if nonfinite:
+            metrics["nonfinite"] = nonfinite
         if any(s != "sampled" for s in self.teacher_signals):
             metrics["distill_loss"] = stats[6].item() / n_mini
         for t, name in enumerate(self.teacher_names):
@@ -241,6 +272,57 @@ class LearnerWorker:
         rk = [stats[8 + 3 * t].item() for t in range(T)]
         metrics["reverse_kl"] = sum(rk) / tok
         return metrics
+
+    def sft_step(self, sequences: list, prompt_lens: list) -> dict:
+        """One supervised step (bootstrap of teachers and the base student): token-mean cross-entropy on
+        the response tokens of every row, rows split across ranks, one optimizer step."""
+        import torch
+
+        from ..batch import pad_sequences
+        from .loss import token_logprobs_from_logits
+
+        n = len(sequences)
+        per = n // self.world_size
+        mine = range(self.rank * per, (self.rank + 1) * per)
+        tokens_all = pad_sequences(sequences, 0)
+        lens = np.array([len(s) for s in sequences])
+        pos = np.arange(tokens_all.shape[1])[None]
+        mask_all = (pos >= np.array(prompt_lens)[:, None]) & (pos < lens[:, None])
+        den = max(float(mask_all.sum()), 1.0) / (self.world_size * self.grad_accum)
+        total = 0.0
+        rows = np.array(list(mine))
+        for s in range(0, len(rows), self.micro):
+            r = rows[s: s + self.micro]
+            tokens = torch.from_numpy(tokens_all[r].astype(np.int64)).to(self.device)
+            attn = torch.from_numpy(pos < lens[r][:, None]).long().to(self.device)
+            mask = torch.from_numpy(mask_all[r]).float().to(self.device)
+            lp = token_logprobs_from_logits(self._forward_logits(tokens, attn), tokens)
+            loss = -(lp * mask).sum() / den
+            self.engine.backward(loss)
+            self.engine.step()
+            total += loss.item() / (self.world_size * self.grad_accum)
+        self.optimizer_steps += 1
+        return {"sft_loss": total}
+
+    def _nonfinite_inputs(self, g: dict, rows: np.ndarray, old_lp, mask) -> Optional[dict]:
+        """None if every input of these rows is finite at response positions, else what was not."""
+        import torch
+
+        m = g["mask"][rows]
+        checks = {"teacher_logprobs": g["teacher_lp"][rows][m], "rollout_logprobs": g["rollout_lp"][rows][m],
+                  "old_logprobs": old_lp[torch.from_numpy(rows)].cpu().numpy()[m]}
+        if g["topk_lp"] is not None:
+            checks["topk_logprobs"] = g["topk_lp"][rows][m]
+        if g["hidden"] is not None:
+            checks["hidden_states"] = g["hidden"][torch.from_numpy(rows)][torch.from_numpy(m)].float().numpy()
+        counts = {k: int((~np.isfinite(v)).sum()) for k, v in checks.items()}
+        if not any(counts.values()):
+            return None
+        bad_rows = rows[~np.isfinite(np.where(g["mask"][rows], g["teacher_lp"][rows], 0)).all(-1)
+                        | ~np.isfinite(np.where(g["mask"][rows], old_lp[torch.from_numpy(rows)].cpu().numpy(), 0)).all(-1)]
+        teachers = sorted({self.teacher_names[i] for i in g["teacher_index"][bad_rows].tolist()}) if self.teacher_names else []
+        return {"teachers": teachers, "stats": {"rows": int(len(rows)), "response_tokens": int(m.sum()),
+                                                "nonfinite_counts": counts, "bad_rows": int(len(bad_rows))}}
 
     # ------------------------------------------------------------------ weights
     def compute_logprobs(self, sequences: list) -> list:
@@ -285,6 +367,20 @@ class LearnerWorker:
         return broadcast_send(self.sync_group, iter_full_params(self.engine.module, self.zero_stage),
                               self.param_metas(), bucket_bytes, is_sender=self.rank == 0)
 
+    def save_checkpoint(self, path: str) -> bool:
+        """DeepSpeed state of this rank (collective) into <path>/learner; rank 0 exports <path>/student."""
+        self.engine.save_checkpoint(f"{path}/learner", tag="state",
+                                    client_state={"optimizer_steps": self.optimizer_steps})
+        self.save_pretrained(f"{path}/student")
+        return True
+
+    def load_checkpoint(self, path: str) -> int:
+        _, client = self.engine.load_checkpoint(f"{path}/learner", tag="state")
+        if client is None:
+            raise RuntimeError(f"rank {self.rank}: no learner state in {path}/learner")
+        self.optimizer_steps = int(client.get("optimizer_steps", 0))
+        return self.optimizer_steps
+
     def save_pretrained(self, path: str) -> Optional[str]:
         """Transformers-format export (safetensors) of the student; all ranks call, rank 0 writes."""
         from ..sync import iter_full_params
@@ -300,7 +396,17 @@ class LearnerWorker:
         return path
 
 
-def _assemble(shards: list, scores: list, teacher_names: list) -> dict:
+def _any_rank(flag: bool) -> bool:
+    """True on every rank if ``flag`` is true on any (so all ranks take the same branch)."""
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor([1.0 if flag else 0.0])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def _assemble(shards: list, scores: list, require_scores: bool = True) -> dict:
     """Concatenate shards into global [N, L] arrays and place each teacher's scores on its rows."""
     import torch
 
@@ -349,7 +455,7 @@ def _assemble(shards: list, scores: list, teacher_names: list) -> dict:
                     hidden = torch.zeros((N, L, h.shape[-1]), dtype=h.dtype)
                 hidden[torch.from_numpy(rows.astype(np.int64)), :Ls] = h
         offset += b.num_rows
-    if not (scored == 1).all():
+    if require_scores and not (scored == 1).all():
         bad = np.nonzero(scored != 1)[0][:8].tolist()
         raise RuntimeError(f"rows {bad} were scored {scored[bad].tolist()} times; every row needs exactly one teacher")
     out.update(teacher_lp=teacher_lp, topk_ids=topk_ids, topk_lp=topk_lp, hidden=hidden)

@@ -80,7 +80,10 @@ class TeacherWorker:
         latency = time.perf_counter() - t0
         scores = TeacherScores(teacher=self.name, rows_R=rows, teacher_logprobs_RL=lp, topk_ids_RLK=ids,
                                topk_logprobs_RLK=tk, hidden_RLH=hs, hidden_dtype=hdt, latency_s=latency)
-        return scores, {"teacher": self.name, "latency_s": latency, "rows": int(len(rows)), "bytes": scores.nbytes()}
+        import os
+
+        return scores, {"teacher": self.name, "latency_s": latency, "rows": int(len(rows)), "bytes": scores.nbytes(),
+                        "replica": self.replica_index, "pid": os.getpid()}
 
     def _score_vllm(self, batch: RolloutBatch, rows: np.ndarray, topk: int):
         from vllm import SamplingParams

@@ -1,0 +1,126 @@
+"""Bootstrap of the demonstration: a weak base student and one specialist teacher per domain, trained
+here with the project's own learner (DeepSpeed ranks on Ray) from a tiny model built from a seed.
+
+The base student is fine-tuned briefly on all domains (it learns the answer format, not the skills);
+each teacher continues from the base on its own domain until it is strong there. Everything is cached
+under ``<artifacts>/demo/seed<N>/`` with a manifest; a later run with the same recipe reuses it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+from omegaconf import OmegaConf
+
+log = logging.getLogger(__name__)
+
+
+def _sft_rows(tokenizer, rows: list, max_prompt_len: int) -> tuple[list, list]:
+    from .data.prompts import render
+
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    seqs, plens = [], []
+    for r in rows:
+        p = render(tokenizer, r["prompt"])
+        if len(p) > max_prompt_len:
+            continue
+        a = tokenizer(r["answer"], add_special_tokens=False)["input_ids"] + [im_end]
+        seqs.append(p + a)
+        plens.append(len(p))
+    return seqs, plens
+
+
+def sft(cfg, init_path: str, out_path: str, rows: list, steps: int, lr: float, batch: int, seed: int) -> list:
+    """Supervised fine-tuning with the learner group; writes a transformers folder. Returns losses."""
+    from transformers import AutoTokenizer
+
+    from .roles import make_learner_group, setup_learners
+
+    tokenizer = AutoTokenizer.from_pretrained(init_path)
+    seqs, plens = _sft_rows(tokenizer, rows, cfg.data.max_prompt_len)
+    c = OmegaConf.merge(cfg, {"model": {"path": init_path}, "learner": {"lr": lr, "min_lr": lr / 10,
+                                                                          "micro_batch_size": batch, "warmup_steps": 0,
+                                                                          "mini_batches_per_step": 1},
+                              "data": {"prompts_per_step": batch}, "rollout": {"n_samples_per_prompt": 1},
+                              "run": {"total_steps": steps, "seed": seed}})
+    learners = make_learner_group(c, [])
+    rng = np.random.default_rng(seed)
+    losses = []
+    try:
+        setup_learners(c, learners)
+        for step in range(steps):
+            idx = rng.choice(len(seqs), size=batch, replace=False)
+            out = learners.gather(learners.call_all("sft_step", [seqs[i] for i in idx], [plens[i] for i in idx]),
+                                  "sft_step")
+            losses.append(out[0]["sft_loss"])
+            if step % 50 == 0 or step == steps - 1:
+                log.info("sft %s step %d/%d loss %.4f", Path(out_path).name, step + 1, steps, losses[-1])
+        tmp = f"{out_path}.tmp"
+        learners.gather(learners.call_all("save_pretrained", tmp), "save_pretrained")
+        if Path(out_path).exists():
+            shutil.rmtree(out_path)
+        Path(tmp).rename(out_path)
+    finally:
+        learners.shutdown()
+    return losses
+
+
+def demo_dir(cfg) -> Path:
+    return Path(cfg.run.artifacts_dir) / "demo" / f"seed{cfg.demo.seed}"
+
+
+def bootstrap(cfg) -> dict:
+    """Build (or reuse) the base student and the specialist teachers. Returns the manifest."""
+    from .cluster import init_ray
+    from .config import resource_demand
+    from .data.domains import generate_split
+    from .evaluate import evaluate_model_dir
+    from .models.tiny import build_tiny_model
+
+    d = cfg.demo
+    out = demo_dir(cfg)
+    recipe = OmegaConf.to_container(d, resolve=True)
+    manifest_path = out / "manifest.json"
+    if manifest_path.exists():
+        manifest = json.loads(manifest_path.read_text())
+        if manifest.get("recipe") == recipe:
+            log.info("bootstrap: reusing %s (built in %.0f s)", out, manifest["seconds"])
+            return manifest
+        log.warning("bootstrap: %s was built from another recipe; rebuilding", out)
+    t0 = time.time()
+    out.mkdir(parents=True, exist_ok=True)
+    init_ray(cfg.cluster, resource_demand(cfg)["CPU"])
+    spec = OmegaConf.to_object(d.model) if not hasattr(d.model, "__dataclass_fields__") else d.model
+    init = build_tiny_model(out / "init", spec, cfg.model.tokenizer_seed)
+    domains = list(cfg.data.domains)
+    train = generate_split(domains, cfg.data.num_train_per_domain, cfg.data.seed, "train")
+    evals = generate_split(domains, cfg.data.num_eval_per_domain, cfg.data.seed, "eval")
+    base = out / "student_base"
+    losses = {"student_base": sft(cfg, str(init), str(base), train, d.base_steps, d.base_lr, d.batch, d.seed)}
+    paths = {"student_base": str(base)}
+    for i, dom in enumerate(domains):
+        rows = [r for r in train if r["domain"] == dom]
+        p = out / f"teacher_{dom}"
+        losses[f"teacher_{dom}"] = sft(cfg, str(base), str(p), rows, d.teacher_steps, d.teacher_lr, d.batch,
+                                       d.seed + 1 + i)
+        paths[f"teacher_{dom}"] = str(p)
+    from transformers import AutoTokenizer
+
+    from .data.prompts import render
+
+    tok = AutoTokenizer.from_pretrained(base)
+    eval_rows = [{**r, "prompt_ids": render(tok, r["prompt"])} for r in evals]
+    accuracy = {}
+    for name, p in paths.items():
+        res = evaluate_model_dir(p, eval_rows, k=0, max_new_tokens=cfg.rollout.max_new_tokens)
+        accuracy[name] = {dom: r["accuracy"] for dom, r in res.items()}
+        log.info("bootstrap: %s accuracy %s", name, accuracy[name])
+    manifest = {"recipe": recipe, "paths": paths, "accuracy": accuracy, "final_sft_loss":
+                {k: v[-1] for k, v in losses.items()}, "seconds": time.time() - t0}
+    manifest_path.write_text(json.dumps(manifest, indent=1))
+    return manifest

@@ -1,0 +1,70 @@
+"""The demonstration's pieces work: bootstrap with the project's learner, every comparison run, the
+table and the plot. Headline numbers belong to the benchmark (benchmarks/run_demo.sh), not here."""
+
+import json
+
+import pytest
+
+from mopd_ray.demo import markdown_table, plot, summarize, variants
+from mopd_ray.evaluate import merge_results, pass_at_k
+
+from ..runtime.conftest import compose_cfg
+
+
+def test_pass_at_k_and_merge():
+    assert pass_at_k(4, 0, 4) == 0.0 and pass_at_k(4, 1, 4) == 1.0
+    assert pass_at_k(10, 3, 1) == pytest.approx(0.3)
+    merged = merge_results([{"add": {"accuracy": 1.0, "n": 3}}, {"add": {"accuracy": 0.0, "n": 1}}])
+    assert merged["add"] == {"accuracy": 0.75, "n": 4}
+
+
+def test_variants_cover_signals_and_baselines():
+    cfg = compose_cfg("experiment=demo")
+    names = [n for n, _ in variants(cfg)]
+    assert names == ["mopd_full_vocab", "mopd_topk", "mopd_sampled", "single_teacher_add", "grpo_rewards_only"]
+    single = dict(variants(cfg))["single_teacher_add"]
+    assert "teachers.routing.sort=add_expert" in single and "teachers.routing.reverse=add_expert" in single
+
+
+def test_summary_table_and_plot(tmp_path):
+    manifest = {"accuracy": {"student_base": {"add": 0.0, "sort": 0.1},
+                             "teacher_add": {"add": 0.9, "sort": 0.0}, "teacher_sort": {"add": 0.0, "sort": 1.0}}}
+    runs = {"mopd_full_vocab": {"eval": [{"step": 0, "eval/add/accuracy": 0.0, "eval/sort/accuracy": 0.1},
+                                         {"step": 10, "eval/add/accuracy": 0.85, "eval/sort/accuracy": 0.95}],
+                                "step_s": 0.5, "wall_s": 10}}
+    s = summarize(manifest, runs, ["add", "sort"])
+    assert s["fraction_of_teacher"]["mopd_full_vocab"]["add"] == pytest.approx(0.85 / 0.9)
+    table = markdown_table(s, ["add", "sort"], 10, 0)
+    assert "| mopd_full_vocab | 85.0 | 95.0 | 90.0 | 0.50 s |" in table and "| teacher_add | 90.0 | 0.0 |" in table
+    plot(runs, s, ["add", "sort"], tmp_path / "p.png")
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow
+def test_bootstrap_and_every_run_of_the_demo(tmp_path):
+    """A miniature demonstration end to end: bootstrap (few SFT steps), then all five runs."""
+    from mopd_ray.demo import run_demo
+
+    overrides = [f"run.artifacts_dir={tmp_path}/art", f"run.output_dir={tmp_path}/out", "demo.base_steps=3",
+                 "demo.teacher_steps=4", "demo.batch=8", "demo.model.hidden_size=64", "demo.model.num_layers=1",
+                 "demo.model.num_heads=2", "demo.model.num_kv_heads=1", "demo.model.intermediate_size=64",
+                 "data.num_train_per_domain=50", "data.num_eval_per_domain=6", "data.prompts_per_step=4",
+                 "rollout.n_samples_per_prompt=2", "learner.micro_batch_size=4", "run.total_steps=2",
+                 "run.eval_every=1", "run.eval_pass_k=2", "cluster.include_dashboard=false",
+                 "logging.wandb_mode=disabled", "logging.progress_bar=false"]
+    summary = run_demo(overrides)
+    manifest = json.loads((tmp_path / "art/demo/seed0/manifest.json").read_text())
+    assert set(manifest["paths"]) == {"student_base", "teacher_add", "teacher_reverse", "teacher_sort"}
+    assert set(summary["final_accuracy"]) >= {"student_before", "teacher_add", "mopd_full_vocab", "mopd_topk",
+                                              "mopd_sampled", "single_teacher_add", "grpo_rewards_only"}
+    results = json.loads((tmp_path / "out/results.json").read_text())
+    for name, run in results["runs"].items():
+        assert [e["step"] for e in run["eval"]] == [0, 1, 2], name
+    assert (tmp_path / "out/accuracy.png").exists() and "mopd_topk" in (tmp_path / "out/results.md").read_text()
+    # a second call reuses the cached bootstrap
+    stamp = (tmp_path / "art/demo/seed0/manifest.json").stat().st_mtime_ns
+    from mopd_ray.bootstrap import bootstrap
+    from mopd_ray.demo import _compose
+
+    bootstrap(_compose(overrides))
+    assert (tmp_path / "art/demo/seed0/manifest.json").stat().st_mtime_ns == stamp

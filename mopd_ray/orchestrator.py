@@ -33,6 +33,10 @@ class NonFiniteStepsError(RuntimeError):
     pass
 
 
+# A replica that died, or is being restarted by Ray, while we waited on it.
+_REPLICA_GONE = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
+
+
 @dataclass
 class RunState:
     """Everything of the driver's that a resumable checkpoint must hold, in one place."""
@@ -60,6 +64,7 @@ class PendingRollout:
     shard_refs: list
     meta_refs: list
     shard_rows: list  # per shard: teacher index of each row (small, known from the prompts)
+    weight_version: int = 0  # weights the engines must hold when they generate this batch
 
 
 class Orchestrator:
@@ -188,7 +193,8 @@ class Orchestrator:
                   "group_id": base + i, "teacher_index": p["teacher_index"]} for i, p in enumerate(prompts)]
         shard_items = [[items[j] for j in idx] for idx in np.array_split(np.arange(len(items)), R)]
         pending = PendingRollout(step, before, shard_items, [None] * R, [None] * R,
-                                 [np.repeat([it["teacher_index"] for it in s], n) for s in shard_items])
+                                 [np.repeat([it["teacher_index"] for it in s], n) for s in shard_items],
+                                 self.state.weight_version)
         for i in range(R):
             self._submit_shard(pending, i)
         return pending
@@ -215,8 +221,11 @@ class Orchestrator:
                                       "(cluster.call_timeout_s)")
             i = waiting.pop(ready[0])
             try:
-                ray.get(ready[0])  # the small meta: raises if the replica died
-            except ray.exceptions.RayActorError as e:
+                meta = ray.get(ready[0])  # the small meta: raises if the replica died
+                if meta["weight_version"] != pending.weight_version:  # restarted with its initial weights
+                    raise ray.exceptions.RayActorError(f"rollout replica {i} holds weight version "
+                                                       f"{meta['weight_version']}, expected {pending.weight_version}")
+            except _REPLICA_GONE as e:
                 self._recover_rollout(i, e)
                 self._submit_shard(pending, i)
                 waiting[pending.meta_refs[i]] = i
@@ -240,17 +249,29 @@ class Orchestrator:
         if self.state.rollout_retries >= self.cfg.cluster.max_restarts * len(self.roles.rollout):
             raise RuntimeError(f"rollout replica {i} died again after {self.state.rollout_retries} restarts: {err}")
         self.state.rollout_retries += 1
-        log.warning("rollout replica %d died (%s); waiting for its restart, re-syncing weights, retrying its shard",
-                    i, type(err).__name__)
+        log.warning("rollout replica %d died or restarted (%s); waiting for it, re-syncing weights, retrying",
+                    i, err)
         rollout = self.roles.rollout
-        rollout.gather(rollout.call(i, "ready"), "ready after restart")
+        deadline = time.monotonic() + self.cfg.cluster.call_timeout_s
+        while not _alive(rollout.actors[i], timeout_s=max(1.0, deadline - time.monotonic())):
+            if time.monotonic() > deadline:
+                raise RemoteCallError(f"rollout replica {i} did not come back within {self.cfg.cluster.call_timeout_s:g} s")
+            time.sleep(1.0)
         if self.cfg.rollout.weight_sync == "broadcast":
             init_broadcast_group(self.cfg, self.roles.learners, rollout)  # the group had the dead member
         sync_weights(self.cfg, self.roles.learners, rollout, self.state.weight_version)
 
     def _sync_weights(self) -> float:
         version = self.state.weight_version + 1
-        seconds = sync_weights(self.cfg, self.roles.learners, self.roles.rollout, version)
+        try:
+            seconds = sync_weights(self.cfg, self.roles.learners, self.roles.rollout, version)
+        except (*_REPLICA_GONE, RemoteCallError) as e:
+            dead = [i for i, a in enumerate(self.roles.rollout.actors) if not _alive(a, timeout_s=5.0)]
+            if not dead:
+                raise
+            self.state.weight_version = version  # the learners' weights are this version now
+            self._recover_rollout(dead[0], e)
+            return 0.0
         self.state.weight_version = version
         return seconds
 
@@ -339,6 +360,14 @@ class Orchestrator:
             else:
                 log.warning("teacher '%s' got no rows at step %d", name, pending.step)
         return out
+
+
+def _alive(actor, timeout_s: float = 30.0) -> bool:
+    try:
+        ray.get(actor.ready.remote(), timeout=timeout_s)
+        return True
+    except Exception:
+        return False
 
 
 def _np_state_json(st) -> list:

@@ -1,0 +1,106 @@
+"""Faults on the real runtime: dead replicas are restarted and their work redone (every row trained
+once), a dead learner rank fails fast with the checkpoint to resume from, hung calls hit a deadline,
+non-finite steps are skipped and then stop the run with the teacher and batch named."""
+
+import threading
+import time
+
+import pytest
+import ray
+
+from mopd_ray.cluster import ActorGroup, Bundle, RemoteCallError, WorkerDiedError
+from mopd_ray.metrics import read_metrics
+from mopd_ray.orchestrator import NonFiniteStepsError, Orchestrator
+
+from .conftest import compose_cfg
+
+pytestmark = pytest.mark.slow
+HF = [f"teachers.models.{t}.backend=hf" for t in ("add_expert", "reverse_expert", "self")]
+COMMON = ["experiment=local_smoke", "data.domains=[add,reverse]", "data.prompts_per_step=4",
+          "rollout.n_samples_per_prompt=2", "learner.micro_batch_size=4", "logging.wandb_mode=disabled",
+          "logging.progress_bar=false", *HF]
+
+
+def _orchestrator(artifacts, run_dir, *overrides):
+    cfg = compose_cfg(f"run.artifacts_dir={artifacts}", f"run.checkpoint_dir={run_dir}/ck", *COMMON, *overrides)
+    return Orchestrator(cfg, str(run_dir))
+
+
+def _kill_at(orch, step, pick):
+    """Kill the actor ``pick(orch)`` once the run has finished ``step`` steps (from another thread)."""
+    def watch():
+        while getattr(orch, "roles", None) is None or orch.state.step < step:
+            time.sleep(0.05)
+        ray.kill(pick(orch), no_restart=False)
+    t = threading.Thread(target=watch, daemon=True)
+    t.start()
+    return t
+
+
+@pytest.mark.parametrize("role", ["teacher", "rollout"])
+def test_dead_replica_is_restarted_and_every_row_trained_once(local_ray, artifacts, tmp_path, role):
+    orch = _orchestrator(artifacts, tmp_path, "run.total_steps=5")
+    pick = (lambda o: o.roles.teachers["add_expert"].actors[0]) if role == "teacher" else \
+        (lambda o: o.roles.rollout.actors[0])
+    _kill_at(orch, 2, pick)
+    last = orch.run()
+    rows = read_metrics(tmp_path)
+    assert [r["step"] for r in rows] == list(range(5))
+    assert last["rows_trained"] == 5 * 4 * 2  # every row of every step, once (the learners count them)
+    if role == "teacher":
+        assert last["faults/teacher_restarts"] >= 1
+    else:
+        assert last["faults/rollout_retries"] >= 1
+        assert all(r["rollout/staleness"] == 0 for r in rows)  # the restarted engine got current weights
+
+
+def test_dead_learner_rank_fails_fast_naming_rank_and_checkpoint(local_ray, artifacts, tmp_path):
+    orch = _orchestrator(artifacts, tmp_path, "run.total_steps=8", "run.save_every=2",
+                         "cluster.call_timeout_s=300")
+    _kill_at(orch, 3, lambda o: o.roles.learners.actors[1])
+    t0 = time.time()
+    with pytest.raises(WorkerDiedError) as e:
+        orch.run()
+    assert time.time() - t0 < 240
+    msg = str(e.value)
+    assert "learner rank 1 died" in msg and "run.resume=auto" in msg and "step_000002" in msg
+
+
+class _Sleeper:
+    def work(self, seconds):
+        time.sleep(seconds)
+        return seconds
+
+
+def test_hung_call_becomes_a_clear_error_at_its_deadline(local_ray):
+    group = ActorGroup("sleeper", _Sleeper, 1, Bundle(0.1), call_timeout_s=2.0)
+    try:
+        assert group.gather(group.call(0, "work", 0.1), "work") == 0.1
+        t0 = time.time()
+        with pytest.raises(RemoteCallError, match=r"sleeper.work did not finish within 2 s \(cluster.call_timeout_s\)"):
+            group.gather(group.call(0, "work", 60), "work")
+        assert time.time() - t0 < 10
+    finally:
+        group.shutdown()
+
+
+def test_nonfinite_steps_are_skipped_then_stop_the_run(local_ray, artifacts, tmp_path):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from mopd_ray.config import TinyModelConfig
+    from mopd_ray.models.tiny import build_tiny_model
+
+    broken = build_tiny_model(tmp_path / "nan_teacher", TinyModelConfig(seed=7))
+    weights = load_file(broken / "model.safetensors")
+    weights["model.norm.weight"] = torch.full_like(weights["model.norm.weight"], float("nan"))
+    save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
+    orch = _orchestrator(artifacts, tmp_path / "run", "run.total_steps=6", "run.max_consecutive_skips=2",
+                         "data.domains=[add]", f"teachers.models.add_expert.model_path={broken}",
+                         "teachers.models.add_expert.tiny=null")
+    with pytest.raises(NonFiniteStepsError) as e:
+        orch.run()
+    msg = str(e.value)
+    assert "2 steps in a row" in msg and "step 1" in msg and "add_expert" in msg and "nonfinite_counts" in msg
+    rows = read_metrics(tmp_path / "run")
+    assert [r["faults/skipped_steps"] for r in rows] == [1]  # step 0 skipped and logged; step 1 stopped the run

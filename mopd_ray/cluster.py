@@ -68,6 +68,13 @@ def init_ray(cluster_cfg, cpu_demand: float = 0.0, gpu: bool = False) -> None:
         log.info("joining Ray cluster at %s", address)
         ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True)
         return
+    # Loopback only: Ray swaps a 127.0.0.1 node address for the machine's public one and binds its
+    # servers to it; its local-only mode (as on macOS) keeps every listener on 127.0.0.1 instead.
+    from ray._private import ray_constants
+
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # inherited by raylet, GCS and workers
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     # Logical CPUs: processes of different roles take turns (rollout, score, train), so local mode
     # may hold more one-thread actors than cores.
     num_cpus = cluster_cfg.num_cpus or max(os.cpu_count() or 1, math.ceil(cpu_demand))

@@ -57,18 +57,27 @@ def run(cfg: DictConfig) -> int:
     from .models.compat import check_local_tokenizers
     from .models.prepare import prepare_models
 
+    from transformers import AutoTokenizer
+
+    from .data.prompts import build_prompt_pool
+
     try:
         model_paths = prepare_models(cfg)
         check_local_tokenizers(cfg)
+        # data problems surface here, before any engine starts (and prompts are rendered once)
+        tokenizer = AutoTokenizer.from_pretrained(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
+        pool = build_prompt_pool(cfg, tokenizer)
     except (FileNotFoundError, ValueError) as e:
         log.error("%s", e)
         return 2
     print(describe_plan(cfg, model_paths))
+    print(f"  data      {len(pool.train)} train / {len(pool.eval)} eval prompts; {pool.dropped_too_long} dropped as "
+          f"longer than data.max_prompt_len={cfg.data.max_prompt_len}")
     if cfg.run.dry_run:
         return 0
     from .orchestrator import Orchestrator
 
-    last = Orchestrator(cfg, str(out)).run()
+    last = Orchestrator(cfg, str(out), pool=pool).run()
     log.info("finished %d steps; last metrics: %s", cfg.run.total_steps,
              {k: round(v, 4) for k, v in last.items() if isinstance(v, float) and "/" not in k})
     return 0

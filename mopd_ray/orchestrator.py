@@ -68,8 +68,8 @@ class PendingRollout:
 
 
 class Orchestrator:
-    def __init__(self, cfg, run_dir: str):
-        self.cfg, self.run_dir = cfg, run_dir
+    def __init__(self, cfg, run_dir: str, pool=None):
+        self.cfg, self.run_dir, self.pool = cfg, run_dir, pool
         Path(run_dir).mkdir(parents=True, exist_ok=True)
         self.state = RunState()
         self.driver_fetched_bytes = 0  # what ray.get brought into this process (metadata only)
@@ -128,7 +128,8 @@ class Orchestrator:
 
         resume_from = ckpt.resolve_resume(cfg.run.resume, cfg.run.checkpoint_dir)
         tokenizer = AutoTokenizer.from_pretrained(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
-        self.pool = build_prompt_pool(cfg, tokenizer)
+        if self.pool is None:
+            self.pool = build_prompt_pool(cfg, tokenizer)
         self.sampler = make_sampler(self.pool, cfg)
         random.seed(cfg.run.seed)
         np.random.seed(cfg.run.seed)

@@ -15,6 +15,32 @@ def _looks_local(path: str) -> bool:
     return path.startswith((".", "/", "~")) or Path(path).exists()
 
 
+def check_model_folder(role: str, path: str, trust_remote_code: bool) -> None:
+    """A causal LM with safetensors weights; anything else is an error that says what is wrong."""
+    import json
+
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    raw = json.loads(Path(path, "config.json").read_text())
+    if raw.get("auto_map") and not trust_remote_code:
+        raise ValueError(f"{role}: model folder {path!r} needs custom code (auto_map in config.json), which is not run "
+                         "unless you set model.trust_remote_code=true; only do that for code you trust")
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (ValueError, KeyError, OSError) as e:
+        raise ValueError(f"{role}: {path!r} is not a model folder transformers can read: {e}") from None
+    archs = config.architectures or []
+    causal_arch = any(a.endswith(("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")) for a in archs)
+    if (config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or (archs and not causal_arch)) \
+            and not trust_remote_code:
+        raise ValueError(f"{role}: {path!r} holds a '{config.model_type}' model ({config.architectures}), not a causal "
+                         "language model; give a decoder-only LM folder (e.g. Qwen2ForCausalLM, LlamaForCausalLM)")
+    if not list(Path(path).glob("*.safetensors")):
+        raise ValueError(f"{role}: {path!r} has no .safetensors weights; pickled checkpoints (.bin/.pt) are not loaded "
+                         "(they can run code): convert with save_pretrained(..., safe_serialization=True)")
+
+
 def prepare_models(cfg) -> dict[str, str]:
     """Return {role: model path} for the student and every teacher, building tiny models as needed."""
     paths = {}
@@ -31,5 +57,7 @@ def prepare_models(cfg) -> dict[str, str]:
         elif _looks_local(path) and not Path(path, "config.json").exists():
             raise FileNotFoundError(f"{role}: model folder {path!r} has no config.json; give a transformers-format "
                                     "folder, or a 'tiny' spec to build one")
+        if Path(path, "config.json").exists():
+            check_model_folder(role, str(path), cfg.model.trust_remote_code)
         paths[role] = str(path)
     return paths

@@ -68,7 +68,8 @@ class LearnerWorker:
         c = self.cfg
         dtype = getattr(torch, c["dtype"])
         model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=torch.float32 if dtype == torch.float32
-                                                     else dtype, trust_remote_code=self.trust_remote_code)
+                                                     else dtype, trust_remote_code=self.trust_remote_code,
+                                                     use_safetensors=True)  # never unpickle weights
         if c["gradient_checkpointing"]:
             model.gradient_checkpointing_enable()
         self.vocab_size = len(AutoTokenizer.from_pretrained(self.model_path, trust_remote_code=self.trust_remote_code))

@@ -43,7 +43,8 @@ class TeacherWorker:
             dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
             self.model = AutoModelForCausalLM.from_pretrained(
-                model_path, dtype=dtype[teacher_cfg["dtype"]], trust_remote_code=trust_remote_code).to(self.device)
+                model_path, dtype=dtype[teacher_cfg["dtype"]], trust_remote_code=trust_remote_code,
+                use_safetensors=True).to(self.device)  # never unpickle weights
             self.model.eval()
 
     def node_id(self) -> str:

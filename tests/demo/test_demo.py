@@ -8,7 +8,7 @@ import pytest
 from mopd_ray.demo import markdown_table, plot, summarize, variants
 from mopd_ray.evaluate import merge_results, pass_at_k
 
-from ..runtime.conftest import compose_cfg
+from ..helpers import compose_cfg
 
 
 def test_pass_at_k_and_merge():

@@ -1,0 +1,69 @@
+"""Local mode listens on loopback only; secrets never reach logs, config dumps or checkpoints."""
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+_LISTENERS = textwrap.dedent("""
+    import json, time, psutil
+    from omegaconf import OmegaConf
+    from mopd_ray.cluster import init_ray
+    from mopd_ray.config import ClusterConfig
+    before = {c.laddr for c in psutil.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN}
+    init_ray(OmegaConf.structured(ClusterConfig(include_dashboard=True)), 2)
+    import ray
+    ray.get(ray.remote(lambda: 1).remote())
+    time.sleep(2)
+    new = sorted({c.laddr.ip for c in psutil.net_connections(kind="inet")
+                  if c.status == psutil.CONN_LISTEN and c.laddr not in before})
+    print(json.dumps({"listen": new, "node": [n["NodeManagerAddress"] for n in ray.nodes()]}))
+    ray.shutdown()
+""")
+
+
+@pytest.mark.slow
+def test_local_mode_listens_on_loopback_only(tmp_path):
+    import json
+
+    script = tmp_path / "listeners.py"
+    script.write_text(_LISTENERS)
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=180, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["node"] == ["127.0.0.1"]
+    assert out["listen"], "no listener seen"
+    assert set(out["listen"]) <= {"127.0.0.1", "::ffff:127.0.0.1", "::1"}, out["listen"]
+
+
+def test_trust_remote_code_is_off_by_default():
+    from mopd_ray.config import MOPDConfig
+
+    assert MOPDConfig().model.trust_remote_code is False
+
+
+@pytest.mark.slow
+def test_wandb_key_never_written(artifacts, tmp_path):
+    secret = "wandb-SECRET-" + os.urandom(6).hex()
+    run = tmp_path / "run"
+    env = {**os.environ, "WANDB_API_KEY": secret, "WANDB_MODE": "offline"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "mopd_ray.main", "experiment=local_smoke", f"run.artifacts_dir={artifacts}",
+         f"hydra.run.dir={run}", f"run.checkpoint_dir={tmp_path}/ck", "run.total_steps=2", "run.save_every=1",
+         "cluster.include_dashboard=false", "logging.wandb_mode=offline",
+         *[f"teachers.models.{t}.backend=hf" for t in ("add_expert", "reverse_expert", "self")]],
+        capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert secret not in proc.stdout + proc.stderr
+    scanned = 0
+    for root in (run, tmp_path / "ck"):
+        for f in root.rglob("*"):
+            if f.is_file():
+                scanned += 1
+                assert secret.encode() not in f.read_bytes(), f
+    assert scanned > 10 and list((tmp_path / "ck").glob("step_*/COMPLETE"))

@@ -1,15 +1,19 @@
-# The two commands: `make run` (main job, local mode) and `make test` (the test suite).
+# The two commands: `make run` (the demonstration, local mode) and `make test` (the test suite).
+# `make run-main` runs one training job (python -m mopd_ray.main) with ARGS as Hydra overrides.
 # Both first run launch/setup_local.sh, which creates .venv and installs everything (seconds when
 # nothing changed). Pass Hydra overrides with ARGS="...", pytest options with PYTEST_ARGS="...".
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: setup run test test-fast lint-docker clean-artifacts
+.PHONY: setup run run-main test test-fast lint-docker clean-artifacts
 
 setup:
 	@bash launch/setup_local.sh
 
 run: setup
+	$(PY) -m mopd_ray.demo $(ARGS)
+
+run-main: setup
 	$(PY) -m mopd_ray.main $(ARGS)
 
 test: setup

@@ -39,7 +39,8 @@ def variants(cfg) -> list:
         expert = cfg.teachers.routing[d.single_teacher]
         route_all = [f"teachers.routing.{dom}={expert}" for dom in cfg.data.domains]
         out.append((f"single_teacher_{d.single_teacher}", [f"algorithm.signal={d.signals[0]}", *route_all]))
-        out.append(("grpo_rewards_only", ["algorithm.signal=none", "algorithm.alpha=1.0"]))
+        groups = [f"data.prompts_per_step={max(1, cfg.data.prompts_per_step // 4)}", "rollout.n_samples_per_prompt=4"]
+        out.append(("grpo_rewards_only", ["algorithm.signal=none", "algorithm.alpha=1.0", *groups]))
     return out
 
 

@@ -5,7 +5,6 @@ import os
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -75,6 +74,19 @@ def test_multirun_sweep_each_in_its_own_dir_and_driver_memory_flat(artifacts, tm
     assert large[-1]["driver/rss_mb"] - large[1]["driver/rss_mb"] < 50
 
 
+def _wait_for_port(port: int, timeout_s: float) -> None:
+    import socket
+
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                time.sleep(3)  # the job API comes up with the dashboard
+                return
+        time.sleep(1)
+    raise TimeoutError(f"the Ray head's dashboard did not open port {port} in {timeout_s} s")
+
+
 def _free_port():
     from mopd_ray.cluster import free_port
 
@@ -87,15 +99,28 @@ def test_ray_job_submit_to_a_loopback_head(artifacts, tmp_path):
     env = {**os.environ, "PATH": f"{venv_bin}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token",
            "RAY_ADDRESS": f"http://127.0.0.1:{dash}", "PYTHON": sys.executable}
     ray_cli = str(Path(venv_bin) / "ray")
-    subprocess.run([ray_cli, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(gcs),
-                    "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--num-cpus", "8",
-                    "--disable-usage-stats"], check=True, env=env, capture_output=True, timeout=180)
+    # --block keeps the head in this process group, so the test stops exactly this cluster
+    # (`ray stop` would stop every Ray instance on the machine).
+    head = subprocess.Popen([ray_cli, "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port",
+                             str(gcs), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
+                             "--num-cpus", "8", "--disable-usage-stats",
+                             # own agent ports: another Ray on this machine may hold the defaults
+                             "--dashboard-agent-listen-port", str(_free_port()),
+                             "--dashboard-agent-grpc-port", str(_free_port()),
+                             "--metrics-export-port", str(_free_port()),
+                             "--runtime-env-agent-port", str(_free_port())], env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
+        _wait_for_port(dash, 180)
         run = tmp_path / "job_run"
-        proc = subprocess.run(
-            ["bash", str(ROOT / "launch" / "submit.sh"), "experiment=local_smoke", f"run.artifacts_dir={artifacts}",
-             f"hydra.run.dir={run}", "run.total_steps=2", "algorithm=full_vocab", "learner=zero3", *FAST],
-            cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        submit = ["bash", str(ROOT / "launch" / "submit.sh"), "experiment=local_smoke",
+                  f"run.artifacts_dir={artifacts}", f"hydra.run.dir={run}", "run.total_steps=2",
+                  "algorithm=full_vocab", "learner=zero3", *FAST]
+        for _ in range(12):  # the head's job agent registers a little after its dashboard opens
+            proc = subprocess.run(submit, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+            if "No available agent" not in proc.stdout + proc.stderr:
+                break
+            time.sleep(5)
         assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
         assert "succeeded" in proc.stdout.lower()
         rows = read_metrics(run)
@@ -104,7 +129,13 @@ def test_ray_job_submit_to_a_loopback_head(artifacts, tmp_path):
         # the job joined the existing cluster rather than starting its own
         assert "joining Ray cluster" in (run / "main.log").read_text()
     finally:
-        subprocess.run([ray_cli, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        import signal
+
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
 
 
 def test_roles_on_different_nodes_of_a_multi_node_cluster(artifacts, tmp_path):

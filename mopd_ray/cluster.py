@@ -80,6 +80,7 @@ def init_ray(cluster_cfg, cpu_demand: float = 0.0, gpu: bool = False) -> None:
     num_cpus = cluster_cfg.num_cpus or max(os.cpu_count() or 1, math.ceil(cpu_demand))
     log.info("starting a local Ray instance on 127.0.0.1 with %d logical CPUs", num_cpus)
     ray.init(
+        address="local",  # always a new instance: never attach to another Ray found on this machine
         num_cpus=num_cpus,
         num_gpus=cluster_cfg.num_gpus,
         _node_ip_address="127.0.0.1",

@@ -8,6 +8,7 @@ under ``<artifacts>/demo/seed<N>/`` with a manifest; a later run with the same r
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import shutil
@@ -76,6 +77,26 @@ def demo_dir(cfg) -> Path:
 
 def bootstrap(cfg) -> dict:
     """Build (or reuse) the base student and the specialist teachers. Returns the manifest."""
+    d = cfg.demo
+    out = demo_dir(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    # One builder at a time per folder: a second demo or study launched beside this one waits, then reuses.
+    with open(out / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _bootstrap_locked(cfg, out, recipe_of(cfg))
+
+
+def recipe_of(cfg) -> dict:
+    """Everything the bootstrap's models and figures depend on (and nothing else, e.g. not demo.signals)."""
+    d, da = cfg.demo, cfg.data
+    keys = ("seed", "model", "batch", "base_steps", "base_lr", "teacher_steps", "teacher_lr")
+    return {"demo": {k: OmegaConf.to_container(d, resolve=True)[k] for k in keys},
+            "data": {"domains": list(da.domains), "num_train_per_domain": da.num_train_per_domain,
+                     "num_eval_per_domain": da.num_eval_per_domain, "seed": da.seed},
+            "tokenizer_seed": cfg.model.tokenizer_seed, "eval_max_new_tokens": cfg.rollout.max_new_tokens}
+
+
+def _bootstrap_locked(cfg, out: Path, recipe: dict) -> dict:
     from .cluster import init_ray
     from .config import resource_demand
     from .data.domains import generate_split
@@ -83,8 +104,6 @@ def bootstrap(cfg) -> dict:
     from .models.tiny import build_tiny_model
 
     d = cfg.demo
-    out = demo_dir(cfg)
-    recipe = OmegaConf.to_container(d, resolve=True)
     manifest_path = out / "manifest.json"
     if manifest_path.exists():
         manifest = json.loads(manifest_path.read_text())
@@ -92,8 +111,8 @@ def bootstrap(cfg) -> dict:
             log.info("bootstrap: reusing %s (built in %.0f s)", out, manifest["seconds"])
             return manifest
         log.warning("bootstrap: %s was built from another recipe; rebuilding", out)
+        manifest_path.unlink()  # the models are about to change: an interrupted rebuild must not look complete
     t0 = time.time()
-    out.mkdir(parents=True, exist_ok=True)
     init_ray(cfg.cluster, resource_demand(cfg)["CPU"])
     spec = OmegaConf.to_object(d.model) if not hasattr(d.model, "__dataclass_fields__") else d.model
     init = build_tiny_model(out / "init", spec, cfg.model.tokenizer_seed)

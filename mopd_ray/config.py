@@ -17,6 +17,7 @@ VLLM_CPU_HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 SIGNALS = ("sampled", "topk", "full_vocab")
 RUN_SIGNALS = SIGNALS + ("none",)  # none: no teacher, verifiable rewards only (GRPO; needs alpha > 0)
 SELF_TEACHER = "self"
+ADVANTAGE_NORMS = ("none", "batch", "teacher", "batch_mean", "teacher_mean")
 
 
 class ConfigError(ValueError):
@@ -128,7 +129,9 @@ class AlgorithmConfig:
     signal: str = "sampled"  # sampled | topk | full_vocab
     advantage: str = "reverse_kl"
     kl_gamma: float = 0.0  # discount of future per-token KL in the sampled advantage (0: per token)
-    normalize_advantages: bool = False
+    # normalise the sampled-token advantages within groups of rows (mean over response tokens):
+    # none | batch | teacher (whiten) | batch_mean | teacher_mean (subtract the mean only: a baseline)
+    normalize_advantages: str = "none"
     alpha: float = 0.0  # weight of the GRPO outcome advantage mixed into the distillation advantage
     outcome_estimator: str = "grpo"  # grpo | grpo_no_std
     policy_loss: str = "ppo_clip"
@@ -221,9 +224,13 @@ class DemoConfig:
     base_lr: float = 1e-3
     teacher_steps: int = 600
     teacher_lr: float = 1e-3
-    signals: List[str] = field(default_factory=lambda: ["full_vocab", "topk", "sampled"])
+    signals: List[str] = field(default_factory=lambda: ["topk", "full_vocab", "sampled"])
+    # extra overrides of the MOPD run of one signal, e.g. {sampled: [algorithm.normalize_advantages=true]}
+    signal_overrides: Dict[str, List[str]] = field(default_factory=dict)
     baselines: bool = True  # single-teacher distillation (the seesaw) and reward-only GRPO
     single_teacher: str = "add"  # domain whose teacher the seesaw baseline uses for every prompt
+    single_teacher_signal: Optional[str] = None  # signal of the seesaw baseline (None: signals[0])
+    grpo_overrides: List[str] = field(default_factory=list)  # e.g. its own learning rate
 
 
 @dataclass
@@ -309,6 +316,7 @@ def validate(cfg: Union[DictConfig, MOPDConfig]) -> None:
     if al.signal == "none" and al.alpha <= 0:
         _fail("algorithm.alpha", "signal 'none' trains on verifiable rewards only: set algorithm.alpha > 0")
     _check_choice("algorithm.advantage", al.advantage, ADVANTAGE_ESTIMATORS.names())
+    _check_choice("algorithm.normalize_advantages", al.normalize_advantages, ADVANTAGE_NORMS)
     _check_choice("algorithm.outcome_estimator", al.outcome_estimator, OUTCOME_ESTIMATORS.names())
     _check_choice("algorithm.policy_loss", al.policy_loss, POLICY_LOSSES.names())
     _check_choice("algorithm.loss_agg", al.loss_agg, LOSS_AGGREGATIONS.names())
@@ -422,6 +430,19 @@ def validate(cfg: Union[DictConfig, MOPDConfig]) -> None:
     if cl.mode == "local" and cl.dashboard_host not in ("127.0.0.1", "localhost", "::1"):
         _fail("cluster.dashboard_host", f"local mode binds to loopback only; got {cl.dashboard_host!r}")
     _check_resources(cfg)
+    _check_demo(cfg)
+
+
+def _check_demo(cfg) -> None:
+    dm = cfg.demo
+    if not dm.signals:
+        _fail("demo.signals", "is empty; name at least one of " + ", ".join(SIGNALS))
+    for s in dm.signals:
+        _check_choice("demo.signals", s, SIGNALS)
+    for s in dm.signal_overrides:
+        _check_choice(f"demo.signal_overrides.{s}", s, SIGNALS)
+    if dm.single_teacher_signal is not None:
+        _check_choice("demo.single_teacher_signal", dm.single_teacher_signal, SIGNALS)
 
 
 def resource_demand(cfg) -> Dict[str, float]:

@@ -2,7 +2,7 @@
 
 1. Bootstrap (cached): a weak base student and one specialist teacher per domain (mopd_ray.bootstrap).
 2. Runs, each from the same base student for the same number of steps, through the same runtime:
-   - MOPD with all domain teachers, once per signal in ``demo.signals`` (full_vocab, topk, sampled);
+   - MOPD with all domain teachers, once per signal in ``demo.signals`` (topk, full_vocab, sampled);
    - single-teacher on-policy distillation: every prompt to one domain expert (the seesaw baseline);
    - GRPO with verifiable rewards only (no teacher).
 3. A table (results.md), the figures (results.json) and a plot (accuracy.png) of held-out per-domain
@@ -34,13 +34,16 @@ def _compose(overrides: list):
 def variants(cfg) -> list:
     """(name, overrides) of every run the demonstration compares."""
     d = cfg.demo
-    out = [(f"mopd_{s}", [f"algorithm.signal={s}"]) for s in d.signals]
+    out = [(f"mopd_{s}", [f"algorithm.signal={s}", *d.signal_overrides.get(s, [])]) for s in d.signals]
     if d.baselines:
+        sig = d.single_teacher_signal or d.signals[0]
         expert = cfg.teachers.routing[d.single_teacher]
         route_all = [f"teachers.routing.{dom}={expert}" for dom in cfg.data.domains]
-        out.append((f"single_teacher_{d.single_teacher}", [f"algorithm.signal={d.signals[0]}", *route_all]))
+        out.append((f"single_teacher_{d.single_teacher}",
+                    [f"algorithm.signal={sig}", *d.signal_overrides.get(sig, []), *route_all]))
         groups = [f"data.prompts_per_step={max(1, cfg.data.prompts_per_step // 4)}", "rollout.n_samples_per_prompt=4"]
-        out.append(("grpo_rewards_only", ["algorithm.signal=none", "algorithm.alpha=1.0", *groups]))
+        out.append(("grpo_rewards_only", ["algorithm.signal=none", "algorithm.alpha=1.0", *groups,
+                                          *d.grpo_overrides]))
     return out
 
 
@@ -99,44 +102,80 @@ def plot(runs: dict, summary: dict, domains: list, path: Path) -> None:
     plt.close(fig)
 
 
-def run_demo(overrides: list) -> dict:
+def run_variants(overrides: list, runs_to_do: list, out: Path) -> dict:
+    """Run every (name, extra overrides) into out/<name>/, each from the same base student.
+
+    A run that already finished with the same overrides (out/<name>/run.json) is reused, so an
+    interrupted demonstration or study continues where it stopped instead of starting again.
+    """
+    from .orchestrator import Orchestrator
+
+    runs = {}
+    for name, extra in runs_to_do:
+        vcfg = _compose([*overrides, *extra, f"run.name={name}"])
+        validate(vcfg)
+        run_dir = out / name
+        record = run_dir / "run.json"
+        want = {"overrides": [*overrides, *extra], "total_steps": vcfg.run.total_steps}
+        if record.exists():
+            done = json.loads(record.read_text())
+            if {k: done.get(k) for k in want} == want:
+                log.info("demo: run %s already finished in %s; reusing it", name, run_dir)
+                runs[name] = {"eval": _read_jsonl(run_dir / "eval.jsonl"), "wall_s": done["wall_s"],
+                              "step_s": done["step_s"], "overrides": extra}
+                continue
+            log.info("demo: %s holds a run with other overrides; running %s again", record, name)
+            record.unlink()
+        if run_dir.exists():  # an unfinished attempt: its logs would mix with the new run's
+            for f in ("metrics.jsonl", "eval.jsonl"):
+                (run_dir / f).unlink(missing_ok=True)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        log.info("demo: run %s (%s)", name, " ".join(extra))
+        t0 = time.time()
+        Orchestrator(vcfg, str(run_dir)).run()
+        steps = _read_jsonl(run_dir / "metrics.jsonl")
+        runs[name] = {"eval": _read_jsonl(run_dir / "eval.jsonl"), "wall_s": time.time() - t0,
+                      "step_s": sum(s["step_s"] for s in steps[1:]) / max(len(steps) - 1, 1), "overrides": extra}
+        record.write_text(json.dumps({**want, "wall_s": runs[name]["wall_s"], "step_s": runs[name]["step_s"]}))
+    return runs
+
+
+def write_report(out: Path, manifest: dict, runs: dict, domains: list, steps: int, seed: int,
+                 command: str) -> dict:
+    summary = summarize(manifest, runs, domains)
+    summary["command"] = command
+    summary["bootstrap_s"] = manifest["seconds"]
+    table = markdown_table(summary, domains, steps, seed)
+    (out / "results.json").write_text(json.dumps({"summary": summary, "runs": runs}, indent=1))
+    (out / "results.md").write_text(table + "\n")
+    plot(runs, summary, domains, out / "accuracy.png")
+    print("\n" + table)
+    print("\nreached, as a fraction of each teacher's accuracy on its own domain:")
+    for name, fr in summary["fraction_of_teacher"].items():
+        print(f"  {name:<28} " + "  ".join(f"{d} {100 * v:.0f}%" for d, v in fr.items()))
+    print(f"\nresults: {out}/results.md, {out}/results.json, {out}/accuracy.png")
+    return summary
+
+
+def prepare(overrides: list):
+    """Compose and validate the demo config, start Ray, bootstrap (cached); returns (cfg, out, manifest)."""
     from .bootstrap import bootstrap
     from .cluster import init_ray
     from .config import resource_demand
-    from .orchestrator import Orchestrator
 
     cfg = _compose(overrides)
     validate(cfg)
     out = Path(cfg.run.output_dir if cfg.run.output_dir != "." else f"outputs/demo/{time.strftime('%Y-%m-%d_%H-%M-%S')}")
     out.mkdir(parents=True, exist_ok=True)
     init_ray(cfg.cluster, resource_demand(cfg)["CPU"])
-    manifest = bootstrap(cfg)
-    domains = list(cfg.data.domains)
-    runs = {}
-    for name, extra in variants(cfg):
-        vcfg = _compose([*overrides, *extra, f"run.name={name}"])
-        validate(vcfg)
-        run_dir = out / name
-        run_dir.mkdir(exist_ok=True)
-        log.info("demo: run %s (%s)", name, " ".join(extra))
-        t0 = time.time()
-        Orchestrator(vcfg, str(run_dir)).run()
-        steps = _read_jsonl(run_dir / "metrics.jsonl")
-        runs[name] = {"eval": _read_jsonl(run_dir / "eval.jsonl"), "wall_s": time.time() - t0,
-                      "step_s": sum(s["step_s"] for s in steps[1:]) / max(len(steps) - 1, 1)}
-    summary = summarize(manifest, runs, domains)
-    summary["command"] = "python -m mopd_ray.demo " + " ".join(overrides)
-    summary["bootstrap_s"] = manifest["seconds"]
-    table = markdown_table(summary, domains, cfg.run.total_steps, cfg.demo.seed)
-    (out / "results.json").write_text(json.dumps({"summary": summary, "runs": runs}, indent=1))
-    (out / "results.md").write_text(table + "\n")
-    plot(runs, summary, domains, out / "accuracy.png")
-    print("\n" + table)
-    print(f"\nMOPD reached, as a fraction of each teacher's accuracy on its own domain:")
-    for name, fr in summary["fraction_of_teacher"].items():
-        print(f"  {name:<28} " + "  ".join(f"{d} {100 * v:.0f}%" for d, v in fr.items()))
-    print(f"\nresults: {out}/results.md, {out}/results.json, {out}/accuracy.png")
-    return summary
+    return cfg, out, bootstrap(cfg)
+
+
+def run_demo(overrides: list) -> dict:
+    cfg, out, manifest = prepare(overrides)
+    runs = run_variants(overrides, variants(cfg), out)
+    return write_report(out, manifest, runs, list(cfg.data.domains), cfg.run.total_steps, cfg.demo.seed,
+                        "python -m mopd_ray.demo " + " ".join(overrides))
 
 
 def main() -> None:

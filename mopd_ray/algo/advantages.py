@@ -128,10 +128,41 @@ def mix_advantages(
     return (distill_BT + alpha * outcome).detach()
 
 
-def normalize_advantages(adv_BT: torch.Tensor, mask_BT: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """Whiten advantages over the batch's response tokens: (A - mean) / (std + eps), masked."""
-    m = mask_BT.to(adv_BT.dtype)
-    n = m.sum().clamp(min=1)
-    mean = (adv_BT * m).sum() / n
-    var = (((adv_BT - mean) * m) ** 2).sum() / n
-    return (((adv_BT - mean) / (var.sqrt() + eps)) * m).detach()
+def advantage_moments(adv_BT: torch.Tensor, mask_BT: torch.Tensor, group_B: torch.Tensor,
+                      n_groups: int) -> torch.Tensor:
+    """[n_groups, 3] float64 (token count, sum, sum of squares) of the advantages of each group's rows.
+
+    Moments rather than means, so data-parallel ranks can sum theirs (all-reduce) before normalising.
+    """
+    m = mask_BT.to(torch.float64)
+    a = adv_BT.to(torch.float64) * m
+    per_row = torch.stack([m.sum(-1), a.sum(-1), (a * a).sum(-1)], dim=-1)  # [B, 3]
+    out = torch.zeros(n_groups, 3, dtype=torch.float64, device=adv_BT.device)
+    return out.index_add_(0, group_B.long(), per_row)
+
+
+def normalize_advantages(adv_BT: torch.Tensor, mask_BT: torch.Tensor, group_B: torch.Tensor | None = None,
+                         moments_G3: torch.Tensor | None = None, scale: bool = True,
+                         eps: float = 1e-8) -> torch.Tensor:
+    """Normalise advantages within groups of rows, over response tokens:
+
+        A_bt <- (A_bt - mean_g) / (std_g + eps)      (``scale=False``: A_bt - mean_g, a baseline only)
+
+    g = group_B[b]; one group (the batch) when ``group_B`` is None. With a group per teacher, the mean
+    is a per-teacher baseline: a teacher far from the student (every sampled token scored -7) no longer
+    pushes every token down, only the tokens scored below that teacher's average; and teachers whose
+    log-ratios differ in scale by orders of magnitude no longer share one scale. ``moments_G3`` are
+    ``advantage_moments`` summed over ranks (default: this batch's own). The std is the population std.
+    """
+    if group_B is None:
+        group_B = torch.zeros(adv_BT.shape[0], dtype=torch.long, device=adv_BT.device)
+    if moments_G3 is None:
+        moments_G3 = advantage_moments(adv_BT, mask_BT, group_B, int(group_B.max().item()) + 1 if len(group_B) else 0)
+    n = moments_G3[:, 0].clamp(min=1)
+    mean_G = moments_G3[:, 1] / n
+    var_G = (moments_G3[:, 2] / n - mean_G ** 2).clamp(min=0)
+    mean = mean_G[group_B.long()][:, None].to(adv_BT.dtype)
+    out = adv_BT - mean
+    if scale:
+        out = out / (var_G.sqrt()[group_B.long()][:, None].to(adv_BT.dtype) + eps)
+    return (out * mask_BT.to(adv_BT.dtype)).detach()

@@ -115,7 +115,8 @@ class LearnerWorker:
         import torch
         import torch.distributed as dist
 
-        from ..algo import OUTCOME_ESTIMATORS, mix_advantages, normalize_advantages, reverse_kl_advantage
+        from ..algo import (OUTCOME_ESTIMATORS, advantage_moments, mix_advantages, normalize_advantages,
+                           reverse_kl_advantage)
         from .loss import SIGNAL_IDS, MicroBatch, entropy_from_logits, micro_batch_loss, token_logprobs_from_logits
 
         t0 = time.perf_counter()
@@ -164,8 +165,15 @@ class LearnerWorker:
                     old_lp[r] = token_logprobs_from_logits(logits, tokens[r], self.temperature)
             self.engine.train()
         distill_adv = reverse_kl_advantage(teacher_lp, old_lp, mask, coef, gamma=a["kl_gamma"])
-        if a["normalize_advantages"]:
-            distill_adv = normalize_advantages(distill_adv, mask)
+        norm = a["normalize_advantages"]
+        if norm != "none":  # moments over every rank's rows, so all ranks normalise alike
+            by_teacher = norm.startswith("teacher")
+            groups = tidx if by_teacher else torch.zeros_like(tidx)
+            r_mine = torch.from_numpy(mine).to(dev)
+            moments = advantage_moments(distill_adv[r_mine], mask[r_mine], groups[r_mine],
+                                        max(len(self.teacher_names), 1) if by_teacher else 1)
+            dist.all_reduce(moments)
+            distill_adv = normalize_advantages(distill_adv, mask, groups, moments, scale=not norm.endswith("_mean"))
 
         # per-teacher statistics over this rank's rows, summed across ranks below
         T = len(self.teacher_names)

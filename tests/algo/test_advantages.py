@@ -5,8 +5,9 @@ import math
 import pytest
 import torch
 
-from mopd_ray.algo import (ADVANTAGE_ESTIMATORS, OUTCOME_ESTIMATORS, discounted_cumsum, grpo_no_std_outcome_advantage,
-                           grpo_outcome_advantage, mix_advantages, reverse_kl_advantage, teacher_coefficients)
+from mopd_ray.algo import (ADVANTAGE_ESTIMATORS, OUTCOME_ESTIMATORS, advantage_moments, discounted_cumsum,
+                           grpo_no_std_outcome_advantage, grpo_outcome_advantage, mix_advantages,
+                           normalize_advantages, reverse_kl_advantage, teacher_coefficients)
 
 
 
@@ -94,3 +95,37 @@ def test_registered_by_name_and_unknown_name_lists_valid_ones():
     assert OUTCOME_ESTIMATORS.get("grpo_no_std") is grpo_no_std_outcome_advantage
     with pytest.raises(KeyError, match="valid names: grpo, grpo_no_std"):
         OUTCOME_ESTIMATORS.get("gpro")
+
+
+@pytest.mark.parametrize("scale", [True, False])
+def test_group_normalisation_matches_loop_reference(scale):
+    """Per-teacher whitening / baseline == a float64 loop over each group's response tokens; moments
+    summed over two 'ranks' (halves of the batch) give the same result as the whole batch's."""
+    g = torch.Generator().manual_seed(3)
+    B, T = 10, 7
+    adv = torch.randn(B, T, generator=g, dtype=torch.float64) * 5 - 3
+    mask = (torch.rand(B, T, generator=g) > 0.3).double()
+    group = torch.tensor([0, 1, 2, 0, 1, 2, 0, 0, 1, 2])
+    ref = torch.zeros_like(adv)
+    for k in range(3):
+        vals = [adv[b, t].item() for b in range(B) for t in range(T) if group[b] == k and mask[b, t]]
+        mu = sum(vals) / len(vals)
+        sd = (sum((v - mu) ** 2 for v in vals) / len(vals)) ** 0.5
+        for b in range(B):
+            for t in range(T):
+                if group[b] == k and mask[b, t]:
+                    ref[b, t] = (adv[b, t] - mu) / (sd + 1e-8) if scale else adv[b, t] - mu
+    out = normalize_advantages(adv, mask, group, scale=scale)
+    torch.testing.assert_close(out, ref)
+    halves = advantage_moments(adv[:5], mask[:5], group[:5], 3) + advantage_moments(adv[5:], mask[5:], group[5:], 3)
+    torch.testing.assert_close(normalize_advantages(adv, mask, group, halves, scale=scale), ref)
+    assert not out.requires_grad and (out[mask == 0] == 0).all()
+    # each group's tokens now average 0 (and have unit std when scaled)
+    for k in range(3):
+        sel = (group[:, None] == k).expand(B, T) & mask.bool()
+        assert abs(out[sel].mean().item()) < 1e-9
+        if scale:
+            assert out[sel].std(unbiased=False).item() == pytest.approx(1.0, abs=1e-6)
+    # one group (the batch) when no groups are given
+    whole = normalize_advantages(adv, mask)
+    assert abs(whole[mask.bool()].mean().item()) < 1e-9

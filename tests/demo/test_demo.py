@@ -21,9 +21,25 @@ def test_pass_at_k_and_merge():
 def test_variants_cover_signals_and_baselines():
     cfg = compose_cfg("experiment=demo")
     names = [n for n, _ in variants(cfg)]
-    assert names == ["mopd_full_vocab", "mopd_topk", "mopd_sampled", "single_teacher_add", "grpo_rewards_only"]
+    assert names == ["mopd_topk", "mopd_full_vocab", "mopd_sampled", "single_teacher_add", "grpo_rewards_only"]
     single = dict(variants(cfg))["single_teacher_add"]
     assert "teachers.routing.sort=add_expert" in single and "teachers.routing.reverse=add_expert" in single
+    # each signal's own settings follow it into the seesaw baseline; GRPO gets its own overrides
+    cfg = compose_cfg("experiment=demo", "+demo.signal_overrides.sampled=['algorithm.kl_gamma=1.0']",
+                      "demo.single_teacher_signal=sampled", "demo.grpo_overrides=['learner.lr=1e-4']")
+    v = dict(variants(cfg))
+    assert v["mopd_sampled"] == ["algorithm.signal=sampled", "algorithm.kl_gamma=1.0"]
+    assert v["single_teacher_add"][:2] == ["algorithm.signal=sampled", "algorithm.kl_gamma=1.0"]
+    assert v["grpo_rewards_only"][-1] == "learner.lr=1e-4"
+
+
+def test_demo_signals_are_checked():
+    from mopd_ray.config import ConfigError, validate
+
+    with pytest.raises(ConfigError, match="demo.signals"):
+        validate(compose_cfg("experiment=demo", "demo.signals=[topk,sampeld]"))
+    with pytest.raises(ConfigError, match="demo.single_teacher_signal"):
+        validate(compose_cfg("experiment=demo", "demo.single_teacher_signal=dense"))
 
 
 def test_summary_table_and_plot(tmp_path):
@@ -69,3 +85,22 @@ def test_bootstrap_and_every_run_of_the_demo(tmp_path):
 
     bootstrap(_compose(overrides))
     assert (tmp_path / "art/demo/seed0/manifest.json").stat().st_mtime_ns == stamp
+    # a second demonstration reuses every finished run (an interrupted one continues where it stopped)
+    records = {p: p.stat().st_mtime_ns for p in (tmp_path / "out").glob("*/run.json")}
+    assert len(records) == 3
+    (tmp_path / "out/grpo_rewards_only/run.json").unlink()  # as if interrupted before it finished
+    again = run_demo(overrides)
+    assert again["final_accuracy"]["mopd_topk"] == summary["final_accuracy"]["mopd_topk"]
+    for p, t in records.items():
+        assert p.exists() and (p.stat().st_mtime_ns == t) == (p.parent.name != "grpo_rewards_only"), p
+
+
+def test_bootstrap_recipe_ignores_comparison_settings():
+    """Changing which runs the demo compares must not rebuild the teachers; changing their recipe must."""
+    from mopd_ray.bootstrap import recipe_of
+
+    base = recipe_of(compose_cfg("experiment=demo"))
+    assert recipe_of(compose_cfg("experiment=demo", "demo.signals=[sampled]", "demo.baselines=false",
+                                 "run.total_steps=7")) == base
+    assert recipe_of(compose_cfg("experiment=demo", "demo.teacher_steps=10")) != base
+    assert recipe_of(compose_cfg("experiment=demo", "data.num_eval_per_domain=7")) != base

@@ -54,7 +54,7 @@ def measured_bytes_per_token(model_dir: str, K: int) -> dict:
     out = {}
     for label, kw in (("sampled", {}), (f"top-{K}", {"topk": K}), ("hidden states (bf16)", {"hidden": True})):
         scores, _ = teacher.score(batch, idx, **kw)
-        extra = scores.teacher_logprobs_RL.nbytes if kw else 0  # the sampled log-probs ride along
+        extra = scores.teacher_logprobs_RT.nbytes if kw else 0  # the sampled log-probs ride along
         out[label] = (scores.nbytes() - extra) / n_tok
     V = teacher.model.config.vocab_size
     out["full logits (bf16, hypothetical)"] = 2 * V * (prompt + resp) / resp

@@ -64,7 +64,7 @@ def main() -> None:
     cfg, out, manifest = prepare(overrides)
     runs = run_variants(overrides, todo, out)
     write_report(out, manifest, runs, list(cfg.data.domains), cfg.run.total_steps, cfg.demo.seed,
-                 "benchmarks/study_sampled.py " + " ".join(sys.argv[1:]))
+                 "benchmarks/study_sampled.py " + " ".join(sys.argv[1:]), cfg.run.seed)
 
 
 if __name__ == "__main__":

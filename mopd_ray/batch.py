@@ -48,20 +48,50 @@ class RolloutBatch:
 
 @dataclass(frozen=True)
 class TeacherScores:
-    """One teacher's scores for some rows of one rollout shard."""
+    """One teacher's scores for some rows of one rollout shard, at response positions only.
+
+    Column t of a ``*_RT*`` array is token position ``start_R[r] + t`` of row ``rows_R[r]`` (start is
+    the row's prompt length); T is the longest response among the rows, shorter rows are zero-padded.
+    Prompt positions carry no signal and are not shipped (prompts are often most of a sequence).
+    """
 
     teacher: str
     rows_R: np.ndarray  # int32 indices into the shard's rows
-    teacher_logprobs_RL: np.ndarray  # float32, log pi_T(tokens[l] | tokens[<l]) at response positions
-    topk_ids_RLK: Optional[np.ndarray] = None  # int32, teacher's top-k ids per position (signal topk)
-    topk_logprobs_RLK: Optional[np.ndarray] = None  # float32
-    hidden_RLH: Optional[np.ndarray] = None  # last-layer hidden states (signal full_vocab), compact dtype
+    start_R: np.ndarray  # int32 token position of column 0 (the row's prompt length)
+    teacher_logprobs_RT: np.ndarray  # float32, log pi_T(tokens[l] | tokens[<l]) at l = start + t
+    topk_ids_RTK: Optional[np.ndarray] = None  # int32, teacher's top-k ids per position (signal topk)
+    topk_logprobs_RTK: Optional[np.ndarray] = None  # float32
+    hidden_RTH: Optional[np.ndarray] = None  # last-layer hidden state predicting token l (full_vocab), compact dtype
     hidden_dtype: Optional[str] = None  # "bfloat16" hidden states travel as uint16 bit patterns
     latency_s: float = 0.0
 
     def nbytes(self) -> int:
-        return sum(a.nbytes for a in (self.rows_R, self.teacher_logprobs_RL, self.topk_ids_RLK,
-                                      self.topk_logprobs_RLK, self.hidden_RLH) if a is not None)
+        return sum(a.nbytes for a in (self.rows_R, self.start_R, self.teacher_logprobs_RT, self.topk_ids_RTK,
+                                      self.topk_logprobs_RTK, self.hidden_RTH) if a is not None)
+
+    def positions(self, L: int) -> tuple:
+        """(row, pos, valid): [R, T] token positions of every column and whether they fall inside L."""
+        T = self.teacher_logprobs_RT.shape[1]
+        pos = self.start_R[:, None].astype(np.int64) + np.arange(T)[None, :]
+        return np.broadcast_to(np.arange(len(self.rows_R))[:, None], pos.shape), pos, pos < L
+
+    def to_positions(self, arr_RT: np.ndarray, L: int, fill=0) -> np.ndarray:
+        """A ``*_RT*`` array placed back at token positions: [R, L, ...], ``fill`` elsewhere."""
+        out = np.full((arr_RT.shape[0], L, *arr_RT.shape[2:]), fill, dtype=arr_RT.dtype)
+        r, pos, ok = self.positions(L)
+        out[r[ok], pos[ok]] = arr_RT[ok]
+        return out
+
+
+def response_windows(dense_RL: np.ndarray, start_R: np.ndarray, T: int) -> np.ndarray:
+    """Cut [R, T, ...] windows starting at ``start_R`` out of [R, L, ...] (zeros past L)."""
+    R, L = dense_RL.shape[:2]
+    pos = start_R[:, None].astype(np.int64) + np.arange(T)[None, :]
+    ok = pos < L
+    out = np.zeros((R, T, *dense_RL.shape[2:]), dtype=dense_RL.dtype)
+    rr = np.broadcast_to(np.arange(R)[:, None], pos.shape)
+    out[ok] = dense_RL[rr[ok], pos[ok]]
+    return out
 
 
 def pad_sequences(seqs: list, pad_id: int, length: Optional[int] = None, dtype=np.int32) -> np.ndarray:

@@ -66,8 +66,9 @@ def summarize(manifest: dict, runs: dict, domains: list) -> dict:
             "wall_s": {name: r["wall_s"] for name, r in runs.items()}}
 
 
-def markdown_table(summary: dict, domains: list, steps: int, seed: int) -> str:
-    head = f"| model ({steps} steps, seed {seed}) | " + " | ".join(domains) + " | mean | step time |"
+def markdown_table(summary: dict, domains: list, steps: int, seed: int, run_seed: int = 0) -> str:
+    head = (f"| model ({steps} steps, bootstrap seed {seed}, run seed {run_seed}) | " + " | ".join(domains)
+            + " | mean | step time |")
     lines = [head, "|" + "---|" * (len(domains) + 3)]
     for name, accs in summary["final_accuracy"].items():
         vals = [accs.get(d) for d in domains]
@@ -141,11 +142,12 @@ def run_variants(overrides: list, runs_to_do: list, out: Path) -> dict:
 
 
 def write_report(out: Path, manifest: dict, runs: dict, domains: list, steps: int, seed: int,
-                 command: str) -> dict:
+                 command: str, run_seed: int = 0) -> dict:
     summary = summarize(manifest, runs, domains)
     summary["command"] = command
     summary["bootstrap_s"] = manifest["seconds"]
-    table = markdown_table(summary, domains, steps, seed)
+    summary["seeds"] = {"bootstrap (demo.seed)": seed, "run (run.seed)": run_seed}
+    table = markdown_table(summary, domains, steps, seed, run_seed)
     (out / "results.json").write_text(json.dumps({"summary": summary, "runs": runs}, indent=1))
     (out / "results.md").write_text(table + "\n")
     plot(runs, summary, domains, out / "accuracy.png")
@@ -175,7 +177,7 @@ def run_demo(overrides: list) -> dict:
     cfg, out, manifest = prepare(overrides)
     runs = run_variants(overrides, variants(cfg), out)
     return write_report(out, manifest, runs, list(cfg.data.domains), cfg.run.total_steps, cfg.demo.seed,
-                        "python -m mopd_ray.demo " + " ".join(overrides))
+                        "python -m mopd_ray.demo " + " ".join(overrides), cfg.run.seed)
 
 
 def main() -> None:

@@ -77,4 +77,7 @@ def build_prompt_pool(cfg, tokenizer) -> PromptPool:
 
 
 def make_sampler(pool: PromptPool, cfg) -> PromptSampler:
-    return PromptSampler(pool.train, cfg.data.prompts_per_step, cfg.data.seed, cfg.data.shuffle)
+    """data.seed fixes the dataset (splits); the order prompts are drawn in also follows run.seed, so
+    runs with another run.seed see the same data in another order."""
+    return PromptSampler(pool.train, cfg.data.prompts_per_step, cfg.data.seed * 100_003 + cfg.run.seed,
+                         cfg.data.shuffle)

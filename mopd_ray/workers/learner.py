@@ -447,22 +447,23 @@ def _assemble(shards: list, scores: list, require_scores: bool = True) -> dict:
     offset = 0
     for b, s_list in zip(shards, scores):
         for s in s_list:
-            rows = offset + s.rows_R
-            Ls = s.teacher_logprobs_RL.shape[1]
-            teacher_lp[rows, :Ls] = s.teacher_logprobs_RL
-            scored[rows] += 1
-            if s.topk_ids_RLK is not None:
+            r, pos, ok = s.positions(L)
+            ok = ok & (np.arange(pos.shape[1])[None, :] < b.response_lens_B[s.rows_R][:, None])
+            rr, pp = offset + s.rows_R[r[ok]], pos[ok]
+            teacher_lp[rr, pp] = s.teacher_logprobs_RT[ok]
+            scored[offset + s.rows_R] += 1
+            if s.topk_ids_RTK is not None:
                 if topk_ids is None:
-                    K = s.topk_ids_RLK.shape[-1]
+                    K = s.topk_ids_RTK.shape[-1]
                     topk_ids = np.zeros((N, L, K), np.int32)
                     topk_lp = np.full((N, L, K), -1e4, np.float32)
-                topk_ids[rows, :Ls] = s.topk_ids_RLK
-                topk_lp[rows, :Ls] = np.maximum(s.topk_logprobs_RLK, -1e4)
-            if s.hidden_RLH is not None:
-                h = expand_hidden(s.hidden_RLH, s.hidden_dtype)
+                topk_ids[rr, pp] = s.topk_ids_RTK[ok]
+                topk_lp[rr, pp] = np.maximum(s.topk_logprobs_RTK[ok], -1e4)
+            if s.hidden_RTH is not None:
+                h = expand_hidden(s.hidden_RTH, s.hidden_dtype)
                 if hidden is None:
                     hidden = torch.zeros((N, L, h.shape[-1]), dtype=h.dtype)
-                hidden[torch.from_numpy(rows.astype(np.int64)), :Ls] = h
+                hidden[torch.from_numpy(rr.astype(np.int64)), torch.from_numpy(pp)] = h[torch.from_numpy(ok)]
         offset += b.num_rows
     if require_scores and not (scored == 1).all():
         bad = np.nonzero(scored != 1)[0][:8].tolist()

@@ -5,9 +5,10 @@ Backends:
   sampled token (``prompt_logprobs=k``); tensor-parallel inside the replica.
 - ``hf``: a transformers forward; also returns last-layer hidden states for the full-vocabulary signal.
 
-Scores are aligned with the rollout batch: position l of ``teacher_logprobs_RL`` is log pi_T(tokens[l]
-| tokens[<l]) and ``hidden_RLH[l]`` is the teacher's final hidden state at l - 1 (the one that
-predicts token l), so learner-side ``hidden @ W_T`` gives exactly the teacher's logits for token l.
+Scores cover response positions only (TeacherScores): column t of a row is token position l = prompt
+length + t; ``teacher_logprobs_RT[t]`` is log pi_T(tokens[l] | tokens[<l]) and ``hidden_RTH[t]`` is the
+teacher's final hidden state at l - 1 (the one that predicts token l), so learner-side ``hidden @ W_T``
+gives exactly the teacher's logits for token l.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Optional
 
 import numpy as np
 
-from ..batch import RolloutBatch, TeacherScores
+from ..batch import RolloutBatch, TeacherScores, response_windows
 
 
 class TeacherWorker:
@@ -78,9 +79,14 @@ class TeacherWorker:
             hs, hdt = None, None
         else:
             lp, ids, tk, hs, hdt = self._score_hf(batch, rows, topk, hidden)
+        # ship response positions only: [R, T] windows from each row's prompt length
+        start = batch.prompt_lens_B[rows].astype(np.int32)
+        T = int(batch.response_lens_B[rows].max()) if len(rows) else 0
+        cut = (lambda a: None if a is None else response_windows(a, start, T))
         latency = time.perf_counter() - t0
-        scores = TeacherScores(teacher=self.name, rows_R=rows, teacher_logprobs_RL=lp, topk_ids_RLK=ids,
-                               topk_logprobs_RLK=tk, hidden_RLH=hs, hidden_dtype=hdt, latency_s=latency)
+        scores = TeacherScores(teacher=self.name, rows_R=rows, start_R=start, teacher_logprobs_RT=cut(lp),
+                               topk_ids_RTK=cut(ids), topk_logprobs_RTK=cut(tk), hidden_RTH=cut(hs),
+                               hidden_dtype=hdt, latency_s=latency)
         import os
 
         return scores, {"teacher": self.name, "latency_s": latency, "rows": int(len(rows)), "bytes": scores.nbytes(),

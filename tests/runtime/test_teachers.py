@@ -26,6 +26,12 @@ def _batch():
                         np.full(3, np.nan, np.float32), np.ones(3, bool), ("add", "reverse", "reverse"))
 
 
+def _dense(scores, name, L):
+    """A TeacherScores field back at token positions, [R, L, ...]."""
+    arr = getattr(scores, name + ("_RT" if name == "teacher_logprobs" else "_RTK"))
+    return scores.to_positions(arr, L)
+
+
 def _score(group, batch, rows, topk=0, hidden=False):
     ref = ray.put(batch)
     scores, meta = group.gather(group.actors[0].score.options(num_returns=2).remote(ref, rows, topk, hidden))
@@ -51,14 +57,16 @@ def test_sharded_teacher_scores_equal_unsharded_and_hf(local_ray, artifacts):
         finally:
             group.shutdown()
     mask = batch.response_mask_BL()[rows]
-    assert mask.sum() > 0 and (out["tp1"].teacher_logprobs_RL[mask] < 0).all()
-    np.testing.assert_allclose(out["tp2"].teacher_logprobs_RL, out["tp1"].teacher_logprobs_RL, atol=1e-4)
-    np.testing.assert_allclose(out["hf"].teacher_logprobs_RL, out["tp1"].teacher_logprobs_RL, atol=1e-4)
+    L = mask.shape[1]
+    assert out["tp1"].teacher_logprobs_RT.shape[1] == batch.response_lens_B[rows].max()  # prompts not shipped
+    assert mask.sum() > 0 and (_dense(out["tp1"], "teacher_logprobs", L)[mask] < 0).all()
+    np.testing.assert_allclose(_dense(out["tp2"], "teacher_logprobs", L), _dense(out["tp1"], "teacher_logprobs", L), atol=1e-4)
+    np.testing.assert_allclose(_dense(out["hf"], "teacher_logprobs", L), _dense(out["tp1"], "teacher_logprobs", L), atol=1e-4)
     # top-k: same ids and log-probs from the vLLM engine (sharded or not) and the transformers forward
     for label in ("tp2", "hf"):
-        np.testing.assert_array_equal(out[label].topk_ids_RLK[mask], out["tp1"].topk_ids_RLK[mask])
-        np.testing.assert_allclose(out[label].topk_logprobs_RLK[mask], out["tp1"].topk_logprobs_RLK[mask], atol=1e-4)
-    assert np.all(np.diff(out["tp1"].topk_logprobs_RLK[mask], axis=-1) <= 1e-6)  # sorted by rank
+        np.testing.assert_array_equal(_dense(out[label], "topk_ids", L)[mask], _dense(out["tp1"], "topk_ids", L)[mask])
+        np.testing.assert_allclose(_dense(out[label], "topk_logprobs", L)[mask], _dense(out["tp1"], "topk_logprobs", L)[mask], atol=1e-4)
+    assert np.all(np.diff(_dense(out["tp1"], "topk_logprobs", L)[mask], axis=-1) <= 1e-6)  # sorted by rank
 
 
 def test_tokenizer_mismatch_names_both_models(tmp_path):

@@ -27,8 +27,8 @@ def _synthetic_batch(n_rows: int, seed: int):
     batch = RolloutBatch(tokens, plens, rlens, lp.astype(np.float32), np.arange(n_rows) // 2,
                          np.zeros(n_rows, np.int32), np.full(n_rows, np.nan, np.float32), np.ones(n_rows, bool),
                          tuple(["add"] * n_rows))
-    teacher_lp = np.where(batch.response_mask_BL(), -0.1, 0).astype(np.float32)
-    return batch, TeacherScores("add_expert", np.arange(n_rows, dtype=np.int32), teacher_lp)
+    teacher_lp = np.full((n_rows, int(rlens.max())), -0.1, np.float32)  # response positions only
+    return batch, TeacherScores("add_expert", np.arange(n_rows, dtype=np.int32), plens.copy(), teacher_lp)
 
 
 @pytest.fixture(scope="module")

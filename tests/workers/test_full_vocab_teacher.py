@@ -11,7 +11,8 @@ from transformers import AutoModelForCausalLM
 
 from mopd_ray.algo import full_vocab_reverse_kl, reverse_kl_from_logits
 from mopd_ray.batch import RolloutBatch, pad_sequences
-from mopd_ray.workers.teacher import TeacherWorker, expand_hidden
+from mopd_ray.workers.learner import _assemble
+from mopd_ray.workers.teacher import TeacherWorker
 
 SEQS = [[1, 298, 201, 67, 70, 70, 19, 20, 2, 201, 1, 275, 307, 201, 21, 22, 2],
         [1, 298, 201, 80, 33, 34, 35, 2, 201, 1, 275, 307, 201, 35, 34, 33, 2, 201]]
@@ -33,7 +34,12 @@ def test_loss_and_gradient_equal_those_from_teacher_logits(tiny_model_dir, tiny_
     scores, meta = teacher.score(batch, np.array([0, 1], np.int32), topk=0, hidden=True)
     assert meta["bytes"] == scores.nbytes() and scores.hidden_dtype == hidden_dtype
     w, b = teacher.output_head()
-    hidden = expand_hidden(scores.hidden_RLH, scores.hidden_dtype).float()
+    # response positions only are shipped; the learner's assembly puts them back at token positions
+    assert scores.hidden_RTH.shape[1] == batch.response_lens_B.max()
+    g = _assemble([batch], [[scores]], require_scores=True)
+    hidden = g["hidden"].float()
+    assert hidden.shape[:2] == batch.tokens_BL.shape
+    np.testing.assert_array_equal(hidden.abs().sum(-1).numpy() > 0, batch.response_mask_BL())
 
     student = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     ref_teacher = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)

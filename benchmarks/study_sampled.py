@@ -9,12 +9,13 @@ held-out greedy accuracy and a plot of every run's curves side by side.
     .venv/bin/python benchmarks/study_sampled.py [--only a,b] [--out DIR] [Hydra overrides ...]
 
 Runs that already finished in --out with the same overrides are reused, so the study can be split
-over several launches (``--only``) and assembled by a last launch without ``--only``.
+over several launches (``--only``) and assembled by ``--report``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
@@ -52,6 +53,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", default="", help="comma-separated run names (default: all)")
     ap.add_argument("--out", default="outputs/study_sampled")
+    ap.add_argument("--report", action="store_true", help="only assemble the table and plot of finished runs")
     ap.add_argument("overrides", nargs="*", help="Hydra overrides for every run (e.g. run.total_steps=800)")
     args = ap.parse_args()
     names = [n for n, _ in STUDY]
@@ -61,8 +63,21 @@ def main() -> None:
         ap.error(f"--only names unknown runs {unknown}; the study's runs are {names}")
     todo = [(n, o) for n, o in STUDY if not only or n in only]
     overrides = [f"run.output_dir={args.out}", *args.overrides]
-    cfg, out, manifest = prepare(overrides)
-    runs = run_variants(overrides, todo, out)
+    if args.report:  # assemble the finished runs found in --out; run nothing
+        from mopd_ray.demo import _compose, _read_jsonl
+
+        cfg, out = _compose(overrides), Path(args.out)
+        manifest = json.loads((Path(cfg.run.artifacts_dir) / "demo" / f"seed{cfg.demo.seed}" / "manifest.json").read_text())
+        runs = {}
+        for n, extra in todo:
+            rec = out / n / "run.json"
+            if rec.exists():
+                done = json.loads(rec.read_text())
+                runs[n] = {"eval": _read_jsonl(out / n / "eval.jsonl"), "wall_s": done["wall_s"],
+                           "step_s": done["step_s"], "overrides": extra}
+    else:
+        cfg, out, manifest = prepare(overrides)
+        runs = run_variants(overrides, todo, out)
     write_report(out, manifest, runs, list(cfg.data.domains), cfg.run.total_steps, cfg.demo.seed,
                  "benchmarks/study_sampled.py " + " ".join(sys.argv[1:]), cfg.run.seed)
 

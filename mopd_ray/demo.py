@@ -103,11 +103,31 @@ def plot(runs: dict, summary: dict, domains: list, path: Path) -> None:
     plt.close(fig)
 
 
+# Settings that change how a run is shown or where it writes, not what it computes.
+_PRESENTATION = {"logging": ("progress_bar", "wandb_mode", "project", "entity"),
+                 "cluster": ("include_dashboard", "dashboard_host", "placement_timeout_s", "call_timeout_s"),
+                 "run": ("output_dir",)}
+
+
+def run_identity(vcfg) -> dict:
+    """The resolved config of one run minus the demo section (which runs to compare, not how one runs)
+    and presentation settings: two runs with equal identities compute the same thing."""
+    from .config import to_container
+
+    c = to_container(vcfg)
+    c.pop("demo", None)
+    for section, keys in _PRESENTATION.items():
+        for k in keys:
+            c.get(section, {}).pop(k, None)
+    return c
+
+
 def run_variants(overrides: list, runs_to_do: list, out: Path) -> dict:
     """Run every (name, extra overrides) into out/<name>/, each from the same base student.
 
-    A run that already finished with the same overrides (out/<name>/run.json) is reused, so an
-    interrupted demonstration or study continues where it stopped instead of starting again.
+    A run that already finished with the same resolved config (out/<name>/run.json, see run_identity)
+    is reused, so an interrupted demonstration or study continues where it stopped instead of starting
+    again, and a changed setting reruns exactly the runs it changes.
     """
     from .orchestrator import Orchestrator
 
@@ -117,15 +137,15 @@ def run_variants(overrides: list, runs_to_do: list, out: Path) -> dict:
         validate(vcfg)
         run_dir = out / name
         record = run_dir / "run.json"
-        want = {"overrides": [*overrides, *extra], "total_steps": vcfg.run.total_steps}
+        want = {"config": run_identity(vcfg)}
         if record.exists():
             done = json.loads(record.read_text())
-            if {k: done.get(k) for k in want} == want:
+            if done.get("config") == want["config"]:
                 log.info("demo: run %s already finished in %s; reusing it", name, run_dir)
                 runs[name] = {"eval": _read_jsonl(run_dir / "eval.jsonl"), "wall_s": done["wall_s"],
                               "step_s": done["step_s"], "overrides": extra}
                 continue
-            log.info("demo: %s holds a run with other overrides; running %s again", record, name)
+            log.info("demo: %s holds a run with another config; running %s again", record, name)
             record.unlink()
         if run_dir.exists():  # an unfinished attempt: its logs would mix with the new run's
             for f in ("metrics.jsonl", "eval.jsonl"):
@@ -137,7 +157,8 @@ def run_variants(overrides: list, runs_to_do: list, out: Path) -> dict:
         steps = _read_jsonl(run_dir / "metrics.jsonl")
         runs[name] = {"eval": _read_jsonl(run_dir / "eval.jsonl"), "wall_s": time.time() - t0,
                       "step_s": sum(s["step_s"] for s in steps[1:]) / max(len(steps) - 1, 1), "overrides": extra}
-        record.write_text(json.dumps({**want, "wall_s": runs[name]["wall_s"], "step_s": runs[name]["step_s"]}))
+        record.write_text(json.dumps({**want, "overrides": [*overrides, *extra], "wall_s": runs[name]["wall_s"],
+                                      "step_s": runs[name]["step_s"]}))
     return runs
 
 

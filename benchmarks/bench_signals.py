@@ -101,7 +101,7 @@ def main() -> None:
         from mopd_ray.models.tiny import build_tiny_model
 
         model_dir = str(build_tiny_model(Path(tempfile.mkdtemp()) / "teacher", TinyModelConfig(seed=1)))
-    print(f"tiny teacher measured ({model_dir}): TeacherScores bytes / response token, prompt positions included")
+    print(f"tiny teacher measured ({model_dir}): TeacherScores bytes / response token (response positions only, plus row index and offset)")
     for label, b in measured_bytes_per_token(model_dir, K).items():
         print(f"  {label:<36} {_fmt(b)} / token")
 

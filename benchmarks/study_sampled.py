@@ -42,6 +42,10 @@ STUDY = [
     # reuse each batch for 4 optimizer steps: the PPO clip now binds
     ("sampled_ppo4_teacher_mean", SAMPLED + ["learner.mini_batches_per_step=4", "learner.micro_batch_size=8",
                                              "algorithm.normalize_advantages=teacher_mean"]),
+    # the knobs again on top of the best step size
+    ("sampled_lr3e-4_norm_batch", SAMPLED + ["learner.lr=3e-4", "learner.min_lr=3e-5",
+                                             "algorithm.normalize_advantages=batch"]),
+    ("sampled_lr3e-4_gamma1", SAMPLED + ["learner.lr=3e-4", "learner.min_lr=3e-5", "algorithm.kl_gamma=1.0"]),
     # the dense references
     ("topk", ["algorithm.signal=topk"]),
     ("full_vocab", ["algorithm.signal=full_vocab"]),

@@ -15,6 +15,7 @@ pytestmark = pytest.mark.slow
 COMMON = ["experiment=local_smoke", "data.domains=[add,reverse]", "data.num_train_per_domain=4",
           "data.prompts_per_step=4", "rollout.n_samples_per_prompt=2", "learner.micro_batch_size=4",
           "logging.wandb_mode=disabled", "logging.progress_bar=false", "run.keep_checkpoints=0",
+          "algorithm.normalize_advantages=teacher",  # moments all-reduced across the 2 learner ranks
           *[f"teachers.models.{t}.backend=hf" for t in ("add_expert", "reverse_expert", "self")]]
 
 

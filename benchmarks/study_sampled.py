@@ -46,6 +46,11 @@ STUDY = [
     ("sampled_lr3e-4_norm_batch", SAMPLED + ["learner.lr=3e-4", "learner.min_lr=3e-5",
                                              "algorithm.normalize_advantages=batch"]),
     ("sampled_lr3e-4_gamma1", SAMPLED + ["learner.lr=3e-4", "learner.min_lr=3e-5", "algorithm.kl_gamma=1.0"]),
+    ("sampled_lr3e-4_norm_batch_temp0.7", SAMPLED + ["learner.lr=3e-4", "learner.min_lr=3e-5",
+                                                     "algorithm.normalize_advantages=batch", "rollout.temperature=0.7"]),
+    ("sampled_lr3e-4_norm_batch_ppo4", SAMPLED + ["learner.lr=3e-4", "learner.min_lr=3e-5",
+                                                  "algorithm.normalize_advantages=batch",
+                                                  "learner.mini_batches_per_step=4", "learner.micro_batch_size=8"]),
     # the dense references
     ("topk", ["algorithm.signal=topk"]),
     ("full_vocab", ["algorithm.signal=full_vocab"]),

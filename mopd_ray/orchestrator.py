@@ -35,6 +35,13 @@ class NonFiniteStepsError(RuntimeError):
 
 # A replica that died, or is being restarted by Ray, while we waited on it.
 _REPLICA_GONE = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError)
+_PEER_LOST = ("connection closed by peer", "connection reset by peer", "broken pipe", "nccl communicator was aborted")
+
+
+def _peer_lost(err: Exception) -> bool:
+    """A collective failed because another member of its group went away (not a bug in the call)."""
+    text = str(err).lower()
+    return any(k in text for k in _PEER_LOST)
 
 
 @dataclass
@@ -266,12 +273,14 @@ class Orchestrator:
         version = self.state.weight_version + 1
         try:
             seconds = sync_weights(self.cfg, self.roles.learners, self.roles.rollout, version)
-        except (*_REPLICA_GONE, RemoteCallError) as e:
+        except (*_REPLICA_GONE, RemoteCallError, ray.exceptions.RayTaskError) as e:
             dead = [i for i, a in enumerate(self.roles.rollout.actors) if not _alive(a, timeout_s=5.0)]
-            if not dead:
+            # An engine killed mid-broadcast may surface on the sender's side (learner rank 0: "connection
+            # closed by peer") and be restarted by Ray before we look: rebuild the group and resend then too.
+            if not dead and not (isinstance(e, ray.exceptions.RayTaskError) and _peer_lost(e)):
                 raise
             self.state.weight_version = version  # the learners' weights are this version now
-            self._recover_rollout(dead[0], e)
+            self._recover_rollout(dead[0] if dead else 0, e)
             return 0.0
         self.state.weight_version = version
         return seconds

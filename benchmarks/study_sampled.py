@@ -73,17 +73,12 @@ def main() -> None:
     todo = [(n, o) for n, o in STUDY if not only or n in only]
     overrides = [f"run.output_dir={args.out}", *args.overrides]
     if args.report:  # assemble the finished runs found in --out; run nothing
-        from mopd_ray.demo import _compose, _read_jsonl
+        from mopd_ray.bootstrap import demo_dir
+        from mopd_ray.demo import _compose, finished_run
 
         cfg, out = _compose(overrides), Path(args.out)
-        manifest = json.loads((Path(cfg.run.artifacts_dir) / "demo" / f"seed{cfg.demo.seed}" / "manifest.json").read_text())
-        runs = {}
-        for n, extra in todo:
-            rec = out / n / "run.json"
-            if rec.exists():
-                done = json.loads(rec.read_text())
-                runs[n] = {"eval": _read_jsonl(out / n / "eval.jsonl"), "wall_s": done["wall_s"],
-                           "step_s": done["step_s"], "overrides": extra}
+        manifest = json.loads((demo_dir(cfg) / "manifest.json").read_text())
+        runs = {n: r for n, extra in todo if (r := finished_run(out / n, extra)) is not None}
     else:
         cfg, out, manifest = prepare(overrides)
         runs = run_variants(overrides, todo, out)

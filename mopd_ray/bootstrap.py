@@ -77,7 +77,6 @@ def demo_dir(cfg) -> Path:
 
 def bootstrap(cfg) -> dict:
     """Build (or reuse) the base student and the specialist teachers. Returns the manifest."""
-    d = cfg.demo
     out = demo_dir(cfg)
     out.mkdir(parents=True, exist_ok=True)
     # One builder at a time per folder: a second demo or study launched beside this one waits, then reuses.

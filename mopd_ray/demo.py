@@ -122,6 +122,16 @@ def run_identity(vcfg) -> dict:
     return c
 
 
+def finished_run(run_dir: Path, extra: list) -> dict | None:
+    """The eval curve and timings of a run that finished in run_dir (None if it did not)."""
+    record = run_dir / "run.json"
+    if not record.exists():
+        return None
+    done = json.loads(record.read_text())
+    return {"eval": _read_jsonl(run_dir / "eval.jsonl"), "wall_s": done["wall_s"], "step_s": done["step_s"],
+            "overrides": extra}
+
+
 def run_variants(overrides: list, runs_to_do: list, out: Path) -> dict:
     """Run every (name, extra overrides) into out/<name>/, each from the same base student.
 
@@ -142,8 +152,7 @@ def run_variants(overrides: list, runs_to_do: list, out: Path) -> dict:
             done = json.loads(record.read_text())
             if done.get("config") == want["config"]:
                 log.info("demo: run %s already finished in %s; reusing it", name, run_dir)
-                runs[name] = {"eval": _read_jsonl(run_dir / "eval.jsonl"), "wall_s": done["wall_s"],
-                              "step_s": done["step_s"], "overrides": extra}
+                runs[name] = finished_run(run_dir, extra)
                 continue
             log.info("demo: %s holds a run with another config; running %s again", record, name)
             record.unlink()

@@ -45,6 +45,15 @@ class RolloutBatch:
     def has_reward_B(self) -> np.ndarray:
         return ~np.isnan(self.rewards_B)
 
+    def take(self, rows: np.ndarray) -> "RolloutBatch":
+        """The batch of rows ``rows`` only (e.g. one learner rank's part), trimmed to its longest row."""
+        rows = np.asarray(rows, dtype=np.int64)
+        L = int((self.prompt_lens_B[rows] + self.response_lens_B[rows]).max()) if len(rows) else 0
+        return RolloutBatch(self.tokens_BL[rows, :L], self.prompt_lens_B[rows], self.response_lens_B[rows],
+                            self.rollout_logprobs_BL[rows, :L], self.group_ids_B[rows], self.teacher_index_B[rows],
+                            self.rewards_B[rows], self.finished_B[rows], tuple(self.domains[i] for i in rows),
+                            self.weight_version, dict(self.meta))
+
 
 @dataclass(frozen=True)
 class TeacherScores:
@@ -65,6 +74,15 @@ class TeacherScores:
     hidden_dtype: Optional[str] = None  # "bfloat16" hidden states travel as uint16 bit patterns
     latency_s: float = 0.0
 
+    def take(self, rows: np.ndarray) -> "TeacherScores":
+        """Scores of the batch rows ``rows`` (must all be scored here), renumbered 0..len(rows)-1."""
+        where = {int(r): i for i, r in enumerate(self.rows_R)}
+        sel = np.asarray([where[int(r)] for r in rows], dtype=np.int64)
+        pick = (lambda a: None if a is None else a[sel])
+        return TeacherScores(self.teacher, np.arange(len(sel), dtype=np.int32), self.start_R[sel],
+                             self.teacher_logprobs_RT[sel], pick(self.topk_ids_RTK), pick(self.topk_logprobs_RTK),
+                             pick(self.hidden_RTH), self.hidden_dtype, self.latency_s)
+
     def nbytes(self) -> int:
         return sum(a.nbytes for a in (self.rows_R, self.start_R, self.teacher_logprobs_RT, self.topk_ids_RTK,
                                       self.topk_logprobs_RTK, self.hidden_RTH) if a is not None)
@@ -81,6 +99,13 @@ class TeacherScores:
         r, pos, ok = self.positions(L)
         out[r[ok], pos[ok]] = arr_RT[ok]
         return out
+
+
+def batch_nbytes(batch: RolloutBatch) -> int:
+    """Bytes of a RolloutBatch's arrays (what a consumer pulls through the object store)."""
+    return sum(a.nbytes for a in (batch.tokens_BL, batch.prompt_lens_B, batch.response_lens_B,
+                                  batch.rollout_logprobs_BL, batch.group_ids_B, batch.teacher_index_B,
+                                  batch.rewards_B, batch.finished_B))
 
 
 def response_windows(dense_RL: np.ndarray, start_R: np.ndarray, T: int) -> np.ndarray:

@@ -99,6 +99,8 @@ class RolloutConfig:
     custom_resources: Dict[str, float] = field(default_factory=dict)
     weight_sync: str = "broadcast"  # broadcast (torch.distributed group: NCCL/gloo) | object_store
     weight_sync_bucket_mb: int = 256
+    # rollout shards per replica and step: > 1 lets teachers score finished shards while the rest generate
+    shards_per_replica: int = 2
     seed: int = 0
 
 
@@ -391,6 +393,7 @@ def validate(cfg: Union[DictConfig, MOPDConfig]) -> None:
     for key, v in (("rollout.n_samples_per_prompt", ro.n_samples_per_prompt), ("rollout.replicas", ro.replicas),
                    ("rollout.tensor_parallel_size", ro.tensor_parallel_size),
                    ("rollout.max_new_tokens", ro.max_new_tokens), ("learner.world_size", ln.world_size),
+                   ("rollout.shards_per_replica", ro.shards_per_replica),
                    ("learner.micro_batch_size", ln.micro_batch_size),
                    ("learner.mini_batches_per_step", ln.mini_batches_per_step), ("learner.lr", ln.lr),
                    ("data.prompts_per_step", da.prompts_per_step), ("data.max_prompt_len", da.max_prompt_len),
@@ -415,6 +418,11 @@ def validate(cfg: Union[DictConfig, MOPDConfig]) -> None:
               f"optimizer step (data.prompts_per_step={da.prompts_per_step} x rollout.n_samples_per_prompt="
               f"{ro.n_samples_per_prompt} / learner.mini_batches_per_step={ln.mini_batches_per_step}); "
               f"pick a world size that divides {per_mini}")
+    if da.prompts_per_step % (ln.mini_batches_per_step * ln.world_size):
+        cells = ln.mini_batches_per_step * ln.world_size
+        _fail("data.prompts_per_step", f"{da.prompts_per_step} prompts do not split evenly into learner.mini_batches_"
+              f"per_step x learner.world_size = {ln.mini_batches_per_step} x {ln.world_size} = {cells} parts (each "
+              f"rank trains whole prompts, so a prompt's samples never straddle ranks); use a multiple of {cells}")
     if (per_mini // ln.world_size) % ln.micro_batch_size and ln.micro_batch_size < per_mini // ln.world_size:
         _fail("learner.micro_batch_size", f"{ln.micro_batch_size} does not divide the {per_mini // ln.world_size} "
               "rows each rank gets per optimizer step")

@@ -23,6 +23,7 @@ from . import checkpoint as ckpt
 from .cluster import RemoteCallError, gather_fail_fast, get_with_deadline, init_ray
 from .config import resolved_signal
 from .data.prompts import build_prompt_pool, make_sampler
+from .dispatch import parts_by_rank, plan_step
 from .metrics import MetricsLogger
 from .roles import build_roles, init_broadcast_group, student_fingerprint, sync_weights
 
@@ -67,10 +68,11 @@ class RunState:
 class PendingRollout:
     step: int
     sampler_before: dict  # sampler state before this batch was drawn (what a checkpoint must resume from)
+    plan: list  # dispatch.Shard per rollout shard: its replica and its parts (learner rank, mini-batch)
     shard_items: list  # per shard: the prompt dicts sent (small), to resubmit after a replica restart
-    shard_refs: list
-    meta_refs: list
-    shard_rows: list  # per shard: teacher index of each row (small, known from the prompts)
+    part_refs: list  # per shard: one RolloutBatch ref per part
+    meta_refs: list  # per shard: the small meta
+    part_teachers: list  # per shard, per part: teacher index of each row (small, known from the prompts)
     weight_version: int = 0  # weights the engines must hold when they generate this batch
 
 
@@ -98,12 +100,13 @@ class Orchestrator:
             pending = self._launch_rollout(self.state.step) if self.state.step < stop_at else None
             while self.state.step < stop_at:
                 step, t0 = self.state.step, time.perf_counter()
-                score_refs, score_meta_refs = self._score(pending)
+                learner_inputs, score_meta_refs = self._score(pending)
                 current = pending
                 if cfg.algorithm.max_staleness == 1 and step + 1 < stop_at:
                     pending = self._launch_rollout(step + 1)  # overlaps this update; one version stale
                 metrics = gather_fail_fast(
-                    self.roles.learners.call_all("train_step", current.shard_refs, score_refs, step),
+                    [self.roles.learners.call(r, "train_step", learner_inputs[r], step)
+                     for r in range(len(self.roles.learners))],
                     [f"learner rank {i}" for i in range(len(self.roles.learners))], "learner.train_step",
                     cfg.cluster.call_timeout_s, hint=self._resume_hint())[0]
                 self._count_nonfinite(step, metrics)
@@ -199,59 +202,80 @@ class Orchestrator:
         base = step * cfg.data.prompts_per_step
         items = [{"prompt_ids": p["prompt_ids"], "domain": p["domain"], "answer": p.get("answer"),
                   "group_id": base + i, "teacher_index": p["teacher_index"]} for i, p in enumerate(prompts)]
-        shard_items = [[items[j] for j in idx] for idx in np.array_split(np.arange(len(items)), R)]
-        pending = PendingRollout(step, before, shard_items, [None] * R, [None] * R,
-                                 [np.repeat([it["teacher_index"] for it in s], n) for s in shard_items],
-                                 self.state.weight_version)
-        for i in range(R):
-            self._submit_shard(pending, i)
+        plan = plan_step(len(items), R * cfg.rollout.shards_per_replica, R, cfg.learner.world_size,
+                         cfg.learner.mini_batches_per_step)
+        shard_items = [[items[j] for j in sh.prompts] for sh in plan]
+        part_teachers = [[np.repeat([shard_items[sh.index][j]["teacher_index"] for j in part.prompts], n)
+                          for part in sh.parts] for sh in plan]
+        pending = PendingRollout(step, before, plan, shard_items, [None] * len(plan), [None] * len(plan),
+                                 part_teachers, self.state.weight_version)
+        for sh in plan:
+            self._submit_shard(pending, sh.index)
         return pending
 
-    def _submit_shard(self, pending: PendingRollout, i: int) -> None:
-        batch_ref, meta_ref = self.roles.rollout.actors[i].generate.options(num_returns=2).remote(
-            pending.shard_items[i], pending.step, self.cfg.run.seed)
-        pending.shard_refs[i], pending.meta_refs[i] = batch_ref, meta_ref
+    def _submit_shard(self, pending: PendingRollout, s: int) -> None:
+        sh = pending.plan[s]
+        *part_refs, meta_ref = self.roles.rollout.actors[sh.replica].generate.options(
+            num_returns=len(sh.parts) + 1).remote(pending.shard_items[s], pending.step, self.cfg.run.seed,
+                                                  sh.part_prompt_lists())
+        pending.part_refs[s], pending.meta_refs[s] = part_refs, meta_ref
 
     def _score(self, pending: PendingRollout) -> tuple:
-        """Send each shard to its rows' teachers as soon as that shard is ready (refs only).
+        """Send each shard's parts to their rows' teachers as soon as that shard is ready (refs only).
 
-        A rollout replica that died is restarted by Ray; its shard is generated again after the new
-        replica gets the current weights (same prompts and seeds, so the same rows).
+        A rollout replica that died is restarted by Ray; its unfinished shards are generated again after
+        the new replica gets the current weights (same prompts and seeds, so the same rows). Returns
+        (per-rank learner inputs, teacher meta refs).
         """
-        score_refs = [[] for _ in pending.shard_refs]
+        score_refs = [[[] for _ in sh.parts] for sh in pending.plan]
         score_meta_refs = []
-        waiting = {pending.meta_refs[i]: i for i in range(len(pending.meta_refs))}
+        waiting = {pending.meta_refs[s]: s for s in range(len(pending.plan))}
         deadline = time.monotonic() + self.cfg.cluster.call_timeout_s
         while waiting:
             ready, _ = ray.wait(list(waiting), num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
             if not ready:
                 raise RemoteCallError(f"rollout.generate did not finish within {self.cfg.cluster.call_timeout_s:g} s "
                                       "(cluster.call_timeout_s)")
-            i = waiting.pop(ready[0])
+            s = waiting.pop(ready[0])
+            replica = pending.plan[s].replica
             try:
                 meta = ray.get(ready[0])  # the small meta: raises if the replica died
                 if meta["weight_version"] != pending.weight_version:  # restarted with its initial weights
-                    raise ray.exceptions.RayActorError(f"rollout replica {i} holds weight version "
+                    raise ray.exceptions.RayActorError(f"rollout replica {replica} holds weight version "
                                                        f"{meta['weight_version']}, expected {pending.weight_version}")
             except _REPLICA_GONE as e:
-                self._recover_rollout(i, e)
-                self._submit_shard(pending, i)
-                waiting[pending.meta_refs[i]] = i
+                self._recover_rollout(replica, e)
+                for other in [s, *(o for o in waiting.values() if pending.plan[o].replica == replica)]:
+                    waiting = {k: v for k, v in waiting.items() if v != other}
+                    self._submit_shard(pending, other)
+                    waiting[pending.meta_refs[other]] = other
                 continue
-            for t, name in enumerate(self.roles.teacher_names):
-                rows = np.nonzero(pending.shard_rows[i] == t)[0].astype(np.int32)
-                if len(rows) == 0:
-                    continue
-                group = self.roles.teachers[name]
-                k = self.state.teacher_rr.get(name, 0)
-                self.state.teacher_rr[name] = k + 1
-                signal = resolved_signal(self.cfg, name)
-                scores_ref, meta_ref = group.actors[k % len(group)].score.options(num_returns=2).remote(
-                    pending.shard_refs[i], rows, self.cfg.algorithm.topk if signal == "topk" else 0,
-                    signal == "full_vocab")
-                score_refs[i].append(scores_ref)
-                score_meta_refs.append(meta_ref)
-        return score_refs, score_meta_refs
+            score_meta_refs += self._score_shard(pending, s, score_refs[s])
+        inputs = [[] for _ in range(self.cfg.learner.world_size)]
+        for rank, parts in enumerate(parts_by_rank(pending.plan, self.cfg.learner.world_size)):
+            inputs[rank] = [{"mini_batch": p.mini_batch, "batch": pending.part_refs[s][j], "scores": score_refs[s][j]}
+                            for s, j, p in parts]
+        return inputs, score_meta_refs
+
+    def _score_shard(self, pending: PendingRollout, s: int, out: list) -> list:
+        """One call per teacher with rows in shard ``s``: it scores all of them and returns one ref per part."""
+        metas = []
+        for t, name in enumerate(self.roles.teacher_names):
+            rows = [np.nonzero(tp == t)[0].astype(np.int32) for tp in pending.part_teachers[s]]
+            which = [j for j, r in enumerate(rows) if len(r)]
+            if not which:
+                continue
+            group = self.roles.teachers[name]
+            k = self.state.teacher_rr.get(name, 0)
+            self.state.teacher_rr[name] = k + 1
+            signal = resolved_signal(self.cfg, name)
+            *refs, meta_ref = group.actors[k % len(group)].score_parts.options(num_returns=len(which) + 1).remote(
+                [rows[j] for j in which], self.cfg.algorithm.topk if signal == "topk" else 0, signal == "full_vocab",
+                *[pending.part_refs[s][j] for j in which])
+            for j, ref in zip(which, refs):
+                out[j].append(ref)
+            metas.append(meta_ref)
+        return metas
 
     def _recover_rollout(self, i: int, err: Exception) -> None:
         if self.state.rollout_retries >= self.cfg.cluster.max_restarts * len(self.roles.rollout):
@@ -338,7 +362,10 @@ class Orchestrator:
         gen = self._get(pending.meta_refs, "rollout meta")
         scores = self._get(score_meta_refs, "teacher meta")
         tokens = sum(m["response_tokens"] for m in gen)
-        gen_s = max(m["generate_s"] for m in gen)
+        busy: dict = {}  # a replica generates its shards one after another
+        for m in gen:
+            busy[m["replica"]] = busy.get(m["replica"], 0.0) + m["generate_s"]
+        gen_s = max(busy.values())
         rows = sum(m["rows"] for m in gen)
         out = {"step_s": step_s, "rollout/tokens_per_s": tokens / max(gen_s, 1e-9), "rollout/generate_s": gen_s,
                "rollout/mean_response_len": tokens / max(rows, 1),

@@ -1,9 +1,10 @@
 """Learner rank: DeepSpeed ZeRO-1/2/3 over a transformers causal LM.
 
-``train_step`` takes the ObjectRefs of a step's rollout shards and teacher scores, gets them in this
-process, recomputes pi_old, builds advantages and the loss from algo/, and steps. Every rank sees
-all rows' small metadata (masks, rewards, groups), so global normalisers and GRPO group statistics
-need no communication; the model forward runs only on the rank's own rows.
+``train_step`` takes the ObjectRefs of this rank's own rows (its parts of the step's rollout shards and
+their teacher scores; see mopd_ray.dispatch), gets them in this process, recomputes pi_old (or takes it
+from the training forward when they are equal), builds advantages and the loss from algo/, and steps.
+Global loss denominators, normalisation moments and per-teacher statistics are small all-reduces; GRPO
+groups never straddle ranks.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Optional
 
 import numpy as np
 
-from ..batch import RolloutBatch, TeacherScores
+from ..batch import RolloutBatch, TeacherScores, batch_nbytes
 
 def lr_factor(step: int, total: int, warmup: int, schedule: str, min_ratio: float) -> float:
     if warmup and step < warmup:
@@ -109,177 +110,228 @@ class LearnerWorker:
     def _forward_logits(self, tokens, attn):
         return self.engine(input_ids=tokens, attention_mask=attn).logits.float()
 
-    def train_step(self, shard_refs: list, score_refs: list, step: int) -> dict:
-        """One rollout batch: pi_old, advantages, ``mini_batches_per_step`` optimizer steps. Returns metrics."""
+    def train_step(self, parts: list, step: int) -> dict:
+        """One rollout batch on this rank's rows: fetch, pi_old, advantages, optimizer steps; metrics.
+
+        ``parts`` are exactly this rank's rows: [{"mini_batch": m, "batch": ref, "scores": [refs]}]
+        (see mopd_ray.dispatch). What needs the whole batch (loss denominators, normalisation moments,
+        per-teacher statistics) comes from small all-reduces, never from other ranks' payloads.
+        """
+        t0 = time.perf_counter()
+        g = self._fetch_rows(parts)
+        t = self._tensors(g)
+        fused = self._fused_old_logprobs()
+        old_lp = t["rollout_lp"].clone() if fused or not self.cfg["recompute_old_logprobs"] else self._old_logprobs(g, t)
+        adv = None if fused else self._distill_advantages(t, old_lp)
+        loop = self._optimize(g, t, old_lp, adv, step, fused)
+        return self._metrics(g, t, old_lp, loop, t0)
+
+    # each named step of train_step below
+
+    def _fetch_rows(self, parts: list) -> dict:
+        """ray.get this rank's parts and their scores; local [n, L] arrays and each row's mini-batch."""
         import ray
+
+        batches: list[RolloutBatch] = ray.get([p["batch"] for p in parts])
+        scores: list[list[TeacherScores]] = [ray.get(list(p["scores"])) for p in parts]
+        g = _assemble(batches, scores, require_scores=bool(self.teacher_names))
+        g["mini_B"] = np.concatenate([np.full(b.num_rows, p["mini_batch"], np.int64) for b, p in zip(batches, parts)])
+        g["fetched_bytes"] = sum(batch_nbytes(b) for b in batches) + sum(s.nbytes() for ss in scores for s in ss)
+        n_mini = self.cfg["mini_batches_per_step"]
+        mine = [np.nonzero(g["mini_B"] == m)[0] for m in range(n_mini)]
+        if self.teacher_heads:  # group rows by teacher so one output head is used at a time
+            mine = [r[np.argsort(g["teacher_index"][r], kind="stable")] for r in mine]
+        g["rows_by_mini"] = mine
+        # global denominators of each mini-batch: response tokens and non-empty sequences over all ranks
         import torch
         import torch.distributed as dist
 
-        from ..algo import (OUTCOME_ESTIMATORS, advantage_moments, mix_advantages, normalize_advantages,
-                           reverse_kl_advantage)
-        from .loss import SIGNAL_IDS, MicroBatch, entropy_from_logits, micro_batch_loss, token_logprobs_from_logits
+        totals = torch.tensor([[g["mask"][r].sum(), (g["mask"][r].sum(-1) > 0).sum()] for r in mine], dtype=torch.float64)
+        dist.all_reduce(totals)
+        g["totals"] = totals
+        return g
 
-        t0 = time.perf_counter()
-        shards: list[RolloutBatch] = ray.get(list(shard_refs))
-        scores: list[list[TeacherScores]] = [ray.get(list(refs)) for refs in score_refs]
-        g = _assemble(shards, scores, require_scores=bool(self.teacher_names))
-        N, L = g["tokens"].shape
-        dev = self.device
-        tokens = torch.from_numpy(g["tokens"].astype(np.int64)).to(dev)
-        mask = torch.from_numpy(g["mask"].astype(np.float32)).to(dev)
-        attn = torch.from_numpy(g["attn"]).long().to(dev)
-        rollout_lp = torch.from_numpy(g["rollout_lp"]).to(dev)
-        teacher_lp = torch.from_numpy(g["teacher_lp"]).to(dev)
-        tidx = torch.from_numpy(g["teacher_index"].astype(np.int64)).to(dev)
+    def _tensors(self, g: dict) -> dict:
+        """Torch views of the local rows, coefficients and signals per row, outcome advantages."""
+        import torch
+
+        from ..algo import OUTCOME_ESTIMATORS, mix_advantages
+        from .loss import SIGNAL_IDS
+
+        dev, N = self.device, g["tokens"].shape[0]
+        t = {"tokens": torch.from_numpy(g["tokens"].astype(np.int64)).to(dev),
+             "mask": torch.from_numpy(g["mask"].astype(np.float32)).to(dev),
+             "attn": torch.from_numpy(g["attn"]).long().to(dev),
+             "rollout_lp": torch.from_numpy(g["rollout_lp"]).to(dev),
+             "teacher_lp": torch.from_numpy(g["teacher_lp"]).to(dev),
+             "tidx": torch.from_numpy(g["teacher_index"].astype(np.int64)).to(dev)}
         if self.teacher_names:
-            coef = torch.tensor(self.teacher_weights, dtype=torch.float32, device=dev)[tidx]
-            row_signal = torch.tensor([SIGNAL_IDS[s] for s in self.teacher_signals], device=dev)[tidx]
+            t["coef"] = torch.tensor(self.teacher_weights, dtype=torch.float32, device=dev)[t["tidx"]]
+            t["signal"] = torch.tensor([SIGNAL_IDS[s] for s in self.teacher_signals], device=dev)[t["tidx"]]
         else:  # reward-only (GRPO): no distillation term, the outcome advantage alone
-            coef = torch.zeros(N, dtype=torch.float32, device=dev)
-            row_signal = torch.zeros(N, dtype=torch.long, device=dev)
+            t["coef"] = torch.zeros(N, dtype=torch.float32, device=dev)
+            t["signal"] = torch.zeros(N, dtype=torch.long, device=dev)
         a = self.algo
-        outcome = torch.zeros_like(mask)
-        if a["alpha"] > 0 and g["has_reward"].any():
+        t["outcome"] = torch.zeros_like(t["mask"])
+        if a["alpha"] > 0 and g["has_reward"].any():  # groups never straddle ranks (dispatch plan)
             rewards = torch.from_numpy(np.nan_to_num(g["rewards"])).to(dev)
-            outcome = mix_advantages(torch.zeros_like(mask), OUTCOME_ESTIMATORS.get(a["outcome_estimator"])(
-                rewards, torch.from_numpy(g["group_ids"]).to(dev), mask).float(), a["alpha"],
+            t["outcome"] = mix_advantages(torch.zeros_like(t["mask"]), OUTCOME_ESTIMATORS.get(a["outcome_estimator"])(
+                rewards, torch.from_numpy(g["group_ids"]).to(dev), t["mask"]).float(), a["alpha"],
                 torch.from_numpy(g["has_reward"]).to(dev))
+        return t
 
-        n_mini = self.cfg["mini_batches_per_step"]
-        mini = N // n_mini
-        per_rank = mini // self.world_size
-        my_rows = [np.arange(m * mini + self.rank * per_rank, m * mini + (self.rank + 1) * per_rank)
-                   for m in range(n_mini)]
-        if self.teacher_heads:  # group rows by teacher so one output head is used at a time
-            my_rows = [r[np.argsort(g["teacher_index"][r], kind="stable")] for r in my_rows]
-        mine = np.concatenate(my_rows)
+    def _fused_old_logprobs(self) -> bool:
+        """pi_old equals the training forward when one mini-batch is trained and nothing needs pi_old of
+        every row before the first backward (advantage normalisation): skip the extra forward then."""
+        return (self.cfg["recompute_old_logprobs"] and self.cfg["mini_batches_per_step"] == 1
+                and self.algo["normalize_advantages"] == "none")
 
-        # pi_old with the weights before this step's updates (== pi_theta at the first mini-batch)
-        old_lp = rollout_lp.clone()
-        if self.cfg["recompute_old_logprobs"]:
-            self.engine.eval()
-            with torch.no_grad():
-                for s in range(0, len(mine), self.micro):
-                    r = torch.from_numpy(mine[s: s + self.micro]).to(dev)
-                    logits = self._forward_logits(tokens[r], attn[r])
-                    old_lp[r] = token_logprobs_from_logits(logits, tokens[r], self.temperature)
-            self.engine.train()
-        distill_adv = reverse_kl_advantage(teacher_lp, old_lp, mask, coef, gamma=a["kl_gamma"])
+    def _old_logprobs(self, g: dict, t: dict):
+        """pi_old of every local row with the weights before this step's updates."""
+        import torch
+
+        from .loss import token_logprobs_from_logits
+
+        old_lp = t["rollout_lp"].clone()
+        mine = np.concatenate(g["rows_by_mini"])
+        self.engine.eval()
+        with torch.no_grad():
+            for s in range(0, len(mine), self.micro):
+                r = torch.from_numpy(mine[s: s + self.micro]).to(self.device)
+                old_lp[r] = token_logprobs_from_logits(self._forward_logits(t["tokens"][r], t["attn"][r]),
+                                                       t["tokens"][r], self.temperature)
+        self.engine.train()
+        return old_lp
+
+    def _distill_advantages(self, t: dict, old_lp):
+        """Sampled-token reverse-KL advantage, normalised with moments summed over every rank's rows."""
+        import torch.distributed as dist
+
+        from ..algo import advantage_moments, normalize_advantages, reverse_kl_advantage
+
+        a = self.algo
+        adv = reverse_kl_advantage(t["teacher_lp"], old_lp, t["mask"], t["coef"], gamma=a["kl_gamma"])
         norm = a["normalize_advantages"]
-        if norm != "none":  # moments over every rank's rows, so all ranks normalise alike
-            by_teacher = norm.startswith("teacher")
-            groups = tidx if by_teacher else torch.zeros_like(tidx)
-            r_mine = torch.from_numpy(mine).to(dev)
-            moments = advantage_moments(distill_adv[r_mine], mask[r_mine], groups[r_mine],
-                                        max(len(self.teacher_names), 1) if by_teacher else 1)
-            dist.all_reduce(moments)
-            distill_adv = normalize_advantages(distill_adv, mask, groups, moments, scale=not norm.endswith("_mean"))
+        if norm == "none":
+            return adv
+        by_teacher = norm.startswith("teacher")
+        groups = t["tidx"] if by_teacher else t["tidx"].new_zeros(t["tidx"].shape)
+        moments = advantage_moments(adv, t["mask"], groups, max(len(self.teacher_names), 1) if by_teacher else 1)
+        dist.all_reduce(moments)
+        return normalize_advantages(adv, t["mask"], groups, moments, scale=not norm.endswith("_mean"))
 
-        # per-teacher statistics over this rank's rows, summed across ranks below
-        T = len(self.teacher_names)
-        stats = torch.zeros(7 + 3 * T, dtype=torch.float64)
-        r_mine = torch.from_numpy(mine).to(dev)
-        m_mine = mask[r_mine].double()
-        rev_kl_k1 = ((old_lp - teacher_lp)[r_mine].double() * m_mine)
-        rev_kl_k3 = (torch.expm1(teacher_lp - old_lp) - (teacher_lp - old_lp))[r_mine].double() * m_mine
-        for t in range(T):
-            sel = (tidx[r_mine] == t)
-            stats[7 + 3 * t] = m_mine[sel].sum()
-            stats[8 + 3 * t] = rev_kl_k1[sel].sum()
-            stats[9 + 3 * t] = rev_kl_k3[sel].sum()
-        stats[0] = m_mine.sum()
-        stats[1] = ((old_lp - rollout_lp).abs()[r_mine].double() * m_mine).sum()
-        stats.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)  # garbage rows are reported, not averaged in
-
-        agg = a["loss_agg"]
-        sums = {"loss": 0.0, "is_clip_fraction": 0.0, "pg_clip_fraction": 0.0, "approx_kl": 0.0, "distill_loss": 0.0}
-        n_micro = 0
-        grad_norms = []
-        skipped, nonfinite = 0, None
-        for m, rows in enumerate(my_rows):
-            lo, hi = m * mini, (m + 1) * mini
-            if agg == "token_mean":
-                den_global = float(mask[lo:hi].sum().item())
-            else:
-                den_global = float((mask[lo:hi].sum(-1) > 0).sum().item())
+    def _optimize(self, g: dict, t: dict, old_lp, adv, step: int, fused: bool) -> dict:
+        """``mini_batches_per_step`` optimizer steps over this rank's rows, micro-batch by micro-batch."""
+        loop = {"loss": 0.0, "is_clip_fraction": 0.0, "pg_clip_fraction": 0.0, "approx_kl": 0.0,
+                "distill_loss": 0.0, "entropy_sum": 0.0, "n_micro": 0, "grad_norms": [], "skipped": 0,
+                "nonfinite": None}
+        agg = self.algo["loss_agg"]
+        for m, rows in enumerate(g["rows_by_mini"]):
+            den_global = float(g["totals"][m, 0 if agg == "token_mean" else 1])
             denominator = max(den_global, 1.0) / (self.world_size * self.grad_accum)
-            bad = self._nonfinite_inputs(g, rows, old_lp, mask)
+            bad = self._nonfinite_inputs(g, rows, None if fused else old_lp)
             if _any_rank(bad is not None):  # garbage in: skip this update on every rank, report why
-                skipped += 1
-                nonfinite = bad or nonfinite or {"teachers": [], "stats": "non-finite on another rank"}
+                loop["skipped"] += 1
+                loop["nonfinite"] = bad or loop["nonfinite"] or {"teachers": [], "stats": "non-finite on another rank"}
                 continue
-            skip_rest = False
+            done = True
             for s in range(0, len(rows), self.micro):
-                if skip_rest:
+                if not self._micro_step(g, t, old_lp, adv, rows, s, denominator, step, fused, loop):
+                    done = False
                     break
-                r = torch.from_numpy(rows[s: s + self.micro]).to(dev)
-                logits = self._forward_logits(tokens[r], attn[r])
-                mb = MicroBatch(
-                    tokens_bL=tokens[r], response_mask_bL=mask[r], old_logprobs_bL=old_lp[r],
-                    rollout_logprobs_bL=rollout_lp[r], advantages_bL=distill_adv[r] + outcome[r], coef_b=coef[r],
-                    teacher_index_b=tidx[r],
-                    topk_ids_bLK=None if g["topk_ids"] is None else torch.from_numpy(g["topk_ids"][rows[s: s + self.micro]].astype(np.int64)).to(dev),
-                    topk_logprobs_bLK=None if g["topk_lp"] is None else torch.from_numpy(g["topk_lp"][rows[s: s + self.micro]]).to(dev),
-                    hidden_bLH=None if g["hidden"] is None else g["hidden"][rows[s: s + self.micro]].to(dev).float(),
-                    outcome_advantages_bL=outcome[r] if a["alpha"] > 0 else None)
-                loss, mets = micro_batch_loss(logits, mb, a, row_signal[r], denominator, self.teacher_heads,
-                                              self.temperature, self.vocab_size)
-                if _any_rank(not bool(torch.isfinite(loss))):
-                    if self.grad_accum > 1 and s > 0:
-                        raise FloatingPointError(
-                            f"non-finite loss at step {step} in the middle of gradient accumulation; raise "
-                            "learner.micro_batch_size to the rows per rank so that such steps can be skipped")
-                    skipped += 1
-                    nonfinite = nonfinite or {"teachers": sorted({self.teacher_names[i] for i in
-                                                                  g["teacher_index"][rows].tolist()}),
-                                              "stats": {"loss": float(loss), "rows": len(rows)}}
-                    skip_rest = True
-                    continue
-                self.engine.backward(loss)
-                self.engine.step()
-                ent = entropy_from_logits(logits)
-                stats[2] += float((ent * mask[r]).sum())
-                sums["loss"] += loss.item() / (self.world_size * self.grad_accum)
-                for k, v in mets.items():
-                    sums[k] = sums.get(k, 0.0) + v
-                n_micro += 1
-            if skip_rest:
-                continue
-            gn = self.engine.get_global_grad_norm()
-            grad_norms.append(float(gn) if gn is not None else float("nan"))
-            self.optimizer_steps += 1
-        stats[3] = sums["loss"]
-        stats[4] = sums["is_clip_fraction"] / max(n_micro, 1)
-        stats[5] = sums["pg_clip_fraction"] / max(n_micro, 1)
-        stats[6] = sums["distill_loss"] / (self.world_size * self.grad_accum)
+            if done:
+                gn = self.engine.get_global_grad_norm()
+                loop["grad_norms"].append(float(gn) if gn is not None else float("nan"))
+                self.optimizer_steps += 1
+        return loop
+
+    def _micro_step(self, g, t, old_lp, adv, rows, s, denominator, step, fused, loop) -> bool:
+        """Forward, loss, backward of one micro-batch; False (nothing stepped) on a non-finite loss."""
+        import torch
+
+        from ..algo import reverse_kl_advantage
+        from .loss import MicroBatch, entropy_from_logits, micro_batch_loss, token_logprobs_from_logits
+
+        a, dev = self.algo, self.device
+        idx = rows[s: s + self.micro]
+        r = torch.from_numpy(idx).to(dev)
+        logits = self._forward_logits(t["tokens"][r], t["attn"][r])
+        if fused:  # pi_old == pi_theta now: take it from this forward instead of a second one
+            old_lp[r] = token_logprobs_from_logits(logits.detach(), t["tokens"][r], self.temperature)
+            distill = reverse_kl_advantage(t["teacher_lp"][r], old_lp[r], t["mask"][r], t["coef"][r], gamma=a["kl_gamma"])
+        else:
+            distill = adv[r]
+        take = (lambda arr: None if arr is None else torch.from_numpy(arr[idx]).to(dev))
+        mb = MicroBatch(
+            tokens_bL=t["tokens"][r], response_mask_bL=t["mask"][r], old_logprobs_bL=old_lp[r],
+            rollout_logprobs_bL=t["rollout_lp"][r], advantages_bL=distill + t["outcome"][r], coef_b=t["coef"][r],
+            teacher_index_b=t["tidx"][r],
+            topk_ids_bLK=None if g["topk_ids"] is None else take(g["topk_ids"]).long(),
+            topk_logprobs_bLK=take(g["topk_lp"]),
+            hidden_bLH=None if g["hidden"] is None else g["hidden"][torch.from_numpy(idx)].to(dev).float(),
+            outcome_advantages_bL=t["outcome"][r] if a["alpha"] > 0 else None)
+        loss, mets = micro_batch_loss(logits, mb, a, t["signal"][r], denominator, self.teacher_heads,
+                                      self.temperature, self.vocab_size)
+        if _any_rank(not bool(torch.isfinite(loss))):
+            if self.grad_accum > 1 and s > 0:
+                raise FloatingPointError(
+                    f"non-finite loss at step {step} in the middle of gradient accumulation; raise "
+                    "learner.micro_batch_size to the rows per rank so that such steps can be skipped")
+            loop["skipped"] += 1
+            loop["nonfinite"] = loop["nonfinite"] or {
+                "teachers": sorted({self.teacher_names[i] for i in g["teacher_index"][rows].tolist()}),
+                "stats": {"loss": float(loss), "rows": len(rows)}}
+            return False
+        self.engine.backward(loss)
+        self.engine.step()
+        loop["entropy_sum"] += float((entropy_from_logits(logits) * t["mask"][r]).sum())
+        loop["loss"] += loss.item() / (self.world_size * self.grad_accum)
+        for k, v in mets.items():
+            loop[k] = loop.get(k, 0.0) + v
+        loop["n_micro"] += 1
+        return True
+
+    def _metrics(self, g: dict, t: dict, old_lp, loop: dict, t0: float) -> dict:
+        """Per-teacher and step statistics summed over every rank (one all-reduce), as step metrics."""
+        import torch
+        import torch.distributed as dist
+
+        T, n_mini, ws = len(self.teacher_names), self.cfg["mini_batches_per_step"], self.world_size
+        mask, tidx = t["mask"].double(), t["tidx"]
+        log_ratio = t["teacher_lp"] - old_lp
+        k1, k3 = -log_ratio.double() * mask, (torch.expm1(log_ratio) - log_ratio).double() * mask
+        stats = torch.zeros(9 + 3 * T, dtype=torch.float64)
+        for i in range(T):
+            sel = tidx == i
+            stats[9 + 3 * i: 12 + 3 * i] = torch.stack([mask[sel].sum(), k1[sel].sum(), k3[sel].sum()])
+        stats[0] = mask.sum()
+        stats[1] = ((old_lp - t["rollout_lp"]).abs().double() * mask).sum()
+        stats[2:9] = torch.tensor([loop["entropy_sum"], loop["loss"], loop["is_clip_fraction"] / max(loop["n_micro"], 1),
+                                   loop["pg_clip_fraction"] / max(loop["n_micro"], 1),
+                                   loop["distill_loss"] / (ws * self.grad_accum), float(g["tokens"].shape[0]),
+                                   float(g["fetched_bytes"])], dtype=torch.float64)
+        stats.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)  # garbage rows are reported, not averaged in
         dist.all_reduce(stats)
         tok = max(stats[0].item(), 1.0)
-        metrics = {
-            "loss": stats[3].item() / n_mini,
-            "entropy": stats[2].item() / tok,
-            "is_clip_fraction": stats[4].item() / self.world_size,
-            "pg_clip_fraction": stats[5].item() / self.world_size,
-            "train_rollout_logprob_gap": stats[1].item() / tok,
-            "grad_norm": float(np.mean(grad_norms)) if grad_norms else float("nan"),
-            "lr": self.scheduler.get_last_lr()[0],
-            "learner_step_s": time.perf_counter() - t0,
-            "response_tokens": stats[0].item(),
-            "rows": N,
-            "skipped_minibatches": skipped,
-        }
-        if nonfinite:
-            metrics["nonfinite"] = nonfinite
+        metrics = {"loss": stats[3].item() / n_mini, "entropy": stats[2].item() / tok,
+                   "is_clip_fraction": stats[4].item() / ws, "pg_clip_fraction": stats[5].item() / ws,
+                   "train_rollout_logprob_gap": stats[1].item() / tok,
+                   "grad_norm": float(np.mean(loop["grad_norms"])) if loop["grad_norms"] else float("nan"),
+                   "lr": self.scheduler.get_last_lr()[0], "learner_step_s": time.perf_counter() - t0,
+                   "response_tokens": stats[0].item(), "rows": int(stats[7].item()), "skipped_minibatches": loop["skipped"],
+                   "learner/fetched_bytes": g["fetched_bytes"], "learner/fetched_bytes_all_ranks": stats[8].item()}
+        if loop["nonfinite"]:
+            metrics["nonfinite"] = loop["nonfinite"]
         if any(s != "sampled" for s in self.teacher_signals):
             metrics["distill_loss"] = stats[6].item() / n_mini
-        for t, name in enumerate(self.teacher_names):
-            n_t = stats[7 + 3 * t].item()
+        for i, name in enumerate(self.teacher_names):
+            n_t = stats[9 + 3 * i].item()
             metrics[f"teacher/{name}/token_share"] = n_t / tok
             metrics[f"teacher/{name}/tokens"] = n_t
             if n_t > 0:
-                metrics[f"teacher/{name}/reverse_kl"] = stats[8 + 3 * t].item() / n_t
-                metrics[f"teacher/{name}/reverse_kl_k3"] = stats[9 + 3 * t].item() / n_t
-        rk = [stats[8 + 3 * t].item() for t in range(T)]
-        metrics["reverse_kl"] = sum(rk) / tok
+                metrics[f"teacher/{name}/reverse_kl"] = stats[10 + 3 * i].item() / n_t
+                metrics[f"teacher/{name}/reverse_kl_k3"] = stats[11 + 3 * i].item() / n_t
+        metrics["reverse_kl"] = sum(stats[10 + 3 * i].item() for i in range(T)) / tok
         return metrics
 
     def sft_step(self, sequences: list, prompt_lens: list) -> dict:
@@ -313,13 +365,16 @@ class LearnerWorker:
         self.optimizer_steps += 1
         return {"sft_loss": total}
 
-    def _nonfinite_inputs(self, g: dict, rows: np.ndarray, old_lp, mask) -> Optional[dict]:
-        """None if every input of these rows is finite at response positions, else what was not."""
+    def _nonfinite_inputs(self, g: dict, rows: np.ndarray, old_lp) -> Optional[dict]:
+        """None if every input of these rows is finite at response positions, else what was not.
+        ``old_lp`` None: pi_old comes from the training forward (a non-finite one shows in the loss)."""
         import torch
 
         m = g["mask"][rows]
-        checks = {"teacher_logprobs": g["teacher_lp"][rows][m], "rollout_logprobs": g["rollout_lp"][rows][m],
-                  "old_logprobs": old_lp[torch.from_numpy(rows)].cpu().numpy()[m]}
+        old = None if old_lp is None else old_lp[torch.from_numpy(rows)].cpu().numpy()
+        checks = {"teacher_logprobs": g["teacher_lp"][rows][m], "rollout_logprobs": g["rollout_lp"][rows][m]}
+        if old is not None:
+            checks["old_logprobs"] = old[m]
         if g["topk_lp"] is not None:
             checks["topk_logprobs"] = g["topk_lp"][rows][m]
         if g["hidden"] is not None:
@@ -327,8 +382,10 @@ class LearnerWorker:
         counts = {k: int((~np.isfinite(v)).sum()) for k, v in checks.items()}
         if not any(counts.values()):
             return None
-        bad_rows = rows[~np.isfinite(np.where(g["mask"][rows], g["teacher_lp"][rows], 0)).all(-1)
-                        | ~np.isfinite(np.where(g["mask"][rows], old_lp[torch.from_numpy(rows)].cpu().numpy(), 0)).all(-1)]
+        bad = ~np.isfinite(np.where(g["mask"][rows], g["teacher_lp"][rows], 0)).all(-1)
+        if old is not None:
+            bad |= ~np.isfinite(np.where(g["mask"][rows], old, 0)).all(-1)
+        bad_rows = rows[bad]
         teachers = sorted({self.teacher_names[i] for i in g["teacher_index"][bad_rows].tolist()}) if self.teacher_names else []
         return {"teachers": teachers, "stats": {"rows": int(len(rows)), "response_tokens": int(m.sum()),
                                                 "nonfinite_counts": counts, "bad_rows": int(len(bad_rows))}}

@@ -7,7 +7,7 @@ from typing import Optional
 
 import numpy as np
 
-from ..batch import RolloutBatch, pad_sequences
+from ..batch import RolloutBatch, batch_nbytes, pad_sequences
 
 
 class RolloutWorker:
@@ -43,18 +43,19 @@ class RolloutWorker:
     def ready(self) -> bool:
         return True
 
-    def generate(self, prompts: list[dict], step: int, seed: int) -> tuple:
+    def generate(self, prompts: list[dict], step: int, seed: int, parts: Optional[list] = None) -> tuple:
         """Sample ``n_samples_per_prompt`` responses for each prompt (token ids rendered by the driver).
 
         Each prompt dict: prompt_ids, domain, answer, group_id, teacher_index. Rewards are computed
-        here, where the tokenizer is, for domains with a verifiable reward. Returns (batch, meta): call
-        with ``num_returns=2`` so the driver can fetch the small meta without the batch.
+        here, where the tokenizer is, for domains with a verifiable reward. ``parts`` lists, per learner
+        destination, the indices of its prompts (default: one part of all). Returns (*batches, meta),
+        one RolloutBatch per part: call with ``num_returns=len(parts) + 1`` so each learner rank fetches
+        only its own part and the driver only the small meta.
         """
         from vllm import SamplingParams
 
-        from ..data.domains import reward_for
-
         n = self.cfg["n_samples_per_prompt"]
+        parts = [list(range(len(prompts)))] if parts is None else parts
         params = [SamplingParams(n=n, temperature=self.cfg["temperature"], top_p=self.cfg["top_p"],
                                  max_tokens=self.cfg["max_new_tokens"], logprobs=0,
                                  seed=(seed * 1_000_003 + step * 10_007 + p["group_id"]) % (2**31))
@@ -63,37 +64,49 @@ class RolloutWorker:
         outputs = self.llm.generate([{"prompt_token_ids": list(p["prompt_ids"])} for p in prompts], params,
                                     use_tqdm=False)
         gen_s = time.perf_counter() - t0
-        seqs, plens, rlens, lps, groups, tidx, rewards, finished, domains = [], [], [], [], [], [], [], [], []
-        for p, out in zip(prompts, outputs):
-            for o in out.outputs:
-                resp = list(o.token_ids)
-                seqs.append(list(p["prompt_ids"]) + resp)
-                plens.append(len(p["prompt_ids"]))
-                rlens.append(len(resp))
-                lps.append([0.0] * len(p["prompt_ids"]) + [d[t].logprob for d, t in zip(o.logprobs, resp)])
-                groups.append(p["group_id"])
-                tidx.append(p["teacher_index"])
-                text = self.tokenizer.decode(resp, skip_special_tokens=True)
-                r = reward_for(p["domain"], text, p.get("answer")) if p.get("answer") is not None else None
-                rewards.append(np.nan if r is None else r)
-                finished.append(o.finish_reason == "stop")
-                domains.append(p["domain"])
-        tokens = pad_sequences(seqs, self.pad_id)
-        resp_tokens = int(sum(rlens))
+        per_prompt = [self._rows_of(p, out) for p, out in zip(prompts, outputs)]
+        batches = [self._batch([row for i in idx for row in per_prompt[i]]) for idx in parts]
+        rewards = [r["reward"] for rows in per_prompt for r in rows]
+        domains = [p["domain"] for p, rows in zip(prompts, per_prompt) for _ in rows]
         by_domain: dict = {}
         for d, r in zip(domains, rewards):
             if not np.isnan(r):
                 by_domain.setdefault(d, []).append(r)
-        meta = {"weight_version": self.weight_version, "generate_s": gen_s, "response_tokens": resp_tokens, "rows": len(seqs), "replica": self.replica_index,
-                "finished": int(sum(finished)), "reward_sum_by_domain": {d: float(sum(v)) for d, v in by_domain.items()},
+        meta = {"weight_version": self.weight_version, "generate_s": gen_s, "replica": self.replica_index,
+                "response_tokens": int(sum(int(b.response_lens_B.sum()) for b in batches)),
+                "rows": int(sum(b.num_rows for b in batches)),
+                "finished": int(sum(int(b.finished_B.sum()) for b in batches)),
+                "part_bytes": [batch_nbytes(b) for b in batches],
+                "reward_sum_by_domain": {d: float(sum(v)) for d, v in by_domain.items()},
                 "reward_count_by_domain": {d: len(v) for d, v in by_domain.items()}}
-        batch = RolloutBatch(
-            tokens_BL=tokens, prompt_lens_B=np.asarray(plens, np.int32), response_lens_B=np.asarray(rlens, np.int32),
-            rollout_logprobs_BL=pad_sequences(lps, 0, tokens.shape[1], np.float32),
-            group_ids_B=np.asarray(groups, np.int64), teacher_index_B=np.asarray(tidx, np.int32),
-            rewards_B=np.asarray(rewards, np.float32), finished_B=np.asarray(finished, bool),
-            domains=tuple(domains), weight_version=self.weight_version, meta=meta)
-        return batch, meta
+        return (*batches, meta)
+
+    def _rows_of(self, prompt: dict, out) -> list:
+        """The sampled rows of one prompt: ids, rollout log-probs, reward, end-of-turn flag."""
+        from ..data.domains import reward_for
+
+        rows = []
+        plen = len(prompt["prompt_ids"])
+        for o in out.outputs:
+            resp = list(o.token_ids)
+            text = self.tokenizer.decode(resp, skip_special_tokens=True)
+            r = reward_for(prompt["domain"], text, prompt.get("answer")) if prompt.get("answer") is not None else None
+            rows.append({"seq": list(prompt["prompt_ids"]) + resp, "plen": plen, "rlen": len(resp),
+                         "lp": [0.0] * plen + [d[t].logprob for d, t in zip(o.logprobs, resp)],
+                         "group": prompt["group_id"], "teacher": prompt["teacher_index"],
+                         "reward": np.nan if r is None else r, "finished": o.finish_reason == "stop",
+                         "domain": prompt["domain"]})
+        return rows
+
+    def _batch(self, rows: list) -> RolloutBatch:
+        tokens = pad_sequences([r["seq"] for r in rows], self.pad_id)
+        col = (lambda k, dt: np.asarray([r[k] for r in rows], dt))
+        return RolloutBatch(
+            tokens_BL=tokens, prompt_lens_B=col("plen", np.int32), response_lens_B=col("rlen", np.int32),
+            rollout_logprobs_BL=pad_sequences([r["lp"] for r in rows], 0, tokens.shape[1], np.float32),
+            group_ids_B=col("group", np.int64), teacher_index_B=col("teacher", np.int32),
+            rewards_B=col("reward", np.float32), finished_B=col("finished", bool),
+            domains=tuple(r["domain"] for r in rows), weight_version=self.weight_version)
 
     def evaluate(self, prompts: list, k: int, seed: int) -> dict:
         """Greedy accuracy and pass@k per domain under the engine's current weights."""

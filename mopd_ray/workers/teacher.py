@@ -69,49 +69,68 @@ class TeacherWorker:
         return w, b
 
     def score(self, batch: RolloutBatch, rows: np.ndarray, topk: int = 0, hidden: bool = False) -> tuple:
-        """(TeacherScores, meta); call with ``num_returns=2`` so the driver fetches only the meta."""
+        """(TeacherScores, meta) for some rows of one batch; call with ``num_returns=2``."""
+        *scores, meta = self.score_parts([rows], topk, hidden, batch)
+        return scores[0], meta
+
+    def score_parts(self, rows_per_part: list, topk: int, hidden: bool, *batches: RolloutBatch) -> tuple:
+        """Score rows of several parts of a rollout shard in one engine call.
+
+        ``batches`` are top-level arguments, so Ray resolves their refs in this process (zero-copy).
+        Returns (*scores, meta), one TeacherScores per part: call with ``num_returns=len(batches) + 1``
+        so each learner rank fetches only the scores of its own rows and the driver only the meta.
+        """
+        import os
+
         t0 = time.perf_counter()
-        rows = np.asarray(rows, dtype=np.int32)
+        rows_per_part = [np.asarray(r, dtype=np.int32) for r in rows_per_part]
         if self.backend == "vllm":
             if hidden:
                 raise ValueError(f"teacher '{self.name}': hidden states need backend=hf")
-            lp, ids, tk = self._score_vllm(batch, rows, topk)
-            hs, hdt = None, None
+            dense = self._score_vllm(list(zip(batches, rows_per_part)), topk)
         else:
-            lp, ids, tk, hs, hdt = self._score_hf(batch, rows, topk, hidden)
-        # ship response positions only: [R, T] windows from each row's prompt length
+            dense = [self._score_hf(b, r, topk, hidden) for b, r in zip(batches, rows_per_part)]
+        latency = time.perf_counter() - t0
+        scores = [self._windows(b, r, d, latency) for b, r, d in zip(batches, rows_per_part, dense)]
+        return (*scores, {"teacher": self.name, "latency_s": latency, "rows": int(sum(len(r) for r in rows_per_part)),
+                          "bytes": int(sum(s.nbytes() for s in scores)), "replica": self.replica_index,
+                          "pid": os.getpid()})
+
+    def _windows(self, batch: RolloutBatch, rows: np.ndarray, dense: tuple, latency: float) -> TeacherScores:
+        """Ship response positions only: [R, T] windows from each row's prompt length."""
+        lp, ids, tk, hs, hdt = dense
         start = batch.prompt_lens_B[rows].astype(np.int32)
         T = int(batch.response_lens_B[rows].max()) if len(rows) else 0
         cut = (lambda a: None if a is None else response_windows(a, start, T))
-        latency = time.perf_counter() - t0
-        scores = TeacherScores(teacher=self.name, rows_R=rows, start_R=start, teacher_logprobs_RT=cut(lp),
-                               topk_ids_RTK=cut(ids), topk_logprobs_RTK=cut(tk), hidden_RTH=cut(hs),
-                               hidden_dtype=hdt, latency_s=latency)
-        import os
+        return TeacherScores(teacher=self.name, rows_R=rows, start_R=start, teacher_logprobs_RT=cut(lp),
+                             topk_ids_RTK=cut(ids), topk_logprobs_RTK=cut(tk), hidden_RTH=cut(hs),
+                             hidden_dtype=hdt, latency_s=latency)
 
-        return scores, {"teacher": self.name, "latency_s": latency, "rows": int(len(rows)), "bytes": scores.nbytes(),
-                        "replica": self.replica_index, "pid": os.getpid()}
-
-    def _score_vllm(self, batch: RolloutBatch, rows: np.ndarray, topk: int):
+    def _score_vllm(self, parts: list, topk: int) -> list:
+        """One engine call over every row of every part; per part (lp, ids, topk_lp, None, None) at token positions."""
         from vllm import SamplingParams
 
-        L = batch.tokens_BL.shape[1]
-        seqs = [batch.sequence(int(r)).tolist() for r in rows]
+        seqs = [b.sequence(int(r)).tolist() for b, rows in parts for r in rows]
         params = SamplingParams(max_tokens=1, prompt_logprobs=topk, temperature=1.0, detokenize=False)
-        outs = self.llm.generate([{"prompt_token_ids": s} for s in seqs], params, use_tqdm=False)
-        lp = np.zeros((len(rows), L), np.float32)
-        ids = np.zeros((len(rows), L, topk), np.int32) if topk else None
-        tk = np.full((len(rows), L, topk), -np.inf, np.float32) if topk else None
-        for i, (r, s, o) in enumerate(zip(rows, seqs, outs)):
-            start = int(batch.prompt_lens_B[r])
-            for pos in range(max(start, 1), len(s)):
-                entry = o.prompt_logprobs[pos]
-                lp[i, pos] = entry[s[pos]].logprob
-                if topk:
-                    ranked = sorted(((v.rank, tok, v.logprob) for tok, v in entry.items() if v.rank <= topk))[:topk]
-                    for k, (_, tok, logprob) in enumerate(ranked):
-                        ids[i, pos, k], tk[i, pos, k] = tok, logprob
-        return lp, ids, tk
+        outs = iter(self.llm.generate([{"prompt_token_ids": s} for s in seqs], params, use_tqdm=False))
+        result = []
+        for batch, rows in parts:
+            L = batch.tokens_BL.shape[1]
+            lp = np.zeros((len(rows), L), np.float32)
+            ids = np.zeros((len(rows), L, topk), np.int32) if topk else None
+            tk = np.full((len(rows), L, topk), -np.inf, np.float32) if topk else None
+            for i, r in enumerate(rows):
+                s, o = batch.sequence(int(r)), next(outs)
+                start = int(batch.prompt_lens_B[r])
+                for pos in range(max(start, 1), len(s)):
+                    entry = o.prompt_logprobs[pos]
+                    lp[i, pos] = entry[int(s[pos])].logprob
+                    if topk:
+                        ranked = sorted(((v.rank, tok, v.logprob) for tok, v in entry.items() if v.rank <= topk))[:topk]
+                        for k, (_, tok, logprob) in enumerate(ranked):
+                            ids[i, pos, k], tk[i, pos, k] = tok, logprob
+            result.append((lp, ids, tk, None, None))
+        return result
 
     def _score_hf(self, batch: RolloutBatch, rows: np.ndarray, topk: int, hidden: bool):
         import torch

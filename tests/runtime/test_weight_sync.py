@@ -5,6 +5,7 @@ import pytest
 import ray
 
 from mopd_ray.batch import RolloutBatch, TeacherScores, pad_sequences
+from mopd_ray.dispatch import split_batch
 from mopd_ray.roles import (init_broadcast_group, make_learner_group, make_rollout_group, setup_learners,
                             sync_weights)
 
@@ -29,6 +30,16 @@ def _synthetic_batch(n_rows: int, seed: int):
                          tuple(["add"] * n_rows))
     teacher_lp = np.full((n_rows, int(rlens.max())), -0.1, np.float32)  # response positions only
     return batch, TeacherScores("add_expert", np.arange(n_rows, dtype=np.int32), plens.copy(), teacher_lp)
+
+
+def train_on(learners, batch, scores, step: int = 0, n_mini: int = 1) -> list:
+    """Dispatch a batch in hand to the learner ranks (each gets refs of its own rows only); train_step refs."""
+    refs = []
+    for rank, parts in enumerate(split_batch(batch, scores, len(learners), n_mini)):
+        inputs = [{"mini_batch": p["mini_batch"], "batch": ray.put(p["batch"]), "scores": [ray.put(s) for s in p["scores"]]}
+                  for p in parts]
+        refs.append(learners.call(rank, "train_step", inputs, step))
+    return refs
 
 
 @pytest.fixture(scope="module")
@@ -57,8 +68,7 @@ def test_rollout_matches_learner_after_sync(rollout, artifacts, stage, transport
         before = learners.gather(learners.call_all("compute_logprobs", SEQS))[0]
         stale = rollout.gather(rollout.call(0, "score_logprobs", SEQS))  # what the engine served so far
         batch, scores = _synthetic_batch(8, seed=stage)
-        shard, score = ray.put(batch), ray.put(scores)
-        metrics = learners.gather(learners.call_all("train_step", [shard], [[score]], 0))[0]
+        metrics = learners.gather(train_on(learners, batch, [scores]))[0]
         assert np.isfinite(metrics["loss"]) and metrics["grad_norm"] > 0
         after = learners.gather(learners.call_all("compute_logprobs", SEQS))
         # ranks agree, and the update really moved the weights

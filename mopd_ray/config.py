@@ -98,7 +98,7 @@ class RolloutConfig:
     num_gpus_per_shard: float = 0.0
     custom_resources: Dict[str, float] = field(default_factory=dict)
     weight_sync: str = "broadcast"  # broadcast (torch.distributed group: NCCL/gloo) | object_store
-    weight_sync_bucket_mb: int = 256
+    weight_sync_bucket_mb: int = 256  # bucket size of the weight stream (0: one tensor per bucket)
     # rollout shards per replica and step: > 1 lets teachers score finished shards while the rest generate
     shards_per_replica: int = 2
     seed: int = 0
@@ -149,7 +149,7 @@ class AlgorithmConfig:
     topk_divergence: str = "forward"  # forward | reverse
     full_vocab_chunk_size: int = 1024
     kl_estimator: str = "k3"  # reported estimator
-    max_staleness: int = 0  # 0: on-policy; 1: the next rollout overlaps this update
+    max_staleness: int = 0  # 0: on-policy; k >= 1: up to k later rollouts overlap this update (async)
 
 
 @dataclass
@@ -325,7 +325,7 @@ def validate(cfg: Union[DictConfig, MOPDConfig]) -> None:
     _check_choice("algorithm.is_correction", al.is_correction, IS_CORRECTIONS.names())
     _check_choice("algorithm.kl_estimator", al.kl_estimator, KL_ESTIMATORS.names())
     _check_choice("algorithm.topk_divergence", al.topk_divergence, ("forward", "reverse"))
-    _check_choice("algorithm.max_staleness", al.max_staleness, (0, 1))
+    _check_positive("algorithm.max_staleness", al.max_staleness, allow_zero=True)
     if not 0.0 <= al.kl_gamma <= 1.0:
         _fail("algorithm.kl_gamma", f"must be in [0, 1], got {al.kl_gamma}")
     if al.alpha < 0:

@@ -3,7 +3,7 @@ weights go from actor to actor through the object store and never enter this pro
 
 One step: sample prompts -> rollout shards -> each shard, as soon as it is ready, to the teachers of
 its rows -> learners train on the refs -> weight sync -> metrics -> eval / checkpoint every k steps.
-With ``max_staleness=1`` the next step's rollout is launched before this step's update.
+With ``max_staleness=k`` up to k later rollouts are launched before this step's update (async).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import json
 import logging
 import random
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -97,13 +98,17 @@ class Orchestrator:
             if cfg.run.steps_per_launch > 0:  # time-limited allocations: a slice now, resume=auto later
                 stop_at = min(stop_at, self.state.step + cfg.run.steps_per_launch)
             self.stop_at = stop_at
-            pending = self._launch_rollout(self.state.step) if self.state.step < stop_at else None
+            # rollouts launched and not yet trained on, oldest first; with max_staleness=k up to k run
+            # ahead of the update (generated with weights at most k versions old; the IS gate corrects)
+            queue = deque([self._launch_rollout(self.state.step)] if self.state.step < stop_at else [])
+            launched = self.state.step + len(queue)
             while self.state.step < stop_at:
                 step, t0 = self.state.step, time.perf_counter()
-                learner_inputs, score_meta_refs = self._score(pending)
-                current = pending
-                if cfg.algorithm.max_staleness == 1 and step + 1 < stop_at:
-                    pending = self._launch_rollout(step + 1)  # overlaps this update; one version stale
+                current = queue.popleft()
+                learner_inputs, score_meta_refs = self._score(current)
+                while len(queue) < cfg.algorithm.max_staleness and launched < stop_at:
+                    queue.append(self._launch_rollout(launched))  # overlaps this update
+                    launched += 1
                 metrics = gather_fail_fast(
                     [self.roles.learners.call(r, "train_step", learner_inputs[r], step)
                      for r in range(len(self.roles.learners))],
@@ -117,10 +122,10 @@ class Orchestrator:
                 metrics.update(self._side_metrics(current, score_meta_refs, time.perf_counter() - t0))
                 self.logger.log(step, metrics)
                 last = metrics
-                in_flight = pending if pending is not current else None
-                self._maybe_checkpoint(in_flight)
-                if cfg.algorithm.max_staleness == 0 and self.state.step < stop_at:
-                    pending = self._launch_rollout(self.state.step)
+                self._maybe_checkpoint(queue[0] if queue else None)
+                if not queue and launched < stop_at:  # on-policy: the next rollout after the update
+                    queue.append(self._launch_rollout(launched))
+                    launched += 1
                 self._maybe_evaluate(force=self.state.step == stop_at)
             self._get(self.roles.learners.call_all("save_pretrained", f"{self.run_dir}/student_final"),
                       "export student")

@@ -156,13 +156,15 @@ def _share_teacher_heads(cfg, roles: Roles) -> None:
 
 
 def init_broadcast_group(cfg, learners: ActorGroup, rollout: ActorGroup) -> None:
-    """One process group: learner rank 0 (rank 0 of the group) + every rollout engine."""
-    world = 1 + len(rollout)
+    """One process group: learner rank 0 (rank 0 of the group) + every worker process (TP shard) of
+    every rollout engine, which receive the buckets themselves."""
+    tp = cfg.rollout.tensor_parallel_size
+    world = 1 + len(rollout) * tp
     host, port = learners.gather(learners.call(0, "master_address"), "master_address")
     metas = learners.gather(learners.call(0, "param_metas"), "param_metas")
     bucket = cfg.rollout.weight_sync_bucket_mb << 20
     refs = [learners.call(0, "init_sync_group", host, port, world, cfg.cluster.call_timeout_s)]
-    refs += [rollout.call(i, "init_sync_group", host, port, i + 1, world, metas, bucket, cfg.cluster.call_timeout_s)
+    refs += [rollout.call(i, "init_sync_group", host, port, 1 + i * tp, world, metas, bucket, cfg.cluster.call_timeout_s)
              for i in range(len(rollout))]
     rollout.gather(refs, "init_sync_group")
 

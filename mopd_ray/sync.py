@@ -1,10 +1,12 @@
 """Weight sync from learner rank 0 to the rollout engines: two transports behind one interface.
 
-- ``broadcast``: a torch.distributed process group of its own (learner rank 0 + every engine), built
-  from a TCPStore so it is independent of the learners' DeepSpeed group: NCCL on GPUs, gloo on CPU,
-  so the same path is tested here. Parameters travel in flat buckets, in a fixed name order both
-  sides know (``ParamMeta``).
-- ``object_store``: rank 0 puts {name: ndarray} once; every engine reads it zero-copy.
+- ``broadcast``: a torch.distributed process group of its own (learner rank 0 + every vLLM worker
+  process of every engine, one per TP shard), built from a TCPStore so it is independent of the
+  learners' DeepSpeed group: NCCL on GPUs, gloo on CPU, so the same path is tested here. Parameters
+  travel in flat buckets, in a fixed name order both sides know (``ParamMeta``); each worker loads a
+  bucket as soon as it arrives (workers/vllm_ext.py), so no side holds the whole model twice.
+- ``object_store``: rank 0 puts {name: ndarray} once; every engine reads it zero-copy and hands it to
+  its workers bucket by bucket.
 
 Under ZeRO-3 parameters are gathered one at a time (``GatheredParameters``), so rank 0 never needs
 more than one full layer beyond its bucket.
@@ -102,17 +104,40 @@ def broadcast_send(group, named_params: Iterator[tuple[str, torch.Tensor]], meta
     return sent
 
 
-def broadcast_recv(group, metas: list[ParamMeta], bucket_bytes: int, device: str = "cpu") -> dict[str, torch.Tensor]:
-    """Engine side: receive every bucket and split it back into named tensors."""
-    out = {}
+def recv_buckets(group, metas: list[ParamMeta], bucket_bytes: int, device="cpu") -> Iterator[list]:
+    """Engine side: yield each broadcast bucket as [(name, tensor view)] as soon as it has arrived.
+
+    A fresh buffer per bucket (a consumer may hold views of earlier buckets); nothing else is kept,
+    so the receiver never holds more than the buckets its consumer still references.
+    """
     for bucket in _buckets(metas, bucket_bytes):
         flat = torch.empty(sum(m.numel for m in bucket), dtype=_DTYPES[bucket[0].dtype], device=device)
         group.broadcast(flat, 0).wait()
-        offset = 0
+        named, offset = [], 0
         for m in bucket:
-            out[m.name] = flat[offset: offset + m.numel].view(m.shape)
+            named.append((m.name, flat[offset: offset + m.numel].view(m.shape)))
             offset += m.numel
-    return out
+        yield named
+
+
+def state_buckets(state: dict, bucket_bytes: int) -> Iterator[list]:
+    """Object-store side: {name: ndarray} (zero-copy views) as buckets of [(name, tensor)] of at most
+    ``bucket_bytes`` each (one tensor may exceed it); no copy is made."""
+    import warnings
+
+    bucket, size = [], 0
+    for name, arr in state.items():
+        with warnings.catch_warnings():  # read-only object-store views: vLLM copies them, never writes
+            warnings.simplefilter("ignore", UserWarning)
+            t = torch.from_numpy(arr) if isinstance(arr, np.ndarray) else arr
+        nbytes = t.numel() * t.element_size()
+        if bucket and size + nbytes > bucket_bytes:
+            yield bucket
+            bucket, size = [], 0
+        bucket.append((name, t))
+        size += nbytes
+    if bucket:
+        yield bucket
 
 
 def to_numpy_state(named_params: Iterator[tuple[str, torch.Tensor]]) -> dict[str, np.ndarray]:

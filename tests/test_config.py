@@ -81,7 +81,10 @@ def test_wrong_type_fails():
     (["algorithm.loss_agg=token_avg"], "algorithm.loss_agg", "seq_mean_token_mean"),
     (["cluster.dashboard_host=0.0.0.0"], "cluster.dashboard_host", "loopback"),
     (["teachers.models.add_expert.model_path=null"], "teachers.models.add_expert.model_path", "self"),
-    (["algorithm.max_staleness=2"], "algorithm.max_staleness", "0, 1"),
+    (["algorithm.max_staleness=-1"], "algorithm.max_staleness", ">= 0"),
+    (["data.prompts_per_step=6", "rollout.n_samples_per_prompt=4", "learner.micro_batch_size=4",
+      "learner.world_size=4"], "data.prompts_per_step", "multiple of 4"),
+    (["rollout.shards_per_replica=0"], "rollout.shards_per_replica", "> 0"),
 ])
 def test_broken_invariants_name_the_key_and_the_fix(overrides, key, fix):
     with pytest.raises(ConfigError) as e:

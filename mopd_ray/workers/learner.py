@@ -119,6 +119,7 @@ class LearnerWorker:
         """
         t0 = time.perf_counter()
         g = self._fetch_rows(parts)
+        g["fetch_s"] = time.perf_counter() - t0  # waiting for rollouts / scores still in flight, and the copy
         t = self._tensors(g)
         fused = self._fused_old_logprobs()
         old_lp = t["rollout_lp"].clone() if fused or not self.cfg["recompute_old_logprobs"] else self._old_logprobs(g, t)
@@ -319,7 +320,8 @@ class LearnerWorker:
                    "grad_norm": float(np.mean(loop["grad_norms"])) if loop["grad_norms"] else float("nan"),
                    "lr": self.scheduler.get_last_lr()[0], "learner_step_s": time.perf_counter() - t0,
                    "response_tokens": stats[0].item(), "rows": int(stats[7].item()), "skipped_minibatches": loop["skipped"],
-                   "learner/fetched_bytes": g["fetched_bytes"], "learner/fetched_bytes_all_ranks": stats[8].item()}
+                   "learner/fetched_bytes": g["fetched_bytes"], "learner/fetched_bytes_all_ranks": stats[8].item(),
+                   "learner/fetch_s": g["fetch_s"], "learner/compute_s": time.perf_counter() - t0 - g["fetch_s"]}
         if loop["nonfinite"]:
             metrics["nonfinite"] = loop["nonfinite"]
         if any(s != "sampled" for s in self.teacher_signals):

@@ -32,7 +32,6 @@ class RolloutWorker:
             kv_cache_memory_bytes=rollout_cfg["kv_cache_memory_bytes"], enforce_eager=rollout_cfg["enforce_eager"],
             gpu_memory_utilization=rollout_cfg["gpu_memory_utilization"], trust_remote_code=trust_remote_code,
             worker_extension_cls="mopd_ray.workers.vllm_ext.WeightLoaderExtension", **extra)
-        self.sync_group = None
         self.weight_version = 0
 
     def node_id(self) -> str:
@@ -115,36 +114,44 @@ class RolloutWorker:
         return evaluate_llm(self.llm, self.tokenizer, prompts, k, seed, self.cfg["max_new_tokens"])
 
     # ------------------------------------------------------------------ weight sync
-    def _load(self, state: dict, version: int) -> None:
-        import torch
-        from safetensors.torch import save
+    def _in_process(self) -> bool:
+        """The engine's workers live in this process (tensors pass through collective_rpc as they are)."""
+        import os
 
-        blob = save({k: v.contiguous() if isinstance(v, torch.Tensor) else torch.from_numpy(np.array(v))
-                     for k, v in state.items()})
-        self.llm.collective_rpc("mopd_load_weights", args=(blob,))
+        return os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0" and self.cfg["tensor_parallel_size"] == 1
+
+    def _loaded(self, version: int) -> None:
         self.llm.reset_prefix_cache()  # stale prefix cache gave log-probs off by >1 after an update
         self.weight_version = version
 
     def update_weights_from_store(self, state: dict, version: int) -> float:
-        """``state`` is {name: ndarray}, resolved by Ray from the learner's ObjectRef in this process."""
+        """``state`` is {name: ndarray}, resolved by Ray from the learner's ObjectRef in this process
+        (zero-copy views of the object store); handed to the workers bucket by bucket."""
+        from safetensors.torch import save
+
+        from ..sync import state_buckets
+
         t0 = time.perf_counter()
-        self._load(state, version)
+        local = self._in_process()
+        self.llm.collective_rpc("mopd_begin_load")
+        for named in state_buckets(state, self.cfg["weight_sync_bucket_mb"] << 20):
+            self.llm.collective_rpc("mopd_load_bucket", args=(named if local else save(
+                {n: t.contiguous() for n, t in named}),))
+        self.llm.collective_rpc("mopd_finish_load")
+        self._loaded(version)
         return time.perf_counter() - t0
 
-    def init_sync_group(self, host: str, port: int, rank: int, world_size: int, metas: list,
-                        bucket_bytes: int, timeout_s: float) -> bool:
-        from ..sync import make_group
-
-        self.sync_group = make_group(host, port, rank, world_size, timeout_s)
-        self.sync_metas, self.sync_bucket_bytes = metas, bucket_bytes
-        return True
+    def init_sync_group(self, host: str, port: int, rank_base: int, world_size: int, metas: list,
+                        bucket_bytes: int, timeout_s: float) -> list:
+        """Every worker process of this engine joins the sync group (ranks rank_base .. + TP - 1)."""
+        plain = [(m.name, list(m.shape), m.dtype) for m in metas]  # survives vLLM's RPC serialisation
+        return self.llm.collective_rpc("mopd_join_sync_group",
+                                       args=(host, port, rank_base, world_size, plain, bucket_bytes, timeout_s))
 
     def receive_weights(self, version: int) -> float:
-        from ..sync import broadcast_recv
-
         t0 = time.perf_counter()
-        state = broadcast_recv(self.sync_group, self.sync_metas, self.sync_bucket_bytes)
-        self._load(state, version)
+        self.llm.collective_rpc("mopd_receive_weights")
+        self._loaded(version)
         return time.perf_counter() - t0
 
     # ------------------------------------------------------------------ checks

@@ -11,6 +11,8 @@ import pytest
 
 from mopd_ray.metrics import read_metrics
 
+from .conftest import compose_cfg
+
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
 FAST = ["cluster.include_dashboard=false", "logging.wandb_mode=offline"]
@@ -178,3 +180,18 @@ def test_roles_on_different_nodes_of_a_multi_node_cluster(artifacts, tmp_path):
     finally:
         ray.shutdown()
         cluster.shutdown()
+
+
+def test_async_rollouts_up_to_max_staleness_and_every_row_once(local_ray, artifacts, tmp_path):
+    """max_staleness=2: two rollouts run ahead of each update (3 shards per replica, parts per rank)."""
+    from mopd_ray.orchestrator import Orchestrator
+
+    cfg = compose_cfg("experiment=local_smoke", f"run.artifacts_dir={artifacts}", "run.total_steps=5",
+                      "algorithm.max_staleness=2", "rollout.shards_per_replica=3", "logging.wandb_mode=disabled",
+                      "logging.progress_bar=false", *[f"teachers.models.{t}.backend=hf" for t in
+                                                      ("add_expert", "reverse_expert", "self")])
+    last = Orchestrator(cfg, str(tmp_path)).run()
+    rows = read_metrics(tmp_path)
+    assert [r["rollout/staleness"] for r in rows] == [0, 1, 2, 2, 2]
+    assert last["rows_trained"] == 5 * 4 * 2 and last["weight_version"] == 5
+    assert all(0 < r["learner/fetched_bytes"] < r["learner/fetched_bytes_all_ranks"] for r in rows)

@@ -58,7 +58,7 @@ class TeacherConfig:
 
     model_path: Optional[str] = None  # None only for the "self" teacher (a frozen initial student)
     tiny: Optional[TinyModelConfig] = None  # build a tiny teacher at model_path when absent
-    backend: str = "auto"  # vllm | hf | auto (hf for full_vocab, which needs hidden states; vllm otherwise)
+    backend: str = "auto"  # vllm | hf | auto (= vllm; hf for models vLLM cannot load). Both serve every signal
     weight: float = 1.0  # coefficient of this teacher's distillation advantage / loss
     signal: Optional[str] = None  # override algorithm.signal for rows routed here
     replicas: int = 1
@@ -293,11 +293,9 @@ def resolved_signal(cfg, teacher_name: str) -> str:
 
 
 def resolved_backend(cfg, teacher_name: str) -> str:
-    """The scoring backend of a teacher: its own setting, or for "auto" the one its signal needs."""
+    """The scoring backend of a teacher: its own setting; "auto" is vLLM (it serves every signal)."""
     t = cfg.teachers.models[teacher_name]
-    if t.backend != "auto":
-        return t.backend
-    return "hf" if resolved_signal(cfg, teacher_name) == "full_vocab" else "vllm"
+    return "vllm" if t.backend == "auto" else t.backend
 
 
 def validate(cfg: Union[DictConfig, MOPDConfig]) -> None:
@@ -371,9 +369,6 @@ def validate(cfg: Union[DictConfig, MOPDConfig]) -> None:
             if resolved_backend(cfg, name) == "vllm" and al.topk > t.max_logprobs:
                 _fail("algorithm.topk", f"top-k {al.topk} exceeds teacher '{name}' engine limit "
                       f"{key}.max_logprobs={t.max_logprobs}; lower algorithm.topk or raise max_logprobs")
-        if signal == "full_vocab" and resolved_backend(cfg, name) != "hf":
-            _fail(f"{key}.backend", f"full_vocab needs last-layer hidden states, which the 'hf' backend returns; "
-                  f"set {key}.backend=hf or choose another signal for teacher '{name}'")
     if al.signal == "topk" and al.topk > ro.max_logprobs:
         _fail("algorithm.topk", f"top-k {al.topk} exceeds the rollout engine's rollout.max_logprobs="
               f"{ro.max_logprobs}; lower algorithm.topk or raise rollout.max_logprobs")

@@ -31,7 +31,7 @@ class RolloutWorker:
             max_logprobs=rollout_cfg["max_logprobs"], tensor_parallel_size=rollout_cfg["tensor_parallel_size"],
             kv_cache_memory_bytes=rollout_cfg["kv_cache_memory_bytes"], enforce_eager=rollout_cfg["enforce_eager"],
             gpu_memory_utilization=rollout_cfg["gpu_memory_utilization"], trust_remote_code=trust_remote_code,
-            worker_extension_cls="mopd_ray.workers.vllm_ext.WeightLoaderExtension", **extra)
+            worker_extension_cls="mopd_ray.workers.vllm_ext.WorkerExtension", **extra)
         self.weight_version = 0
 
     def node_id(self) -> str:

@@ -1,9 +1,11 @@
 """Teacher worker: scores the student's trajectories with a frozen teacher, at temperature 1.
 
-Backends:
+Backends (each serves every signal):
 - ``vllm``: prompt log-probs of the sampled tokens (``prompt_logprobs=0``) or the top-k plus the
-  sampled token (``prompt_logprobs=k``); tensor-parallel inside the replica.
-- ``hf``: a transformers forward; also returns last-layer hidden states for the full-vocabulary signal.
+  sampled token (``prompt_logprobs=k``), and last-layer hidden states for the full-vocabulary signal
+  (captured in the engine's workers during the same pass, workers/vllm_ext.py); tensor-parallel
+  inside the replica.
+- ``hf``: a transformers forward (models vLLM cannot load).
 
 Scores cover response positions only (TeacherScores): column t of a row is token position l = prompt
 length + t; ``teacher_logprobs_RT[t]`` is log pi_T(tokens[l] | tokens[<l]) and ``hidden_RTH[t]`` is the
@@ -26,17 +28,20 @@ class TeacherWorker:
                  trust_remote_code: bool = False):
         from transformers import AutoConfig, AutoTokenizer
 
-        self.name, self.cfg, self.replica_index = name, teacher_cfg, replica_index
+        self.name, self.cfg, self.replica_index, self.model_path = name, teacher_cfg, replica_index, model_path
         self.backend = teacher_cfg["backend"]
         self.tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
-        self.embedding_rows = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code).vocab_size
+        model_cfg = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+        self.embedding_rows = model_cfg.vocab_size
+        self.hidden_size = getattr(model_cfg, "hidden_size", None) or model_cfg.get_text_config().hidden_size
         if self.backend == "vllm":
             from .vllm_engine import make_llm
 
             self.llm = make_llm(
                 model_path, dtype=teacher_cfg["dtype"], max_model_len=teacher_cfg["max_model_len"], seed=0,
                 max_logprobs=teacher_cfg["max_logprobs"], tensor_parallel_size=teacher_cfg["tensor_parallel_size"],
-                kv_cache_memory_bytes=teacher_cfg["kv_cache_memory_bytes"], trust_remote_code=trust_remote_code)
+                kv_cache_memory_bytes=teacher_cfg["kv_cache_memory_bytes"], trust_remote_code=trust_remote_code,
+                worker_extension_cls="mopd_ray.workers.vllm_ext.WorkerExtension")  # hidden-state capture
         else:
             import torch
             from transformers import AutoModelForCausalLM
@@ -63,6 +68,8 @@ class TeacherWorker:
 
     def output_head(self):
         """The frozen output head (and bias) as numpy, for the learner's full-vocabulary loss."""
+        if self.backend == "vllm":
+            return head_from_checkpoint(self.model_path)
         head = self.model.get_output_embeddings()
         w = head.weight.detach().float().cpu().numpy()
         b = None if getattr(head, "bias", None) is None else head.bias.detach().float().cpu().numpy()
@@ -85,9 +92,7 @@ class TeacherWorker:
         t0 = time.perf_counter()
         rows_per_part = [np.asarray(r, dtype=np.int32) for r in rows_per_part]
         if self.backend == "vllm":
-            if hidden:
-                raise ValueError(f"teacher '{self.name}': hidden states need backend=hf")
-            dense = self._score_vllm(list(zip(batches, rows_per_part)), topk)
+            dense = self._score_vllm(list(zip(batches, rows_per_part)), topk, hidden)
         else:
             dense = [self._score_hf(b, r, topk, hidden) for b, r in zip(batches, rows_per_part)]
         latency = time.perf_counter() - t0
@@ -106,30 +111,41 @@ class TeacherWorker:
                              topk_ids_RTK=cut(ids), topk_logprobs_RTK=cut(tk), hidden_RTH=cut(hs),
                              hidden_dtype=hdt, latency_s=latency)
 
-    def _score_vllm(self, parts: list, topk: int) -> list:
-        """One engine call over every row of every part; per part (lp, ids, topk_lp, None, None) at token positions."""
+    def _score_vllm(self, parts: list, topk: int, hidden: bool) -> list:
+        """One engine call over every row of every part; per part (lp, ids, topk_lp, hidden, dtype) at
+        token positions. Flat log-probs: per sequence one [n - 1, k + 1] array (the token itself, then
+        the top-k in rank order), sliced with numpy instead of walking dicts token by token."""
         from vllm import SamplingParams
 
-        seqs = [b.sequence(int(r)).tolist() for b, rows in parts for r in rows]
-        params = SamplingParams(max_tokens=1, prompt_logprobs=topk, temperature=1.0, detokenize=False)
-        outs = iter(self.llm.generate([{"prompt_token_ids": s} for s in seqs], params, use_tqdm=False))
-        result = []
+        from .vllm_ext import decode_captured
+
+        seqs = [b.sequence(int(r)) for b, rows in parts for r in rows]
+        params = SamplingParams(max_tokens=1, prompt_logprobs=topk, temperature=1.0, detokenize=False,
+                                flat_logprobs=True)
+        hdt = self.cfg.get("hidden_dtype", "bfloat16")
+        if hidden:
+            self.llm.collective_rpc("mopd_capture_start")
+        outs = self.llm.generate([{"prompt_token_ids": s.tolist()} for s in seqs], params, use_tqdm=False)
+        captured = self.llm.collective_rpc("mopd_capture_stop", kwargs={"dtype": hdt})[0] if hidden else None
+        result, it, w = [], iter(zip(seqs, outs)), topk + 1
         for batch, rows in parts:
-            L = batch.tokens_BL.shape[1]
-            lp = np.zeros((len(rows), L), np.float32)
-            ids = np.zeros((len(rows), L, topk), np.int32) if topk else None
-            tk = np.full((len(rows), L, topk), -np.inf, np.float32) if topk else None
+            L, R = batch.tokens_BL.shape[1], len(rows)
+            lp = np.zeros((R, L), np.float32)
+            ids = np.zeros((R, L, topk), np.int32) if topk else None
+            tk = np.full((R, L, topk), -np.inf, np.float32) if topk else None
+            hs = np.zeros((R, L, self.hidden_size), np.uint16 if hdt == "bfloat16" else np.dtype(hdt)) if hidden else None
             for i, r in enumerate(rows):
-                s, o = batch.sequence(int(r)), next(outs)
-                start = int(batch.prompt_lens_B[r])
-                for pos in range(max(start, 1), len(s)):
-                    entry = o.prompt_logprobs[pos]
-                    lp[i, pos] = entry[int(s[pos])].logprob
-                    if topk:
-                        ranked = sorted(((v.rank, tok, v.logprob) for tok, v in entry.items() if v.rank <= topk))[:topk]
-                        for k, (_, tok, logprob) in enumerate(ranked):
-                            ids[i, pos, k], tk[i, pos, k] = tok, logprob
-            result.append((lp, ids, tk, None, None))
+                s, o = next(it)
+                n, start = len(s), max(int(batch.prompt_lens_B[r]), 1)
+                flat = np.asarray(o.prompt_logprobs.logprobs, np.float32).reshape(n - 1, w)  # row j: token j + 1
+                lp[i, start:n] = flat[start - 1:, 0]
+                if topk:
+                    flat_ids = np.asarray(o.prompt_logprobs.token_ids, np.int32).reshape(n - 1, w)
+                    ids[i, start:n], tk[i, start:n] = flat_ids[start - 1:, 1:], flat[start - 1:, 1:]
+                if hidden:  # the state at l - 1 predicts token l
+                    first, h = decode_captured(captured[o.request_id], hdt)
+                    hs[i, start:n] = h[start - 1 - first: n - 1 - first]
+            result.append((lp, ids, tk, hs, hdt if hidden else None))
         return result
 
     def _score_hf(self, batch: RolloutBatch, rows: np.ndarray, topk: int, hidden: bool):
@@ -183,3 +199,27 @@ def expand_hidden(hidden: np.ndarray, dtype_name: Optional[str]):
     if dtype_name == "bfloat16":
         return torch.from_numpy(np.ascontiguousarray(hidden).view(np.int16)).view(torch.bfloat16)
     return torch.from_numpy(np.array(hidden))
+
+
+def head_from_checkpoint(model_path: str) -> tuple:
+    """(W [V, H], bias or None) as float32 numpy, read from the folder's safetensors (tied: the input
+    embedding), without building the model: the vLLM backend serves hidden states, the learner the head."""
+    import json
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    config = json.loads(Path(model_path, "config.json").read_text())
+    tied = config.get("tie_word_embeddings", config.get("text_config", {}).get("tie_word_embeddings", False))
+    names = ["lm_head.weight", "model.embed_tokens.weight"] if not tied else ["model.embed_tokens.weight"]
+    found: dict = {}
+    for f in sorted(Path(model_path).glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as st:
+            for key in st.keys():
+                if key in names + ["lm_head.bias"] and key not in found:
+                    found[key] = st.get_tensor(key).float().numpy()
+    weight = next((found[n] for n in names if n in found), None)
+    if weight is None:
+        raise ValueError(f"{model_path}: no output head ({' or '.join(names)}) in its safetensors files")
+    return weight, found.get("lm_head.bias")
+

@@ -15,12 +15,19 @@ processed half-loaded (seen: log-probs off by 1.2). Nothing may generate between
 The object-store transport uses the same session with buckets handed over by ``collective_rpc``:
 tensors themselves when the engine runs in this process, safetensors bytes per bucket when the
 engine's workers are other processes (tensors do not survive vLLM's RPC serialisation there).
+
+Teachers use the same extension to capture last-layer hidden states during a prompt-log-prob scoring
+pass (the full-vocabulary signal): a forward hook on the top-level model, whose output is the
+decoder's post-final-norm state (what transformers returns as ``hidden_states[-1]``). A hook on the
+inner decoder would never fire: vLLM's compile decorator replaces its ``__call__``.
 """
 
 from __future__ import annotations
 
+import numpy as np
 
-class WeightLoaderExtension:
+
+class WorkerExtension:
     # ---------------------------------------------------------------- one load session
     def mopd_begin_load(self) -> bool:
         from vllm.config import set_current_vllm_config
@@ -81,3 +88,55 @@ class WeightLoaderExtension:
             buckets += 1
         self.mopd_finish_load()
         return {"buckets": buckets, "bytes": nbytes}
+
+    # ---------------------------------------------------------------- hidden states (teachers)
+    def mopd_capture_start(self) -> bool:
+        """Record the last-layer hidden state of every token computed until ``mopd_capture_stop``."""
+        runner = self.model_runner
+        self.mopd_captured = {}
+        if getattr(self, "mopd_hook", None) is None:
+            def hook(module, args, kwargs, out):
+                if not getattr(self, "mopd_capturing", False) or not hasattr(out, "shape"):
+                    return  # a pipeline stage other than the last returns intermediate tensors
+                positions = (kwargs["positions"] if "positions" in kwargs else args[1]).cpu().numpy()
+                starts = runner.query_start_loc.np  # the flattened batch, request by request
+                for i, req in enumerate(runner.input_batch.req_ids):
+                    a, b = int(starts[i]), int(starts[i + 1])
+                    if b > a:  # copy: on GPUs the output buffer is reused by the next step
+                        self.mopd_captured.setdefault(req, []).append(
+                            (int(positions[a]), out[a:b].detach().to("cpu", copy=True)))
+
+            self.mopd_hook = runner.get_model().register_forward_hook(hook, with_kwargs=True)
+        self.mopd_capturing = True
+        return True
+
+    def mopd_capture_stop(self, dtype: str = "float32"):
+        """{request id: (first position, rows, H, raw bytes)} of the contiguous prefill run of each request
+        (bytes survive the RPC of multi-process engines); None on tensor-parallel ranks > 0 (replicated)."""
+        import torch
+        from vllm.distributed import get_tensor_model_parallel_rank
+
+        self.mopd_capturing = False
+        captured, self.mopd_captured = self.mopd_captured, {}
+        if get_tensor_model_parallel_rank() != 0:
+            return None
+        out = {}
+        for req, chunks in captured.items():
+            chunks.sort(key=lambda c: c[0])
+            pieces, nxt = [], chunks[0][0]
+            for pos, h in chunks:  # chunked prefill arrives in order; anything after a gap is decoding
+                if pos != nxt:
+                    break
+                pieces.append(h)
+                nxt = pos + h.shape[0]
+            h = torch.cat(pieces).to(getattr(torch, dtype))
+            arr = h.view(torch.int16).numpy().view(np.uint16) if dtype == "bfloat16" else h.numpy()
+            # the engine's request id is "<the caller's id>-<random suffix>"
+            out[req.rsplit("-", 1)[0]] = (chunks[0][0], arr.shape[0], arr.shape[1], arr.tobytes())
+        return out
+
+
+def decode_captured(entry, dtype: str) -> tuple:
+    """(first position, [rows, H] array) of one ``mopd_capture_stop`` entry (bfloat16 as uint16 bits)."""
+    start, rows, H, raw = entry
+    return start, np.frombuffer(raw, np.uint16 if dtype == "bfloat16" else np.dtype(dtype)).reshape(rows, H)

@@ -40,20 +40,24 @@ def _score(group, batch, rows, topk=0, hidden=False):
 
 
 def test_sharded_teacher_scores_equal_unsharded_and_hf(local_ray, artifacts):
+    """Sampled log-probs, top-k and the full-vocabulary payload (hidden states captured in vLLM's
+    workers, and the output head) agree between a TP=1 and a TP=2 vLLM teacher and a transformers one."""
     batch = _batch()
     rows = np.array([0, 2], np.int32)
-    out = {}
+    out, hidden, heads = {}, {}, {}
     for label, overrides in {
         "tp1": ["teachers.models.add_expert.tensor_parallel_size=1"],
         "tp2": ["teachers.models.add_expert.tensor_parallel_size=2"],
         "hf": ["teachers.models.add_expert.backend=hf"],
     }.items():
         cfg = compose_cfg(f"run.artifacts_dir={artifacts}", "teachers.models.add_expert.num_cpus_per_shard=1",
-                          *overrides)
+                          "teachers.models.add_expert.hidden_dtype=float32", *overrides)
         group = make_teacher_group(cfg, "add_expert")
         try:
             group.gather(group.call_all("ready"))
             out[label] = _score(group, batch, rows, topk=4)
+            hidden[label] = _score(group, batch, rows, hidden=True)
+            heads[label] = group.gather(group.call(0, "output_head"))
         finally:
             group.shutdown()
     mask = batch.response_mask_BL()[rows]
@@ -67,6 +71,14 @@ def test_sharded_teacher_scores_equal_unsharded_and_hf(local_ray, artifacts):
         np.testing.assert_array_equal(_dense(out[label], "topk_ids", L)[mask], _dense(out["tp1"], "topk_ids", L)[mask])
         np.testing.assert_allclose(_dense(out[label], "topk_logprobs", L)[mask], _dense(out["tp1"], "topk_logprobs", L)[mask], atol=1e-4)
     assert np.all(np.diff(_dense(out["tp1"], "topk_logprobs", L)[mask], axis=-1) <= 1e-6)  # sorted by rank
+    # full vocabulary: the same last-layer (post-norm) states at response positions, zeros elsewhere
+    ref = hidden["hf"].to_positions(hidden["hf"].hidden_RTH, L)
+    assert np.abs(ref[mask]).sum(-1).min() > 0 and not ref[~mask].any()
+    for label in ("tp1", "tp2"):
+        assert hidden[label].hidden_dtype == "float32"
+        np.testing.assert_allclose(hidden[label].to_positions(hidden[label].hidden_RTH, L), ref, atol=1e-4)
+        np.testing.assert_array_equal(heads[label][0], heads["hf"][0])
+        assert heads[label][1] is None and heads["hf"][1] is None
 
 
 def test_tokenizer_mismatch_names_both_models(tmp_path):

@@ -41,7 +41,9 @@ def variants(cfg) -> list:
         route_all = [f"teachers.routing.{dom}={expert}" for dom in cfg.data.domains]
         out.append((f"single_teacher_{d.single_teacher}",
                     [f"algorithm.signal={sig}", *d.signal_overrides.get(sig, []), *route_all]))
-        groups = [f"data.prompts_per_step={max(1, cfg.data.prompts_per_step // 4)}", "rollout.n_samples_per_prompt=4"]
+        cells = cfg.learner.world_size * cfg.learner.mini_batches_per_step  # whole prompts per rank
+        prompts = max(cells, cfg.data.prompts_per_step // 4 // cells * cells)
+        groups = [f"data.prompts_per_step={prompts}", "rollout.n_samples_per_prompt=4"]
         out.append(("grpo_rewards_only", ["algorithm.signal=none", "algorithm.alpha=1.0", *groups,
                                           *d.grpo_overrides]))
     return out

@@ -7,7 +7,7 @@ from typing import Optional
 
 import numpy as np
 
-from ..batch import RolloutBatch, batch_nbytes, pad_sequences
+from ..batch import RolloutBatch, pad_sequences
 
 
 class RolloutWorker:
@@ -75,7 +75,6 @@ class RolloutWorker:
                 "response_tokens": int(sum(int(b.response_lens_B.sum()) for b in batches)),
                 "rows": int(sum(b.num_rows for b in batches)),
                 "finished": int(sum(int(b.finished_B.sum()) for b in batches)),
-                "part_bytes": [batch_nbytes(b) for b in batches],
                 "reward_sum_by_domain": {d: float(sum(v)) for d, v in by_domain.items()},
                 "reward_count_by_domain": {d: len(v) for d, v in by_domain.items()}}
         return (*batches, meta)

@@ -101,8 +101,8 @@ def main() -> None:
     for label in args.configs:
         rows = [r for r in results if r.get("label") == label]
         ms = (lambda k: statistics.median(r["stages"][k] for r in rows) * 1e3)
-        print(f"| {label} | {statistics.median(r['tokens_per_s'] for r in rows):.0f} | "
-              f"{' / '.join(f'{r['ratio_to_trl']:.2f}' for r in rows)} | "
+        ratios = " / ".join(f"{r['ratio_to_trl']:.2f}" for r in rows)
+        print(f"| {label} | {statistics.median(r['tokens_per_s'] for r in rows):.0f} | {ratios} | "
               f"{statistics.median(r['step_s_median'] for r in rows) * 1e3:.0f} | {ms('generate_s'):.0f} | "
               f"{ms('teacher_score_s'):.0f} | {ms('learner_wait_s'):.0f} | {ms('learner_compute_s'):.0f} | "
               f"{ms('weight_sync_s'):.0f} | {statistics.median(r['overhead_fraction'] for r in rows):.0%} |")

@@ -5,9 +5,9 @@
 Builds a student with the project's tiny builder (same architecture, larger sizes: hidden 768 x 12
 layers, about 104M parameters, 0.4 GB in fp32), starts one real vLLM rollout engine and one DeepSpeed
 learner rank, and syncs the learner's weights into the engine several times per transport and bucket
-size. For each sync it reads the rollout process's peak resident memory (VmHWM, reset before every
-sync through /proc/<pid>/clear_refs) against its resting size before the sync, and its resting size
-after. The script only uses the public role API, so the same file measures an older checkout
+size. For each sync it samples the rollout process's anonymous resident memory (RssAnon, every 2 ms:
+its own heap, not the object store's shared pages that a zero-copy read maps) and reports the peak
+against the resting size before the sync, and the resting size after. The script only uses the public role API, so the same file measures an older checkout
 (``--repo DIR``: the before/after comparison of the issue).
 
 How it grows: the rollout side holds at most the bucket being received plus the layers whose tensors
@@ -31,6 +31,32 @@ def _rss_kb(pid: int, field: str) -> int:
         if line.startswith(field + ":"):
             return int(line.split()[1])
     raise KeyError(field)
+
+
+class AnonPeak:
+    """Samples a process's anonymous resident memory (RssAnon: its own heap, not the object store's
+    shared pages it maps) every ``period_s`` while the ``with`` block runs; ``peak_kb`` is the maximum."""
+
+    def __init__(self, pid: int, period_s: float = 0.002):
+        import threading
+
+        self.pid, self.period_s, self.peak_kb, self._stop = pid, period_s, 0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak_kb = max(self.peak_kb, _rss_kb(self.pid, "RssAnon"))
+            time.sleep(self.period_s)
+
+    def __enter__(self):
+        self.peak_kb = _rss_kb(self.pid, "RssAnon")
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak_kb = max(self.peak_kb, _rss_kb(self.pid, "RssAnon"))
 
 
 def main() -> None:
@@ -77,14 +103,16 @@ def main() -> None:
                     params = setup_learners(cfg, learners)[0]["params"]
                     if transport == "broadcast":
                         init_broadcast_group(cfg, learners, rollout)
-                    pid = ray.get(rollout.actors[0].__ray_call__.remote(lambda self: os.getpid()))
+                    pid, where = ray.get(rollout.actors[0].__ray_call__.remote(
+                        lambda self: (os.getpid(), sys.modules[type(self).__module__].__file__)))
+                    print(f"rollout actor runs {where}", flush=True)
                     for i in range(args.syncs):
-                        rest = _rss_kb(pid, "VmRSS")
-                        Path(f"/proc/{pid}/clear_refs").write_text("5")  # reset the peak (VmHWM) to now
-                        t0 = time.perf_counter()
-                        sync_weights(cfg, learners, rollout, version=i + 1)
-                        seconds = time.perf_counter() - t0
-                        peak, after = _rss_kb(pid, "VmHWM"), _rss_kb(pid, "VmRSS")
+                        rest = _rss_kb(pid, "RssAnon")
+                        with AnonPeak(pid) as sampled:
+                            t0 = time.perf_counter()
+                            sync_weights(cfg, learners, rollout, version=i + 1)
+                            seconds = time.perf_counter() - t0
+                        peak, after = sampled.peak_kb, _rss_kb(pid, "RssAnon")
                         row = {"transport": transport, "bucket_mb": bucket, "sync": i, "params": params,
                                "model_mb": params * 4 / 2**20, "seconds": seconds, "rest_before_mb": rest / 1024,
                                "peak_extra_mb": (peak - rest) / 1024, "rest_after_mb": after / 1024}

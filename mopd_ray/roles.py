@@ -18,6 +18,12 @@ from .workers.teacher import TeacherWorker
 log = logging.getLogger(__name__)
 
 
+# glibc keeps freed weight-sync buffers in the heap (its mmap threshold grows to 32 MB after the first
+# free), so the rollout process would grow by about the model size after the first syncs; a fixed
+# threshold hands every buffer of 1 MiB or more back to the system when it is freed.
+ROLLOUT_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
+
+
 def _plain(node) -> dict:
     return OmegaConf.to_container(node, resolve=True)
 
@@ -72,7 +78,8 @@ def make_rollout_group(cfg) -> ActorGroup:
                dict(ro.custom_resources) or None),
         init_args=lambda i: ((cfg.model.path, _plain(ro), max_len, i, cfg.model.trust_remote_code), {}),
         # a restarted engine comes back with the initial weights: the driver re-syncs, then retries
-        max_restarts=cfg.cluster.max_restarts, max_task_retries=0, **_common(cfg))
+        max_restarts=cfg.cluster.max_restarts, max_task_retries=0, runtime_env={"env_vars": ROLLOUT_ENV},
+        **_common(cfg))
 
 
 def make_teacher_group(cfg, name: str) -> ActorGroup:

@@ -30,9 +30,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 OURS = {  # label -> overrides of experiment=bench_trl_shapes
     "on-policy": [],
-    "on-policy, 1 shard": ["rollout.shards_per_replica=1"],
+    "on-policy, 2 shards": ["rollout.shards_per_replica=2"],
     "max_staleness=1": ["algorithm.max_staleness=1"],
-    "max_staleness=1, 1 shard": ["algorithm.max_staleness=1", "rollout.shards_per_replica=1"],
+    "max_staleness=1, 2 shards": ["algorithm.max_staleness=1", "rollout.shards_per_replica=2"],
 }
 
 

@@ -99,8 +99,10 @@ class RolloutConfig:
     custom_resources: Dict[str, float] = field(default_factory=dict)
     weight_sync: str = "broadcast"  # broadcast (torch.distributed group: NCCL/gloo) | object_store
     weight_sync_bucket_mb: int = 256  # bucket size of the weight stream (0: one tensor per bucket)
-    # rollout shards per replica and step: > 1 lets teachers score finished shards while the rest generate
-    shards_per_replica: int = 2
+    # rollout shards per replica and step: > 1 lets teachers score finished shards while the rest generate,
+    # at the cost of smaller engine batches (on 2 CPU cores with a tiny model, 2 shards generated 40%
+    # slower than 1, which the overlap did not win back: benchmarks/bench_vs_trl.py)
+    shards_per_replica: int = 1
     seed: int = 0
 
 

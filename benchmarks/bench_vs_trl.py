@@ -43,19 +43,32 @@ def run_ours(label: str, overrides: list, out: Path, warmup: int) -> dict:
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     if proc.returncode:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+    return {**summarize(run_dir, warmup), "label": label, "command": " ".join(cmd[1:])}
+
+
+def summarize(run_dir: Path, warmup: int) -> dict:
+    """tokens/s, stage medians and overhead of one of our runs, from its metrics.jsonl.
+
+    Critical path of a step: on-policy, generate + learner wait + learner compute + sync (one after
+    another); with max_staleness >= 1 the next generate overlaps the learner, so the longer of the two
+    lanes + sync. Overhead = step time - critical path (driver work, Ray scheduling, metrics)."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()][warmup:]
     med = (lambda key: statistics.median(r[key] for r in rows))
     score = statistics.median(max(v for k, v in r.items() if k.endswith("/score_latency_s")) for r in rows)
     stages = {"generate_s": med("rollout/generate_s"), "teacher_score_s": score, "learner_wait_s": med("learner/fetch_s"),
               "learner_compute_s": med("learner/compute_s"), "weight_sync_s": med("weight_sync_s")}
-    critical = [r["rollout/generate_s"] + r["learner/fetch_s"] + r["learner/compute_s"] + r["weight_sync_s"] for r in rows]
-    overhead = [r["step_s"] - c for r, c in zip(rows, critical)]
+
+    def critical(r) -> float:
+        learner = r["learner/fetch_s"] + r["learner/compute_s"]
+        lanes = max(r["rollout/generate_s"], learner) if r["rollout/staleness"] > 0 else r["rollout/generate_s"] + learner
+        return lanes + r["weight_sync_s"]
+
+    overhead = [r["step_s"] - critical(r) for r in rows]
     tokens, seconds = sum(r["response_tokens"] for r in rows), sum(r["step_s"] for r in rows)
-    return {"tool": "mopd_ray", "label": label, "tokens_per_s": tokens / seconds, "step_s_median": med("step_s"),
+    return {"tool": "mopd_ray", "tokens_per_s": tokens / seconds, "step_s_median": med("step_s"),
             "stages": stages, "overhead_s_median": statistics.median(overhead),
             "overhead_fraction": statistics.median(o / r["step_s"] for o, r in zip(overhead, rows)),
-            "mean_response_len": med("rollout/mean_response_len"),
-            "staleness": rows[-1]["rollout/staleness"], "command": " ".join(cmd[1:])}
+            "mean_response_len": med("rollout/mean_response_len"), "staleness": rows[-1]["rollout/staleness"]}
 
 
 def run_trl(steps: int, warmup: int) -> dict:

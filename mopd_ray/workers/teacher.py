@@ -102,19 +102,21 @@ class TeacherWorker:
                           "pid": os.getpid()})
 
     def _windows(self, batch: RolloutBatch, rows: np.ndarray, dense: tuple, latency: float) -> TeacherScores:
-        """Ship response positions only: [R, T] windows from each row's prompt length."""
-        lp, ids, tk, hs, hdt = dense
+        """Ship response positions only: [R, T] windows from each row's prompt length (the vLLM backend
+        writes windows itself, ``dense[-1]`` True; the transformers forward gives [R, L] arrays to cut)."""
+        lp, ids, tk, hs, hdt, windowed = dense
         start = batch.prompt_lens_B[rows].astype(np.int32)
         T = int(batch.response_lens_B[rows].max()) if len(rows) else 0
-        cut = (lambda a: None if a is None else response_windows(a, start, T))
+        cut = (lambda a: None if a is None else a if windowed else response_windows(a, start, T))
         return TeacherScores(teacher=self.name, rows_R=rows, start_R=start, teacher_logprobs_RT=cut(lp),
                              topk_ids_RTK=cut(ids), topk_logprobs_RTK=cut(tk), hidden_RTH=cut(hs),
                              hidden_dtype=hdt, latency_s=latency)
 
     def _score_vllm(self, parts: list, topk: int, hidden: bool) -> list:
-        """One engine call over every row of every part; per part (lp, ids, topk_lp, hidden, dtype) at
-        token positions. Flat log-probs: per sequence one [n - 1, k + 1] array (the token itself, then
-        the top-k in rank order), sliced with numpy instead of walking dicts token by token."""
+        """One engine call over every row of every part; per part (lp, ids, topk_lp, hidden, dtype, True)
+        as [R, T] response windows, written directly (never an [R, L, H] array of the whole sequence).
+        Flat log-probs: per sequence one [n - 1, k + 1] array (the token itself, then the top-k in rank
+        order), sliced with numpy instead of walking dicts token by token."""
         from vllm import SamplingParams
 
         from .vllm_ext import decode_captured
@@ -129,23 +131,25 @@ class TeacherWorker:
         captured = self.llm.collective_rpc("mopd_capture_stop", kwargs={"dtype": hdt})[0] if hidden else None
         result, it, w = [], iter(zip(seqs, outs)), topk + 1
         for batch, rows in parts:
-            L, R = batch.tokens_BL.shape[1], len(rows)
-            lp = np.zeros((R, L), np.float32)
-            ids = np.zeros((R, L, topk), np.int32) if topk else None
-            tk = np.full((R, L, topk), -np.inf, np.float32) if topk else None
-            hs = np.zeros((R, L, self.hidden_size), np.uint16 if hdt == "bfloat16" else np.dtype(hdt)) if hidden else None
+            R = len(rows)
+            T = int(batch.response_lens_B[rows].max()) if R else 0  # column t is position prompt length + t
+            lp = np.zeros((R, T), np.float32)
+            ids = np.zeros((R, T, topk), np.int32) if topk else None
+            tk = np.full((R, T, topk), -np.inf, np.float32) if topk else None
+            hs = np.zeros((R, T, self.hidden_size), np.uint16 if hdt == "bfloat16" else np.dtype(hdt)) if hidden else None
             for i, r in enumerate(rows):
                 s, o = next(it)
-                n, start = len(s), max(int(batch.prompt_lens_B[r]), 1)
+                n, start = len(s), int(batch.prompt_lens_B[r])
+                skip = 1 if start == 0 else 0  # position 0 has no log-prob
                 flat = np.asarray(o.prompt_logprobs.logprobs, np.float32).reshape(n - 1, w)  # row j: token j + 1
-                lp[i, start:n] = flat[start - 1:, 0]
+                lp[i, skip: n - start] = flat[start + skip - 1:, 0]
                 if topk:
                     flat_ids = np.asarray(o.prompt_logprobs.token_ids, np.int32).reshape(n - 1, w)
-                    ids[i, start:n], tk[i, start:n] = flat_ids[start - 1:, 1:], flat[start - 1:, 1:]
+                    ids[i, skip: n - start], tk[i, skip: n - start] = flat_ids[start + skip - 1:, 1:], flat[start + skip - 1:, 1:]
                 if hidden:  # the state at l - 1 predicts token l
                     first, h = decode_captured(captured[o.request_id], hdt)
-                    hs[i, start:n] = h[start - 1 - first: n - 1 - first]
-            result.append((lp, ids, tk, hs, hdt if hidden else None))
+                    hs[i, skip: n - start] = h[start + skip - 1 - first: n - 1 - first]
+            result.append((lp, ids, tk, hs, hdt if hidden else None, True))
         return result
 
     def _score_hf(self, batch: RolloutBatch, rows: np.ndarray, topk: int, hidden: bool):
@@ -181,7 +185,7 @@ class TeacherWorker:
         lp *= mask
         if hidden:
             hs[~mask] = 0
-        return lp, ids, tk, hs, (hdt if hidden else None)
+        return lp, ids, tk, hs, (hdt if hidden else None), False
 
 
 def _compact(h, dtype_name: str) -> np.ndarray:

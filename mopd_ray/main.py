@@ -83,8 +83,13 @@ def run(cfg: DictConfig) -> int:
     return 0
 
 
+_STARTED = False  # set once Hydra has composed the config and handed it to us
+
+
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")
 def _hydra_main(cfg: DictConfig) -> None:
+    global _STARTED
+    _STARTED = True
     if cfg.run.output_dir == ".":
         from hydra.core.hydra_config import HydraConfig
 
@@ -94,6 +99,17 @@ def _hydra_main(cfg: DictConfig) -> None:
         sys.exit(rc)
 
 
-if __name__ == "__main__":
+def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    _hydra_main()
+    try:
+        _hydra_main()
+    except SystemExit as e:
+        # Hydra reports a config it cannot compose (unknown key, wrong type: `learner.lr=fast`) and
+        # exits 1 before calling us; every configuration error exits 2
+        if e.code == 1 and not _STARTED:
+            sys.exit(2)
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -37,6 +37,8 @@ def _data(path):
     (['{"domain": "add", "answer": "3"}'], ["train.jsonl", "line 1", "prompt"]),
     (['{"prompt": "   ", "domain": "add", "answer": "3"}'], ["train.jsonl", "line 1", "prompt", "empty"]),
     (['{"prompt": "add the numbers: 1+2 =", "answer": "3"}'], ["train.jsonl", "line 1", "domain"]),
+    (['{"prompt": "add the numbers: 1+2 =", "domain": null, "answer": "3"}'],
+     ["train.jsonl", "line 1", "'domain'", "is null"]),
     (['{"prompt": "add the numbers: 1+2 =", "domain": "chess", "answer": "3"}'],
      ["chess", "teachers.routing.chess=<teacher>", "teachers.default"]),
 ])
@@ -88,3 +90,22 @@ def test_remote_code_is_not_run_unless_enabled(main, artifacts, tmp_path):
     (folder / "config.json").write_text(json.dumps(cfg))
     rc, text = main(f"teachers.models.add_expert.model_path={folder}", "teachers.models.add_expert.tiny=null")
     assert rc == 2 and "trust_remote_code" in text and not sentinel.exists()
+
+
+def test_jsonl_that_is_not_utf8_names_the_file_and_line(main, tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_bytes(b'{"prompt": "add the numbers: 1+2 =", "domain": "add", "answer": "3"}\n\xff\xfe{"prompt": 1}\n')
+    rc, text = main(*_data(path))
+    assert rc == 2
+    assert "train.jsonl line 2" in text and "not UTF-8" in text and "0xff" in text
+
+
+def test_teacher_config_that_is_not_json_names_the_teacher_and_the_file(main, artifacts, tmp_path):
+    import shutil
+
+    folder = tmp_path / "broken_teacher"
+    shutil.copytree(artifacts / "tiny" / "teacher_add", folder)
+    (folder / "config.json").write_text("{architectures: [Qwen2ForCausalLM]")
+    rc, text = main(f"teachers.models.add_expert.model_path={folder}", "teachers.models.add_expert.tiny=null")
+    assert rc == 2
+    assert "teacher:add_expert" in text and f"{folder}/config.json is not valid JSON" in text

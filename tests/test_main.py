@@ -51,3 +51,10 @@ def test_missing_model_folder_is_a_clear_error(tmp_path):
     proc = _main(tmp_path, f"teachers.models.add_expert.model_path={tmp_path}/nope", "teachers.models.add_expert.tiny=null")
     assert proc.returncode == 2
     assert "teacher:add_expert" in proc.stderr + proc.stdout and "config.json" in proc.stderr + proc.stdout
+
+
+def test_wrongly_typed_or_unknown_override_exits_2_like_every_config_error(tmp_path):
+    for override, key in (("learner.lr=fast", "learner.lr"), ("algorithm.clip_hihg=0.3", "clip_hihg")):
+        proc = _main(tmp_path, override, "run.dry_run=true")
+        assert proc.returncode == 2, (override, proc.returncode)
+        assert key in proc.stderr + proc.stdout

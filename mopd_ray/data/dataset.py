@@ -19,11 +19,16 @@ class DataError(ValueError):
 
 def _jsonl_records(path: Path) -> Iterator[tuple[str, str, Any]]:
     """(default id, location, record) per non-blank line; location is '<path> line <n>' (1-based)."""
-    with path.open("r", encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
+    with path.open("rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            where = f"{path} line {line_no}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{where}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
+                                f"save the file as UTF-8 (e.g. iconv -f <its encoding> -t utf-8)") from None
             if not line.strip():
                 continue
-            where = f"{path} line {line_no}"
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
@@ -45,6 +50,8 @@ def _parquet_records(path: Path) -> Iterator[tuple[str, str, Any]]:
 def _required_text(record: dict, key: str, where: str, what: str) -> str:
     """The non-empty string under `key`, or a DataError saying what is wrong and how to fix it."""
     value = record.get(key)
+    if value is None and key in record:
+        raise DataError(f"{where}: key '{key}' ({what}) is null; give every row a non-empty {what}")
     if value is None:
         raise DataError(f"{where}: missing key '{key}' ({what}); add it to every row or set "
                         f"data.{what}_key to the name your file uses (keys here: {sorted(record)})")

@@ -22,7 +22,12 @@ def check_model_folder(role: str, path: str, trust_remote_code: bool) -> None:
     from transformers import AutoConfig
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    raw = json.loads(Path(path, "config.json").read_text())
+    config_file = Path(path, "config.json")
+    try:
+        raw = json.loads(config_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{role}: {config_file} is not valid JSON ({e}); restore the model folder's config.json "
+                         "(e.g. save_pretrained writes it)") from None
     if raw.get("auto_map") and not trust_remote_code:
         raise ValueError(f"{role}: model folder {path!r} needs custom code (auto_map in config.json), which is not run "
                          "unless you set model.trust_remote_code=true; only do that for code you trust")

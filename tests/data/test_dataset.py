@@ -72,7 +72,7 @@ def test_line_that_is_not_an_object(tmp_path):
 
 @pytest.mark.parametrize("record,key,phrase", [
     ({"domain": "math"}, "prompt", "missing key"),
-    ({"prompt": None, "domain": "math"}, "prompt", "missing key"),
+    ({"prompt": None, "domain": "math"}, "prompt", "is null"),
     ({"prompt": "", "domain": "math"}, "prompt", "empty"),
     ({"prompt": " \t\n", "domain": "math"}, "prompt", "empty"),
     ({"prompt": 5, "domain": "math"}, "prompt", "must be a string"),

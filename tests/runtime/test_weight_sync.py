@@ -84,27 +84,3 @@ def test_rollout_matches_learner_after_sync(rollout, artifacts, stage, transport
     finally:
         learners.shutdown()
 
-
-def test_tensor_parallel_engine_workers_receive_the_broadcast_themselves(local_ray, artifacts):
-    """A TP=2 rollout engine: both worker processes join the sync group (world 1 + 2) and load each
-    bucket as it arrives (buckets of 64 KB split fused layers); the engine then serves the learner's weights."""
-    cfg = compose_cfg(f"run.artifacts_dir={artifacts}", "rollout.tensor_parallel_size=2", "rollout.max_new_tokens=8",
-                      "rollout.weight_sync_bucket_mb=0", "learner.world_size=1", "learner.lr=3e-2",
-                      "data.prompts_per_step=4", "rollout.n_samples_per_prompt=2", "learner.micro_batch_size=8",
-                      "algorithm.is_correction=none")
-    rollout = make_rollout_group(cfg)
-    learners = make_learner_group(cfg, sorted(cfg.teachers.models))
-    try:
-        rollout.gather(rollout.call_all("ready"))
-        setup_learners(cfg, learners)
-        init_broadcast_group(cfg, learners, rollout)
-        batch, scores = _synthetic_batch(8, seed=7)
-        learners.gather(train_on(learners, batch, [scores]))
-        after = learners.gather(learners.call(0, "compute_logprobs", SEQS))
-        sync_weights(cfg, learners, rollout, version=1)
-        engine = rollout.gather(rollout.call(0, "score_logprobs", SEQS))
-        for e, l in zip(engine, after):
-            np.testing.assert_allclose(e[1:], l[1:], atol=2e-5)
-    finally:
-        learners.shutdown()
-        rollout.shutdown()

@@ -14,7 +14,7 @@ Two properties the math relies on:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -91,9 +91,7 @@ def split_batch(batch, scores: list, world: int, n_mini: int) -> list:
             part_scores = []
             for s in scores:
                 mine = rows[np.isin(rows, s.rows_R)]
-                if len(mine):
-                    sub = s.take(mine)
-                    local = np.searchsorted(rows, mine)
-                    part_scores.append(type(s)(**{**sub.__dict__, "rows_R": local.astype(np.int32)}))
+                if len(mine):  # renumbered to the part's rows
+                    part_scores.append(replace(s.take(mine), rows_R=np.searchsorted(rows, mine).astype(np.int32)))
             out[r].append({"mini_batch": m, "batch": batch.take(rows), "scores": part_scores})
     return out

@@ -250,8 +250,10 @@ class Orchestrator:
                                                        f"{meta['weight_version']}, expected {pending.weight_version}")
             except _REPLICA_GONE as e:
                 self._recover_rollout(replica, e)
-                for other in [s, *(o for o in waiting.values() if pending.plan[o].replica == replica)]:
-                    waiting = {k: v for k, v in waiting.items() if v != other}
+                # this shard and the replica's others still queued are lost with it: generate them again
+                redo = [s, *(o for o in waiting.values() if pending.plan[o].replica == replica)]
+                waiting = {k: v for k, v in waiting.items() if v not in redo}
+                for other in redo:
                     self._submit_shard(pending, other)
                     waiting[pending.meta_refs[other]] = other
                 continue

@@ -132,6 +132,8 @@ class LearnerWorker:
     def _fetch_rows(self, parts: list) -> dict:
         """ray.get this rank's parts and their scores; local [n, L] arrays and each row's mini-batch."""
         import ray
+        import torch
+        import torch.distributed as dist
 
         batches: list[RolloutBatch] = ray.get([p["batch"] for p in parts])
         scores: list[list[TeacherScores]] = [ray.get(list(p["scores"])) for p in parts]
@@ -144,9 +146,6 @@ class LearnerWorker:
             mine = [r[np.argsort(g["teacher_index"][r], kind="stable")] for r in mine]
         g["rows_by_mini"] = mine
         # global denominators of each mini-batch: response tokens and non-empty sequences over all ranks
-        import torch
-        import torch.distributed as dist
-
         totals = torch.tensor([[g["mask"][r].sum(), (g["mask"][r].sum(-1) > 0).sum()] for r in mine], dtype=torch.float64)
         dist.all_reduce(totals)
         g["totals"] = totals

@@ -77,3 +77,38 @@ def test_losses_equal_across_world_sizes_and_bytes_split(local_ray, artifacts, o
         for a, b in zip(after, ref_after):  # the same weights after the same updates
             np.testing.assert_allclose(a, b, atol=2e-5)
     assert ref_steps[1][0]["grad_norm"] > 0 and np.isfinite(ref_steps[1][0]["loss"])
+    # pi_old is the learner's own (recomputed or from the training forward), not the random rollout log-probs
+    assert all(ranks[0]["train_rollout_logprob_gap"] > 0.1 for ranks in ref_steps)
+
+
+def test_pi_old_from_the_training_forward_equals_a_separate_one(local_ray, artifacts):
+    """One mini-batch, no normalisation: pi_old comes from the training forward. A learner handed the
+    true pi_old instead (rollout log-probs = the initial student's, recompute off) makes the same update."""
+    from dataclasses import replace
+
+    results = []
+    for recompute in (True, False):
+        cfg = compose_cfg(f"run.artifacts_dir={artifacts}", "learner.world_size=1", f"data.prompts_per_step={PROMPTS}",
+                          f"rollout.n_samples_per_prompt={N}", "learner.micro_batch_size=4", "learner.lr=1e-2",
+                          f"learner.recompute_old_logprobs={str(recompute).lower()}")
+        names = sorted(cfg.teachers.models)
+        learners = make_learner_group(cfg, names)
+        try:
+            setup_learners(cfg, learners)
+            batch, scores = _batch(3, names)
+            seqs = [batch.sequence(i).tolist() for i in range(batch.num_rows)]
+            lp = learners.gather(learners.call(0, "compute_logprobs", seqs))  # the initial student = pi_old
+            true_old = np.zeros_like(batch.rollout_logprobs_BL)
+            for i, row in enumerate(lp):
+                true_old[i, : len(row)] = row
+            batch = replace(batch, rollout_logprobs_BL=np.where(batch.response_mask_BL(), true_old, 0).astype(np.float32))
+            metrics = learners.gather(train_on(learners, batch, scores))[0]
+            results.append((metrics, learners.gather(learners.call(0, "compute_logprobs", SEQS))))
+        finally:
+            learners.shutdown()
+    (fused, after_fused), (given, after_given) = results
+    assert fused["train_rollout_logprob_gap"] < 1e-5  # the forward reproduced pi_old
+    for key in ("loss", "reverse_kl", "grad_norm", "is_clip_fraction"):
+        assert fused[key] == pytest.approx(given[key], rel=1e-4, abs=1e-6), key
+    for a, b in zip(after_fused, after_given):
+        np.testing.assert_allclose(a, b, atol=2e-5)

@@ -133,11 +133,17 @@ def _bootstrap_locked(cfg, out: Path, recipe: dict) -> dict:
 
     tok = AutoTokenizer.from_pretrained(base)
     eval_rows = [{**r, "prompt_ids": render(tok, r["prompt"])} for r in evals]
+    from .rewards import rewards_from_cfg
+
     accuracy = {}
-    for name, p in paths.items():
-        res = evaluate_model_dir(p, eval_rows, k=0, max_new_tokens=cfg.rollout.max_new_tokens)
-        accuracy[name] = {dom: r["accuracy"] for dom, r in res.items()}
-        log.info("bootstrap: %s accuracy %s", name, accuracy[name])
+    rewards = rewards_from_cfg(cfg)
+    try:
+        for name, p in paths.items():
+            res = evaluate_model_dir(p, eval_rows, rewards, k=0, max_new_tokens=cfg.rollout.max_new_tokens)
+            accuracy[name] = {dom: r["accuracy"] for dom, r in res.items()}
+            log.info("bootstrap: %s accuracy %s", name, accuracy[name])
+    finally:
+        rewards.close()
     manifest = {"recipe": recipe, "paths": paths, "accuracy": accuracy, "final_sft_loss":
                 {k: v[-1] for k, v in losses.items()}, "seconds": time.time() - t0}
     manifest_path.write_text(json.dumps(manifest, indent=1))

@@ -60,13 +60,20 @@ def init_ray(cluster_cfg, cpu_demand: float = 0.0, gpu: bool = False) -> None:
     """Start (local mode) or join (cluster mode, or under ``ray job submit``) a Ray cluster."""
     if ray.is_initialized():
         return
+    from .console import QUIET_ENV
+
     env = dict(WORKER_ENV)
     if gpu:
         env.pop("DS_ACCELERATOR")
+    verbose = os.environ.get("MOPD_VERBOSE") == "1"
+    env["MOPD_VERBOSE"] = "1" if verbose else "0"
+    if not verbose:
+        env.update(QUIET_ENV)
+    quiet = {"logging_level": logging.INFO if verbose else logging.WARNING}
     address = os.environ.get("RAY_ADDRESS") or (cluster_cfg.address if cluster_cfg.mode == "cluster" else None)
     if address:
         log.info("joining Ray cluster at %s", address)
-        ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True)
+        ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True, **quiet)
         return
     # Loopback only: Ray swaps a 127.0.0.1 node address for the machine's public one and binds its
     # servers to it; its local-only mode (as on macOS) keeps every listener on 127.0.0.1 instead.
@@ -78,7 +85,7 @@ def init_ray(cluster_cfg, cpu_demand: float = 0.0, gpu: bool = False) -> None:
     # Logical CPUs: processes of different roles take turns (rollout, score, train), so local mode
     # may hold more one-thread actors than cores.
     num_cpus = cluster_cfg.num_cpus or max(os.cpu_count() or 1, math.ceil(cpu_demand))
-    log.info("starting a local Ray instance on 127.0.0.1 with %d logical CPUs", num_cpus)
+    log.debug("starting a local Ray instance on 127.0.0.1 with %d logical CPUs", num_cpus)
     ray.init(
         address="local",  # always a new instance: never attach to another Ray found on this machine
         num_cpus=num_cpus,
@@ -89,6 +96,7 @@ def init_ray(cluster_cfg, cpu_demand: float = 0.0, gpu: bool = False) -> None:
         object_store_memory=cluster_cfg.object_store_memory,
         runtime_env={"env_vars": env},
         log_to_driver=True,
+        **quiet,
     )
 
 

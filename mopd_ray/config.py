@@ -6,11 +6,13 @@ unknown key or a value of the wrong type fails at composition with the key's ful
 that names the key and what to change.
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, ValidationError
 
 # vLLM's CPU attention accepts only these head sizes (PLATFORM.md); GPU backends accept a superset.
 VLLM_CPU_HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
@@ -22,6 +24,11 @@ ADVANTAGE_NORMS = ("none", "batch", "teacher", "batch_mean", "teacher_mean")
 
 class ConfigError(ValueError):
     """A configuration that cannot run; the message names the key and the fix."""
+
+
+def _open_dict() -> DictConfig:
+    """An empty mapping that command-line overrides may add keys to without a leading '+'."""
+    return OmegaConf.create({}, flags={"struct": False})
 
 
 @dataclass
@@ -76,8 +83,12 @@ class TeacherConfig:
 
 @dataclass
 class TeachersConfig:
-    models: Dict[str, TeacherConfig] = field(default_factory=dict)
-    routing: Dict[str, str] = field(default_factory=dict)  # data domain -> teacher name
+    # name -> TeacherConfig. Held untyped and open (not struct) so that teachers can be added, changed and
+    # removed from the command line (teachers.models.NAME.model_path=DIR, teachers.models={NAME: {...}},
+    # ~teachers.models.NAME); finalize() then gives every entry TeacherConfig's defaults and types, and
+    # names the key of an unknown or wrongly typed setting.
+    models: Dict[str, Any] = field(default_factory=lambda: _open_dict())
+    routing: Dict[str, str] = field(default_factory=lambda: _open_dict())  # data domain -> teacher name
     default: Optional[str] = None  # teacher for domains missing from routing (None: such a domain is an error)
 
 
@@ -168,6 +179,10 @@ class DataConfig:
     max_prompt_len: int = 48
     shuffle: bool = True
     seed: int = 0
+    # domain -> reward: exact | numeric | math_verify | package.module:function (mopd_ray/rewards.py); the
+    # synthetic domains use exact. Used by GRPO mixing (algorithm.alpha) and the evaluation
+    rewards: Dict[str, str] = field(default_factory=lambda: _open_dict())
+    reward_timeout_s: float = 10.0  # per call of math_verify or a user function; a call over it scores 0
 
 
 @dataclass
@@ -195,6 +210,7 @@ class LoggingConfig:
     run_name: Optional[str] = None
     jsonl: bool = True
     progress_bar: bool = True
+    verbose: bool = False  # true: the resolved config and Ray / vLLM / DeepSpeed / wandb INFO logs on the console
 
 
 @dataclass
@@ -257,6 +273,55 @@ def register_configs() -> None:
     cs.store(name="mopd_schema", node=MOPDConfig)
 
 
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+
+def compose_config(overrides=(), config_dir: str = CONF_DIR) -> DictConfig:
+    """conf/config.yaml with Hydra overrides, outside a Hydra app (demo, evaluate, tests), finalized."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+
+    register_configs()
+    try:
+        with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
+            cfg = compose(config_name="config", overrides=list(overrides))
+    except HydraException as e:
+        raise ConfigError(f"cannot compose the config from {list(overrides)}: {e}") from None
+    return finalize(cfg)
+
+
+def finalize(cfg):
+    """Give every teacher entry TeacherConfig's defaults and types, in place (idempotent); returns cfg.
+
+    Raises ConfigError naming ``teachers.models.NAME.KEY`` for an unknown or wrongly typed setting.
+    """
+    if not isinstance(cfg, DictConfig):
+        return cfg
+    models = cfg.teachers.models
+    for name in list(models.keys()):
+        entry = models._get_node(name)
+        if isinstance(entry, DictConfig) and OmegaConf.get_type(entry) is TeacherConfig:
+            continue
+        key = f"teachers.models.{name}"
+        if entry is None or (not isinstance(entry, DictConfig) and entry._is_none()):
+            entry = {}
+        elif not isinstance(entry, DictConfig):
+            _fail(key, f"must be a mapping of teacher settings (e.g. {key}.model_path=DIR), got {entry!r}")
+        try:
+            node = OmegaConf.merge(OmegaConf.structured(TeacherConfig), entry)
+        except (ConfigKeyError, ValidationError) as e:
+            sub = getattr(e, "full_key", None) or ""
+            detail = str(e).splitlines()[0]
+            if not isinstance(e, ConfigKeyError):
+                _fail(f"{key}.{sub}", f"has the wrong type ({detail})")
+            if "." in sub:  # inside a nested setting (tiny)
+                _fail(f"{key}.{sub}", f"is not a setting there ({detail})")
+            _fail(f"{key}.{sub}", f"is not a teacher setting; teacher settings: "
+                  f"{', '.join(f.name for f in fields(TeacherConfig))}")
+        models[name] = node
+    return cfg
+
+
 # --------------------------------------------------------------------------- validation
 
 
@@ -305,6 +370,7 @@ def validate(cfg: Union[DictConfig, MOPDConfig]) -> None:
     from .algo import (ADVANTAGE_ESTIMATORS, IS_CORRECTIONS, KL_ESTIMATORS, LOSS_AGGREGATIONS,
                        OUTCOME_ESTIMATORS, POLICY_LOSSES)
 
+    finalize(cfg)
     m, ts, ro, ln, al, da, cl = (cfg.model, cfg.teachers, cfg.rollout, cfg.learner, cfg.algorithm, cfg.data,
                                  cfg.cluster)
     dtypes = ("float32", "bfloat16", "float16")
@@ -428,6 +494,7 @@ def validate(cfg: Union[DictConfig, MOPDConfig]) -> None:
               f"{da.max_prompt_len + ro.max_new_tokens}")
     if da.eval_path is not None and da.train_path is None:
         _fail("data.eval_path", "is set without data.train_path")
+    validate_rewards(cfg)
 
     # cluster and logging
     _check_choice("cluster.mode", cl.mode, ("local", "cluster"))
@@ -436,6 +503,23 @@ def validate(cfg: Union[DictConfig, MOPDConfig]) -> None:
         _fail("cluster.dashboard_host", f"local mode binds to loopback only; got {cl.dashboard_host!r}")
     _check_resources(cfg)
     _check_demo(cfg)
+
+
+def validate_rewards(cfg) -> None:
+    """Every data.rewards entry names a built-in reward or a function that imports from here."""
+    from .rewards import BUILTIN_REWARDS, RewardError, resolve
+
+    _check_positive("data.reward_timeout_s", cfg.data.reward_timeout_s)
+    for domain, name in cfg.data.rewards.items():
+        if name in BUILTIN_REWARDS:
+            continue
+        if ":" not in str(name):
+            _fail(f"data.rewards.{domain}", f"{name!r} is not a reward: use one of {', '.join(BUILTIN_REWARDS)} or "
+                  "a function given as package.module:function")
+        try:
+            resolve(name)
+        except RewardError as e:
+            _fail(f"data.rewards.{domain}", str(e))
 
 
 def _check_demo(cfg) -> None:
@@ -486,5 +570,5 @@ def to_container(cfg) -> dict:
         OmegaConf.structured(cfg), resolve=True)
 
 
-__all__ = ["MISSING", "ConfigError", "MOPDConfig", "register_configs", "resolved_signal", "validate",
-           "resource_demand", "to_container"]
+__all__ = ["MISSING", "ConfigError", "MOPDConfig", "compose_config", "finalize", "register_configs",
+           "resolved_signal", "validate", "validate_rewards", "resource_demand", "to_container"]

@@ -17,18 +17,13 @@ import sys
 import time
 from pathlib import Path
 
-from hydra import compose, initialize_config_dir
-
-from .config import register_configs, validate
+from .config import compose_config, validate
 
 log = logging.getLogger("mopd_ray.demo")
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 
 def _compose(overrides: list):
-    register_configs()
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return compose(config_name="config", overrides=["experiment=demo", *overrides])
+    return compose_config(["experiment=demo", *overrides])
 
 
 def variants(cfg) -> list:

@@ -2,15 +2,30 @@
 
 ``evaluate_llm`` runs on any vLLM ``LLM`` (a rollout engine holding the current student, or a
 stand-alone engine for a teacher or a checkpoint). pass@k uses the unbiased estimator of Chen et al.
-(2021) from n >= k samples at temperature 1: 1 - C(n - c, k) / C(n, k), c = correct samples.
+(2021) from n >= k samples at temperature 1: 1 - C(n - c, k) / C(n, k), c = correct samples
+(reward >= 1). Accuracy is the mean reward of the greedy answer (the fraction correct for 0/1 rewards).
+
+The command evaluates model folders on an eval file with the configured rewards::
+
+    python -m mopd_ray.evaluate --model DIR [DIR ...] --data eval.jsonl [--k 4] [--out results.json] \\
+        [Hydra overrides: data.rewards.math=math_verify rollout.max_new_tokens=512 experiment=...]
+
+It prints a table (one row per model, greedy accuracy and pass@k per domain) and writes the figures
+as JSON. Domains without a reward are listed and skipped.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
+import logging
 import math
+import sys
+import time
 from collections import defaultdict
+from pathlib import Path
 
-from .data.domains import reward_for
+log = logging.getLogger("mopd_ray.evaluate")
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -19,32 +34,32 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - math.comb(n - c, k) / math.comb(n, k)
 
 
-def evaluate_llm(llm, tokenizer, prompts: list, k: int = 4, seed: int = 0, max_new_tokens: int = 16) -> dict:
-    """prompts: rows with prompt_ids, domain, answer. Returns {domain: {accuracy, pass@k, n}}."""
+def evaluate_llm(llm, tokenizer, prompts: list, rewards, k: int = 4, seed: int = 0, max_new_tokens: int = 16) -> dict:
+    """prompts: rows with prompt_ids, domain, answer; rewards: a mopd_ray.rewards.Rewards.
+    Returns {domain: {accuracy, pass@k, n}} over the domains that have a reward."""
     from vllm import SamplingParams
 
+    prompts = [p for p in prompts if rewards.has_reward(p["domain"]) and p.get("answer") is not None]
+    if not prompts:
+        return {}
     inputs = [{"prompt_token_ids": list(p["prompt_ids"])} for p in prompts]
     greedy = llm.generate(inputs, SamplingParams(n=1, temperature=0.0, max_tokens=max_new_tokens), use_tqdm=False)
-    sampled = None
+    decode = (lambda o: tokenizer.decode(o.token_ids, skip_special_tokens=True))
+    scores = rewards.score([(p["domain"], decode(g.outputs[0]), p["answer"]) for p, g in zip(prompts, greedy)])
+    correct, passk, count = defaultdict(float), defaultdict(float), defaultdict(int)
+    for p, r in zip(prompts, scores):
+        count[p["domain"]] += 1
+        correct[p["domain"]] += r
+    out = {d: {"accuracy": correct[d] / count[d], "n": count[d]} for d in count}
     if k > 0:
         sampled = llm.generate(inputs, [SamplingParams(n=k, temperature=1.0, max_tokens=max_new_tokens,
                                                        seed=seed * 7919 + i) for i in range(len(prompts))],
                                use_tqdm=False)
-    correct, passk, count = defaultdict(float), defaultdict(float), defaultdict(int)
-    for i, p in enumerate(prompts):
-        d = p["domain"]
-        text = tokenizer.decode(greedy[i].outputs[0].token_ids, skip_special_tokens=True)
-        r = reward_for(d, text, p.get("answer"))
-        if r is None:
-            continue
-        count[d] += 1
-        correct[d] += r
-        if sampled is not None:
-            c = sum(reward_for(d, tokenizer.decode(o.token_ids, skip_special_tokens=True), p["answer"]) >= 1.0
-                    for o in sampled[i].outputs)
-            passk[d] += pass_at_k(k, int(c), k)
-    out = {d: {"accuracy": correct[d] / count[d], "n": count[d]} for d in count}
-    if sampled is not None:
+        items = [(p["domain"], decode(o), p["answer"]) for p, s in zip(prompts, sampled) for o in s.outputs]
+        flat = iter(rewards.score(items))
+        for p in prompts:
+            c = sum(next(flat) >= 1.0 for _ in range(k))
+            passk[p["domain"]] += pass_at_k(k, int(c), k)
         for d in count:
             out[d][f"pass@{k}"] = passk[d] / count[d]
     return out
@@ -64,15 +79,134 @@ def merge_results(parts: list) -> dict:
     return out
 
 
-def evaluate_model_dir(model_path: str, prompts: list, k: int = 4, seed: int = 0, max_new_tokens: int = 16,
-                       max_model_len: int = 256) -> dict:
+def evaluate_model_dir(model_path: str, prompts: list, rewards, k: int = 4, seed: int = 0, max_new_tokens: int = 16,
+                       max_model_len: int = 256, dtype: str = "float32", tensor_parallel_size: int = 1,
+                       trust_remote_code: bool = False) -> dict:
     """Stand-alone evaluation of a model folder (teachers, checkpoints) with an in-process engine."""
     from transformers import AutoTokenizer
 
     from .workers.vllm_engine import make_llm
 
-    llm = make_llm(model_path, max_model_len=max_model_len, kv_cache_memory_bytes=128 << 20)
+    llm = make_llm(model_path, dtype=dtype, max_model_len=max_model_len, kv_cache_memory_bytes=128 << 20,
+                   tensor_parallel_size=tensor_parallel_size, trust_remote_code=trust_remote_code)
     try:
-        return evaluate_llm(llm, AutoTokenizer.from_pretrained(model_path), prompts, k, seed, max_new_tokens)
+        tok = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+        return evaluate_llm(llm, tok, prompts, rewards, k, seed, max_new_tokens)
     finally:
         del llm
+
+
+# --------------------------------------------------------------------------- the command
+
+
+def table(results: dict, k: int) -> str:
+    """A markdown table: one row per model, accuracy (and pass@k) per domain, then the mean."""
+    domains = sorted({d for r in results.values() for d in r})
+    cols = [f"{d} acc" for d in domains] + ([f"{d} pass@{k}" for d in domains] if k > 0 else [])
+    lines = ["| model | " + " | ".join(cols) + " | mean acc |", "|---|" + "---|" * (len(cols) + 1)]
+    for model, res in results.items():
+        vals = [res.get(d, {}).get("accuracy") for d in domains]
+        if k > 0:
+            vals += [res.get(d, {}).get(f"pass@{k}") for d in domains]
+        accs = [res[d]["accuracy"] for d in domains if d in res]
+        mean = sum(accs) / len(accs) if accs else None
+        lines.append(f"| {model} | " + " | ".join("-" if v is None else f"{100 * v:.1f}" for v in vals)
+                     + f" | {'-' if mean is None else f'{100 * mean:.1f}'} |")
+    counts = {d: next((r[d]["n"] for r in results.values() if d in r), 0) for d in domains}
+    lines.append("")
+    lines.append("prompts per domain: " + ", ".join(f"{d} {n}" for d, n in counts.items()))
+    return "\n".join(lines)
+
+
+def _parse(argv):
+    ap = argparse.ArgumentParser(prog="python -m mopd_ray.evaluate", description=(
+        "Greedy accuracy and pass@k per domain of model folders on an eval file, judged by the configured "
+        "rewards (data.rewards), through vLLM. Extra arguments are Hydra overrides of conf/."))
+    ap.add_argument("--model", nargs="+", required=True, help="transformers-format model folder(s)")
+    ap.add_argument("--data", help="eval file (JSONL or Parquet); default: data.eval_path, else the synthetic "
+                                   "eval split")
+    ap.add_argument("--k", type=int, default=None, help="pass@k samples per prompt (default run.eval_pass_k; 0: off)")
+    ap.add_argument("--max-prompts", type=int, default=0, help="first N prompts only (0: all)")
+    ap.add_argument("--out", default=None, help="JSON output path (default outputs/eval/<time>/results.json)")
+    ap.add_argument("--tensor-parallel-size", type=int, default=1)
+    ap.add_argument("--verbose", action="store_true", help="vLLM's own logs on the console")
+    ap.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. data.rewards.math=math_verify")
+    return ap.parse_args(argv)
+
+
+def _eval_rows(cfg, path) -> tuple[list, str]:
+    from .data.dataset import load_prompts
+    from .data.domains import generate_split
+
+    if path:
+        d = cfg.data
+        return load_prompts(path, d.prompt_key, d.domain_key, d.answer_key), str(path)
+    return generate_split(list(cfg.data.domains), cfg.data.num_eval_per_domain, cfg.data.seed, "eval"), \
+        "the synthetic eval split"
+
+
+def run_command(argv=None) -> int:
+    from .config import ConfigError, compose_config, validate_rewards
+    from .data.dataset import DataError
+    from .data.prompts import render
+    from .rewards import RewardError, rewards_from_cfg
+
+    from .console import configure, quiet_torch
+
+    args = _parse(sys.argv[1:] if argv is None else argv)
+    configure(args.verbose)  # before vLLM and torch are imported: they read their log levels once
+    try:
+        cfg = compose_config(args.overrides)
+        validate_rewards(cfg)
+        rows, source = _eval_rows(cfg, args.data or cfg.data.eval_path)
+    except (ConfigError, DataError, FileNotFoundError, ValueError) as e:
+        log.error("%s", e)
+        return 2
+    if args.max_prompts:
+        rows = rows[: args.max_prompts]
+    k = cfg.run.eval_pass_k if args.k is None else args.k
+    rewards = rewards_from_cfg(cfg)
+    missing = sorted({r["domain"] for r in rows if not rewards.has_reward(r["domain"])})
+    if missing:
+        log.warning("no reward for domain(s) %s: skipped (set data.rewards.DOMAIN=exact|numeric|math_verify|"
+                    "module:function)", ", ".join(missing))
+    max_len = cfg.data.max_prompt_len + cfg.rollout.max_new_tokens
+    quiet_torch()
+    results, t0 = {}, time.time()
+    try:
+        for model in args.model:
+            from transformers import AutoTokenizer
+
+            if not (Path(model) / "config.json").exists():
+                log.error("--model %s: not a transformers model folder (no config.json)", model)
+                return 2
+            tok = AutoTokenizer.from_pretrained(model, trust_remote_code=cfg.model.trust_remote_code)
+            rendered = [{**r, "prompt_ids": render(tok, r["prompt"])} for r in rows]
+            kept = [r for r in rendered if len(r["prompt_ids"]) <= cfg.data.max_prompt_len]
+            if len(kept) < len(rendered):
+                log.warning("%s: %d of %d prompts longer than data.max_prompt_len=%d tokens skipped", model,
+                            len(rendered) - len(kept), len(rendered), cfg.data.max_prompt_len)
+            results[model] = evaluate_model_dir(model, kept, rewards, k, cfg.run.seed, cfg.rollout.max_new_tokens,
+                                                max_len, cfg.rollout.dtype, args.tensor_parallel_size,
+                                                cfg.model.trust_remote_code)
+    except RewardError as e:
+        log.error("%s", e)
+        return 2
+    finally:
+        rewards.close()
+    out = Path(args.out or f"outputs/eval/{time.strftime('%Y-%m-%d_%H-%M-%S')}/results.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"data": source, "k": k, "rewards": rewards.names, "seed": cfg.run.seed,
+                               "max_new_tokens": cfg.rollout.max_new_tokens, "results": results,
+                               "seconds": round(time.time() - t0, 1)}, indent=1))
+    print(table(results, k))
+    print(f"results: {out}")
+    return 0
+
+
+def main() -> None:
+    sys.exit(run_command())
+
+
+if __name__ == "__main__":
+    main()

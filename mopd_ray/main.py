@@ -14,9 +14,9 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from .config import ConfigError, register_configs, resolved_backend, resolved_signal, resource_demand, validate
+from .config import (CONF_DIR, ConfigError, register_configs, resolved_backend, resolved_signal, resource_demand,
+                     validate)
 
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 log = logging.getLogger("mopd_ray")
 
 register_configs()
@@ -53,7 +53,8 @@ def run(cfg: DictConfig) -> int:
     out = Path(cfg.run.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "resolved_config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    print(OmegaConf.to_yaml(cfg, resolve=True))
+    if cfg.run.dry_run or cfg.logging.verbose:
+        print(OmegaConf.to_yaml(cfg, resolve=True))
     from .models.compat import check_local_tokenizers
     from .models.prepare import prepare_models
 
@@ -73,13 +74,24 @@ def run(cfg: DictConfig) -> int:
     print(describe_plan(cfg, model_paths))
     print(f"  data      {len(pool.train)} train / {len(pool.eval)} eval prompts; {pool.dropped_too_long} dropped as "
           f"longer than data.max_prompt_len={cfg.data.max_prompt_len}")
+    print(f"  config    {out / 'resolved_config.yaml'}")
     if cfg.run.dry_run:
         return 0
+    from .console import summary
     from .orchestrator import Orchestrator
+    from .rewards import RewardError
 
-    last = Orchestrator(cfg, str(out), pool=pool).run()
-    log.info("finished %d steps; last metrics: %s", cfg.run.total_steps,
-             {k: round(v, 4) for k, v in last.items() if isinstance(v, float) and "/" not in k})
+    orch = Orchestrator(cfg, str(out), pool=pool)
+    try:
+        last = orch.run()
+    except RewardError as e:  # raised where the responses are: Ray wraps it, the cause has the message
+        log.error("%s", getattr(e, "cause", None) or e)
+        return 2
+    wandb_dir = out / "wandb" if cfg.logging.wandb_mode != "disabled" else None
+    print(summary(cfg.run.name, orch.state.step, orch.wall_s, orch.first_metrics, last, orch.eval_history,
+                  {"run directory": out, "metrics": out / "metrics.jsonl", "student": out / "student_final",
+                   "checkpoint": orch.last_checkpoint, "wandb (offline)" if cfg.logging.wandb_mode == "offline"
+                   else "wandb": wandb_dir}))
     return 0
 
 
@@ -90,6 +102,9 @@ _STARTED = False  # set once Hydra has composed the config and handed it to us
 def _hydra_main(cfg: DictConfig) -> None:
     global _STARTED
     _STARTED = True
+    from .console import configure
+
+    configure(bool(cfg.logging.get("verbose", False)))
     if cfg.run.output_dir == ".":
         from hydra.core.hydra_config import HydraConfig
 

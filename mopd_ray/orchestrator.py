@@ -86,10 +86,13 @@ class Orchestrator:
         self._fetched_at_last_log = 0
         self.eval_history: list = []  # (step, flat eval metrics)
         self.last_checkpoint = None
+        self.first_metrics: dict = {}  # of the first step this launch trained (the closing summary's "before")
+        self.wall_s = 0.0
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> dict:
         cfg = self.cfg
+        t_start = time.perf_counter()
         self._start()
         last: dict = {}
         try:
@@ -122,6 +125,7 @@ class Orchestrator:
                 metrics.update(self._side_metrics(current, score_meta_refs, time.perf_counter() - t0))
                 self.logger.log(step, metrics)
                 last = metrics
+                self.first_metrics = self.first_metrics or metrics
                 self._maybe_checkpoint(queue[0] if queue else None)
                 if not queue and launched < stop_at:  # on-policy: the next rollout after the update
                     queue.append(self._launch_rollout(launched))
@@ -132,6 +136,7 @@ class Orchestrator:
         finally:
             self.logger.close()
             self.roles.shutdown()
+            self.wall_s = time.perf_counter() - t_start
         return last
 
     # ------------------------------------------------------------------ start and resume
@@ -153,7 +158,7 @@ class Orchestrator:
         self.roles = build_roles(cfg, student_fingerprint(tokenizer, cfg.model.path))
         placement = self.roles.placement()
         (Path(self.run_dir) / "placement.json").write_text(json.dumps(placement, indent=1))
-        log.info("placement (node ids by role): %s", {k: [n[:8] for n in v] for k, v in placement.items()})
+        log.debug("placement (node ids by role): %s", {k: [n[:8] for n in v] for k, v in placement.items()})
         if resume_from is not None:
             self._resume(resume_from)
         elif cfg.run.resume == "auto":
@@ -191,7 +196,7 @@ class Orchestrator:
                  "rng": {"python": random.getstate(), "numpy": _np_state_json(np.random.get_state())},
                  "config": OmegaConf.to_container(cfg, resolve=True)}
         self.last_checkpoint = ckpt.commit(tmp, step, state, keep=cfg.run.keep_checkpoints)
-        log.info("checkpoint %s written in %.1f s", self.last_checkpoint, time.perf_counter() - t0)
+        log.debug("checkpoint %s written in %.1f s", self.last_checkpoint, time.perf_counter() - t0)
 
     # ------------------------------------------------------------------ one step's pieces
     def _get(self, refs, what: str):
@@ -393,6 +398,7 @@ class Orchestrator:
             out[f"reward/{d}"] = sums[d] / counts[d]
         if sums:
             out["reward/mean"] = sum(sums.values()) / sum(counts.values())
+        out["reward/timeouts"] = sum(m.get("reward_timeouts", 0) for m in gen)
         out["driver/fetched_bytes"] = self.driver_fetched_bytes - self._fetched_at_last_log
         out["driver/rss_mb"] = psutil.Process().memory_info().rss / 2**20
         self._fetched_at_last_log = self.driver_fetched_bytes

@@ -11,6 +11,7 @@ from omegaconf import OmegaConf
 from .cluster import ActorGroup, Bundle, get_with_deadline
 from .config import SELF_TEACHER, resolved_backend, resolved_signal
 from .models.compat import check_compatible, tokenizer_fingerprint
+from .rewards import rewards_spec
 from .workers.learner import LearnerWorker
 from .workers.rollout import RolloutWorker
 from .workers.teacher import TeacherWorker
@@ -76,7 +77,8 @@ def make_rollout_group(cfg) -> ActorGroup:
         "rollout", RolloutWorker, ro.replicas,
         Bundle(ro.num_cpus_per_shard * ro.tensor_parallel_size, ro.num_gpus_per_shard * ro.tensor_parallel_size,
                dict(ro.custom_resources) or None),
-        init_args=lambda i: ((cfg.model.path, _plain(ro), max_len, i, cfg.model.trust_remote_code), {}),
+        init_args=lambda i: ((cfg.model.path, _plain(ro), max_len, i, cfg.model.trust_remote_code),
+                             {"rewards": rewards_spec(cfg)}),
         # a restarted engine comes back with the initial weights: the driver re-syncs, then retries
         max_restarts=cfg.cluster.max_restarts, max_task_retries=0, runtime_env={"env_vars": ROLLOUT_ENV},
         **_common(cfg))
@@ -132,7 +134,7 @@ def build_roles(cfg, student_fp: dict) -> Roles:
         for name, g in teachers.items():
             g.gather(g.call_all("ready"), f"start (loading teacher '{name}')")
         check_tokenizers(cfg, roles, student_fp)
-        log.info("learners ready: %s", setup_learners(cfg, learners)[0])
+        log.debug("learners ready: %s", setup_learners(cfg, learners)[0])
         _share_teacher_heads(cfg, roles)
         if cfg.rollout.weight_sync == "broadcast":
             init_broadcast_group(cfg, learners, rollout)

@@ -7,7 +7,7 @@ from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigKeyError, ValidationError
 
-from mopd_ray.config import ConfigError, register_configs, resource_demand, validate
+from mopd_ray.config import ConfigError, finalize, register_configs, resource_demand, validate
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
 GROUPS = ["model", "teachers", "rollout", "learner", "algorithm", "data", "cluster", "logging", "experiment"]
@@ -17,7 +17,7 @@ register_configs()
 
 def _compose(overrides=()):
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name="config", overrides=list(overrides))
+        return finalize(compose(config_name="config", overrides=list(overrides)))
 
 
 def _group_files():
@@ -45,6 +45,43 @@ def test_default_config_validates():
     cfg = _compose()
     validate(cfg)
     assert cfg.teachers.routing.add == "add_expert" and "self" in cfg.teachers.models
+
+
+@pytest.mark.parametrize("overrides", [
+    ["+teachers.models.cli.model_path=/m", "teachers.models.cli.replicas=2"],
+    ["teachers.models.cli.model_path=/m", "teachers.models.cli.replicas=2"],
+    ["+teachers.models.cli={model_path: /m, replicas: 2}"],
+    ["teachers.models={cli: {model_path: /m, replicas: 2}}"],
+    ["teachers={models: {cli: {model_path: /m, replicas: 2}}}"],
+])
+def test_a_teacher_added_from_the_command_line_gets_every_default(overrides):
+    cfg = _compose([*overrides, "teachers.routing.add=cli", "~teachers.models.add_expert"])
+    validate(cfg)
+    t = cfg.teachers.models.cli
+    assert (t.model_path, t.replicas, t.tensor_parallel_size, t.backend, t.weight) == ("/m", 2, 1, "auto", 1.0)
+    assert "add_expert" not in cfg.teachers.models and set(cfg.teachers.models) == {"cli", "reverse_expert", "self"}
+    # the teachers from the YAML file keep their settings and gain the defaults too
+    assert cfg.teachers.models.reverse_expert.tiny.arch == "llama" and cfg.teachers.models.self.model_path is None
+
+
+@pytest.mark.parametrize("override,key,what", [
+    ("teachers.models.cli.replcas=2", "teachers.models.cli.replcas", "is not a teacher setting"),
+    ("teachers.models.cli.replicas=two", "teachers.models.cli.replicas", "has the wrong type"),
+    ("teachers.models.add_expert.replcas=2", "teachers.models.add_expert.replcas", "is not a teacher setting"),
+    ("teachers.models.add_expert.tiny.hiden_size=2", "teachers.models.add_expert.tiny.hiden_size",
+     "is not a setting there"),
+])
+def test_a_bad_teacher_setting_names_the_key(override, key, what):
+    with pytest.raises(ConfigError, match=f"'{key}': {what}"):
+        _compose(["teachers.models.cli.model_path=/m", override])
+
+
+def test_rewards_are_checked():
+    validate(_compose(["data.rewards.math=math_verify", "data.rewards.code=tests.rewards_fixture:always_one"]))
+    with pytest.raises(ConfigError, match="data.rewards.math.*'math_verfy' is not a reward"):
+        validate(_compose(["data.rewards.math=math_verfy"]))
+    with pytest.raises(ConfigError, match="data.rewards.code.*tests.rewards_fixture:nope.*cannot be loaded"):
+        validate(_compose(["data.rewards.code=tests.rewards_fixture:nope"]))
 
 
 def test_typo_in_a_key_fails_with_the_key_named():

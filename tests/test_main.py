@@ -44,13 +44,25 @@ def test_teacher_with_another_vocabulary_fails_before_any_engine_starts(tmp_path
     assert proc.returncode == 2
     err = proc.stderr + proc.stdout
     assert "teacher 'add_expert" in err and "different tokenizer vocabulary" in err and "artifacts/tiny/student" in err
-    assert "starting a local Ray" not in err  # stopped before Ray was started
+    assert "teacher   add_expert" not in proc.stdout  # stopped before the plan is printed and Ray started
 
 
 def test_missing_model_folder_is_a_clear_error(tmp_path):
     proc = _main(tmp_path, f"teachers.models.add_expert.model_path={tmp_path}/nope", "teachers.models.add_expert.tiny=null")
     assert proc.returncode == 2
     assert "teacher:add_expert" in proc.stderr + proc.stdout and "config.json" in proc.stderr + proc.stdout
+
+
+def test_teachers_added_and_removed_from_the_command_line(tmp_path):
+    proc = _main(tmp_path, "run.dry_run=true", f"teachers.models.cli.model_path={tmp_path}/cli_teacher",
+                 "+teachers.models.cli.tiny={seed: 5}", "teachers.models.cli.weight=0.7", "teachers.routing.add=cli",
+                 "~teachers.models.add_expert")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "teacher   cli " in proc.stdout and "weight=0.7" in proc.stdout and "domains=['add']" in proc.stdout
+    assert "add_expert" not in proc.stdout
+    assert (tmp_path / "cli_teacher/config.json").exists()  # built from its tiny spec (TeacherConfig defaults)
+    proc = _main(tmp_path, "run.dry_run=true", "teachers.models.cli.model_path=/x", "teachers.models.cli.replcas=2")
+    assert proc.returncode == 2 and "teachers.models.cli.replcas" in proc.stderr + proc.stdout
 
 
 def test_wrongly_typed_or_unknown_override_exits_2_like_every_config_error(tmp_path):

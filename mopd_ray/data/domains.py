@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-END_MARKER_PREFIX = "<|"  # special tokens such as <|im_end|> start with this; nothing after it is the answer
+from ..rewards import exact_match
+
 EVAL_BUCKETS = 10  # 1 of EVAL_BUCKETS prompt hash buckets is reserved for eval (see _is_eval_prompt)
 SPLITS = ("train", "eval")
 
@@ -31,8 +32,7 @@ class Domain:
 
 def exact_match_reward(response: str, answer: str) -> float:
     """1.0 when the response, cut at the first special-token marker and stripped, equals the answer."""
-    text = response.split(END_MARKER_PREFIX, 1)[0].strip()
-    return 1.0 if text == answer else 0.0
+    return exact_match(response, answer)
 
 
 def make_add_example(rng: random.Random) -> tuple[str, str]:
@@ -69,7 +69,8 @@ def get_domain(name: str) -> Domain:
 
 
 def reward_for(domain: str, response: str, answer: str) -> float | None:
-    """Verifiable reward of a response, or None for a domain without one (user data domains)."""
+    """The synthetic domain's own reward of a response, or None for another domain (for data domains of
+    one's own, the configured data.rewards apply: mopd_ray.rewards.Rewards)."""
     if domain not in DOMAINS or answer is None:
         return None
     return DOMAINS[domain].reward(response, answer)

@@ -58,7 +58,8 @@ def prepare_models(cfg) -> dict[str, str]:
     for role, path, tiny in jobs:
         if tiny is not None:
             p, built = ensure_tiny_model(path, tiny, cfg.model.tokenizer_seed)
-            log.info("%s: %s tiny model at %s", role, "built" if built else "reusing", p)
+            log.log(logging.INFO if built else logging.DEBUG, "%s: %s tiny model at %s", role,
+                    "built" if built else "reusing", p)
         elif _looks_local(path) and not Path(path, "config.json").exists():
             raise FileNotFoundError(f"{role}: model folder {path!r} has no config.json; give a transformers-format "
                                     "folder, or a 'tiny' spec to build one")

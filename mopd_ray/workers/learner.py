@@ -32,6 +32,9 @@ class LearnerWorker:
     def __init__(self, rank: int, world_size: int, model_path: str, learner_cfg: dict, algo_cfg: dict,
                  teacher_names: list, teacher_weights: list, teacher_signals: list, total_steps: int,
                  rows_per_step: int, temperature: float = 1.0, seed: int = 0, trust_remote_code: bool = False):
+        from ..console import quiet_worker
+
+        quiet_worker()
         self.rank, self.world_size = rank, world_size
         self.model_path, self.cfg, self.algo = model_path, learner_cfg, algo_cfg
         self.teacher_names, self.teacher_weights, self.teacher_signals = teacher_names, teacher_weights, teacher_signals

@@ -14,12 +14,16 @@ class RolloutWorker:
     """A Ray actor. ``generate`` returns a RolloutBatch (the caller gets an ObjectRef of it)."""
 
     def __init__(self, model_path: str, rollout_cfg: dict, max_model_len: int, replica_index: int = 0,
-                 trust_remote_code: bool = False):
+                 trust_remote_code: bool = False, rewards: Optional[dict] = None):
         from transformers import AutoTokenizer
 
+        from ..console import quiet_worker
+        from ..rewards import Rewards
         from .vllm_engine import make_llm
 
+        quiet_worker()
         self.cfg = rollout_cfg
+        self.rewards = Rewards(**(rewards or {"by_domain": {}}))  # data.rewards: scored here, beside the responses
         self.replica_index = replica_index
         self.tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
@@ -67,6 +71,11 @@ class RolloutWorker:
                                     use_tqdm=False)
         gen_s = time.perf_counter() - t0
         per_prompt = [self._rows_of(p, out) for p, out in zip(prompts, outputs)]
+        timeouts_before = self.rewards.timeouts
+        flat = [(p, row) for p, rows in zip(prompts, per_prompt) for row in rows]
+        scores = self.rewards.score([(p["domain"], row.pop("text"), p.get("answer")) for p, row in flat])
+        for (_, row), r in zip(flat, scores):
+            row["reward"] = np.nan if r is None else r
         batches = [self._batch([row for i in idx for row in per_prompt[i]]) for idx in parts]
         rewards = [r["reward"] for rows in per_prompt for r in rows]
         domains = [p["domain"] for p, rows in zip(prompts, per_prompt) for _ in rows]
@@ -79,23 +88,21 @@ class RolloutWorker:
                 "rows": int(sum(b.num_rows for b in batches)),
                 "finished": int(sum(int(b.finished_B.sum()) for b in batches)),
                 "reward_sum_by_domain": {d: float(sum(v)) for d, v in by_domain.items()},
-                "reward_count_by_domain": {d: len(v) for d, v in by_domain.items()}}
+                "reward_count_by_domain": {d: len(v) for d, v in by_domain.items()},
+                "reward_timeouts": self.rewards.timeouts - timeouts_before}
         return (*batches, meta)
 
     def _rows_of(self, prompt: dict, out) -> list:
-        """The sampled rows of one prompt: ids, rollout log-probs, reward, end-of-turn flag."""
-        from ..data.domains import reward_for
-
+        """The sampled rows of one prompt: ids, rollout log-probs, response text, end-of-turn flag."""
         rows = []
         plen = len(prompt["prompt_ids"])
         for o in out.outputs:
             resp = list(o.token_ids)
             text = self.tokenizer.decode(resp, skip_special_tokens=True)
-            r = reward_for(prompt["domain"], text, prompt.get("answer")) if prompt.get("answer") is not None else None
             rows.append({"seq": list(prompt["prompt_ids"]) + resp, "plen": plen, "rlen": len(resp),
                          "lp": [0.0] * plen + [d[t].logprob for d, t in zip(o.logprobs, resp)],
                          "group": prompt["group_id"], "teacher": prompt["teacher_index"],
-                         "reward": np.nan if r is None else r, "finished": o.finish_reason == "stop",
+                         "text": text, "finished": o.finish_reason == "stop",
                          "domain": prompt["domain"]})
         return rows
 
@@ -113,7 +120,7 @@ class RolloutWorker:
         """Greedy accuracy and pass@k per domain under the engine's current weights."""
         from ..evaluate import evaluate_llm
 
-        return evaluate_llm(self.llm, self.tokenizer, prompts, k, seed, self.cfg["max_new_tokens"])
+        return evaluate_llm(self.llm, self.tokenizer, prompts, self.rewards, k, seed, self.cfg["max_new_tokens"])
 
     # ------------------------------------------------------------------ weight sync
     def _in_process(self) -> bool:

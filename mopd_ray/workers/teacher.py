@@ -28,6 +28,9 @@ class TeacherWorker:
                  trust_remote_code: bool = False):
         from transformers import AutoConfig, AutoTokenizer
 
+        from ..console import quiet_worker
+
+        quiet_worker()
         self.name, self.cfg, self.replica_index, self.model_path = name, teacher_cfg, replica_index, model_path
         self.backend = teacher_cfg["backend"]
         self.tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)

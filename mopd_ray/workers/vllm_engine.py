@@ -39,7 +39,8 @@ def make_llm(model_path: str, *, dtype: str = "float32", max_model_len: int = 25
 
     kwargs = dict(model=model_path, dtype=dtype, max_model_len=max_model_len, seed=seed, max_logprobs=max_logprobs,
                   tensor_parallel_size=tensor_parallel_size, enforce_eager=enforce_eager,
-                  trust_remote_code=trust_remote_code, load_format="safetensors", **extra)
+                  trust_remote_code=trust_remote_code, load_format="safetensors",
+                  use_tqdm_on_load=os.environ.get("MOPD_VERBOSE") == "1", **extra)
     if gpu:
         kwargs["gpu_memory_utilization"] = gpu_memory_utilization
     else:

@@ -115,9 +115,12 @@ def test_ray_job_submit_to_a_loopback_head(artifacts, tmp_path):
     try:
         _wait_for_port(dash, 180)
         run = tmp_path / "job_run"
+        # a teacher added from the command line, a reward function from a module shipped with the job
         submit = ["bash", str(ROOT / "launch" / "submit.sh"), "experiment=local_smoke",
                   f"run.artifacts_dir={artifacts}", f"hydra.run.dir={run}", "run.total_steps=2",
-                  "algorithm=full_vocab", "learner=zero3", *FAST]
+                  "algorithm=full_vocab", "learner=zero3", *FAST,
+                  f"teachers.models.cli_add.model_path={artifacts}/tiny/teacher_add", "teachers.routing.add=cli_add",
+                  "~teachers.models.add_expert", "data.rewards.sort=tests.rewards_fixture:half_if_nonempty"]
         for _ in range(12):  # the head's job agent registers a little after its dashboard opens
             proc = subprocess.run(submit, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
             if "No available agent" not in proc.stdout + proc.stderr:
@@ -128,6 +131,10 @@ def test_ray_job_submit_to_a_loopback_head(artifacts, tmp_path):
         rows = read_metrics(run)
         assert len(rows) == 2 and rows[-1]["weight_version"] == 2
         assert all(r["distill_loss"] > 0 for r in rows)  # exact full-vocabulary KL, under ZeRO-3
+        assert all("teacher/cli_add/score_latency_s" in r and "teacher/add_expert/score_latency_s" not in r
+                   for r in rows)
+        # the user's function scored the sort rows where the responses are (0.5 for any non-empty answer)
+        assert all(0.0 < r["reward/sort"] <= 0.5 for r in rows) and all(r["reward/timeouts"] == 0 for r in rows)
         # the job joined the existing cluster rather than starting its own
         assert "joining Ray cluster" in (run / "main.log").read_text()
     finally:

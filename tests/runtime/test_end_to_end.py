@@ -120,7 +120,8 @@ def test_ray_job_submit_to_a_loopback_head(artifacts, tmp_path):
                   f"run.artifacts_dir={artifacts}", f"hydra.run.dir={run}", "run.total_steps=2",
                   "algorithm=full_vocab", "learner=zero3", *FAST,
                   f"teachers.models.cli_add.model_path={artifacts}/tiny/teacher_add", "teachers.routing.add=cli_add",
-                  "~teachers.models.add_expert", "data.rewards.sort=tests.rewards_fixture:half_if_nonempty"]
+                  "~teachers.models.add_expert",
+                  *[f"data.rewards.{d}=tests.rewards_fixture:half_if_nonempty" for d in ("add", "reverse", "sort")]]
         for _ in range(12):  # the head's job agent registers a little after its dashboard opens
             proc = subprocess.run(submit, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
             if "No available agent" not in proc.stdout + proc.stderr:
@@ -133,8 +134,8 @@ def test_ray_job_submit_to_a_loopback_head(artifacts, tmp_path):
         assert all(r["distill_loss"] > 0 for r in rows)  # exact full-vocabulary KL, under ZeRO-3
         assert all("teacher/cli_add/score_latency_s" in r and "teacher/add_expert/score_latency_s" not in r
                    for r in rows)
-        # the user's function scored the sort rows where the responses are (0.5 for any non-empty answer)
-        assert all(0.0 < r["reward/sort"] <= 0.5 for r in rows) and all(r["reward/timeouts"] == 0 for r in rows)
+        # the user's function scored every row where the responses are (0.5 for any non-empty answer)
+        assert all(0.0 < r["reward/mean"] <= 0.5 for r in rows) and all(r["reward/timeouts"] == 0 for r in rows)
         # the job joined the existing cluster rather than starting its own
         assert "joining Ray cluster" in (run / "main.log").read_text()
     finally:

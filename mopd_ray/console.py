@@ -16,7 +16,7 @@ CHATTY = ("ray", "ray.data", "ray.tune", "ray.train", "vllm", "DeepSpeed", "deep
           "hydra", "filelock", "urllib3", "matplotlib", "PIL", "math_verify")
 # Read by the libraries when first imported (so set before): C++ warnings of torch, vLLM's logger, wandb.
 QUIET_ENV = {"TORCH_CPP_LOG_LEVEL": "ERROR", "VLLM_LOGGING_LEVEL": "ERROR", "WANDB_SILENT": "true",
-             "TRANSFORMERS_VERBOSITY": "error"}
+             "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
 
 
 def configure(verbose: bool) -> None:

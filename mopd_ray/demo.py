@@ -23,7 +23,9 @@ log = logging.getLogger("mopd_ray.demo")
 
 
 def _compose(overrides: list):
-    return compose_config(["experiment=demo", *overrides])
+    """The demo config: experiment=demo (the quick default) unless the overrides pick another experiment."""
+    chosen = any(o.lstrip("+~").startswith("experiment=") for o in overrides)
+    return compose_config(overrides if chosen else ["experiment=demo", *overrides])
 
 
 def variants(cfg) -> list:

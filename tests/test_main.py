@@ -65,6 +65,18 @@ def test_teachers_added_and_removed_from_the_command_line(tmp_path):
     assert proc.returncode == 2 and "teachers.models.cli.replcas" in proc.stderr + proc.stdout
 
 
+def test_teachers_from_a_config_dir_of_ones_own(tmp_path):
+    mine = tmp_path / "my_conf" / "teachers"
+    mine.mkdir(parents=True)
+    (mine / "mine.yaml").write_text(f"models:\n  expert:\n    model_path: {tmp_path}/expert\n    tiny: {{seed: 6}}\n"
+                                    "    weight: 0.25\ndefault: expert\n")
+    proc = subprocess.run([sys.executable, "-m", "mopd_ray.main", "--config-dir", str(tmp_path / "my_conf"),
+                           "teachers=mine", f"run.artifacts_dir={tmp_path}/artifacts", f"hydra.run.dir={tmp_path}/run",
+                           "run.dry_run=true"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "teacher   expert" in proc.stdout and "weight=0.25" in proc.stdout and "domains=['<default>']" in proc.stdout
+
+
 def test_wrongly_typed_or_unknown_override_exits_2_like_every_config_error(tmp_path):
     for override, key in (("learner.lr=fast", "learner.lr"), ("algorithm.clip_hihg=0.3", "clip_hihg")):
         proc = _main(tmp_path, override, "run.dry_run=true")

@@ -19,9 +19,12 @@ def test_pass_at_k_and_merge():
 
 
 def test_variants_cover_signals_and_baselines():
-    cfg = compose_cfg("experiment=demo")
+    assert [n for n, _ in variants(compose_cfg("experiment=demo"))] == ["mopd_topk", "single_teacher_add",
+                                                                        "grpo_rewards_only"]
+    cfg = compose_cfg("experiment=demo_full")
     names = [n for n, _ in variants(cfg)]
     assert names == ["mopd_topk", "mopd_full_vocab", "mopd_sampled", "single_teacher_add", "grpo_rewards_only"]
+    assert cfg.run.total_steps == 1500 and cfg.learner.lr_schedule == "cosine"
     single = dict(variants(cfg))["single_teacher_add"]
     assert "teachers.routing.sort=add_expert" in single and "teachers.routing.reverse=add_expert" in single
     # each signal's own settings follow it into the seesaw baseline; GRPO gets its own overrides
@@ -85,6 +88,13 @@ def test_bootstrap_and_every_run_of_the_demo(tmp_path):
 
     bootstrap(_compose(overrides))
     assert (tmp_path / "art/demo/seed0/manifest.json").stat().st_mtime_ns == stamp
+    # the same seed bootstrapped again from nothing (another folder) writes identical weights and figures
+    again_manifest = bootstrap(_compose([*overrides, f"run.artifacts_dir={tmp_path}/art2"]))
+    assert again_manifest["accuracy"] == manifest["accuracy"]
+    for name in manifest["paths"]:
+        a = (tmp_path / "art/demo/seed0" / name / "model.safetensors").read_bytes()
+        b = (tmp_path / "art2/demo/seed0" / name / "model.safetensors").read_bytes()
+        assert a == b, f"{name}: two bootstraps with one seed wrote different weights"
     # a second demonstration reuses every finished run (an interrupted one continues where it stopped)
     records = {p: p.stat().st_mtime_ns for p in (tmp_path / "out").glob("*/run.json")}
     assert len(records) == 3

@@ -28,7 +28,7 @@ def test_variants_cover_signals_and_baselines():
     single = dict(variants(cfg))["single_teacher_add"]
     assert "teachers.routing.sort=add_expert" in single and "teachers.routing.reverse=add_expert" in single
     # each signal's own settings follow it into the seesaw baseline; GRPO gets its own overrides
-    cfg = compose_cfg("experiment=demo", "+demo.signal_overrides.sampled=['algorithm.kl_gamma=1.0']",
+    cfg = compose_cfg("experiment=demo_full", "+demo.signal_overrides.sampled=['algorithm.kl_gamma=1.0']",
                       "demo.single_teacher_signal=sampled", "demo.grpo_overrides=['learner.lr=1e-4']")
     v = dict(variants(cfg))
     assert v["mopd_sampled"] == ["algorithm.signal=sampled", "algorithm.kl_gamma=1.0"]

@@ -44,9 +44,11 @@ def sft(cfg, init_path: str, out_path: str, rows: list, steps: int, lr: float, b
 
     tokenizer = AutoTokenizer.from_pretrained(init_path)
     seqs, plens = _sft_rows(tokenizer, rows, cfg.data.max_prompt_len)
+    # the bootstrap's own optimizer settings, whatever the runs that follow use (recipe_of keys the rest)
     c = OmegaConf.merge(cfg, {"model": {"path": init_path}, "learner": {"lr": lr, "min_lr": lr / 10,
                                                                           "micro_batch_size": batch, "warmup_steps": 0,
-                                                                          "mini_batches_per_step": 1},
+                                                                          "mini_batches_per_step": 1,
+                                                                          "lr_schedule": "cosine"},
                               "data": {"prompts_per_step": batch}, "rollout": {"n_samples_per_prompt": 1},
                               "run": {"total_steps": steps, "seed": seed}})
     learners = make_learner_group(c, [])
@@ -86,10 +88,18 @@ def bootstrap(cfg) -> dict:
 
 
 def recipe_of(cfg) -> dict:
-    """Everything the bootstrap's models and figures depend on (and nothing else, e.g. not demo.signals)."""
+    """Everything the bootstrap's models and figures depend on (and nothing else, e.g. not demo.signals).
+
+    The SFT runs on the run's learner group, so the learner settings sft() does not pin are part of it
+    (a quick demo with a constant learning rate must not reuse, or build, other teachers silently).
+    """
     d, da = cfg.demo, cfg.data
     keys = ("seed", "model", "batch", "base_steps", "base_lr", "teacher_steps", "teacher_lr")
+    learner = OmegaConf.to_container(cfg.learner, resolve=True)
+    pinned = ("lr", "min_lr", "micro_batch_size", "warmup_steps", "mini_batches_per_step", "lr_schedule",
+              "num_cpus_per_rank", "num_gpus_per_rank", "custom_resources")
     return {"demo": {k: OmegaConf.to_container(d, resolve=True)[k] for k in keys},
+            "learner": {k: v for k, v in learner.items() if k not in pinned},
             "data": {"domains": list(da.domains), "num_train_per_domain": da.num_train_per_domain,
                      "num_eval_per_domain": da.num_eval_per_domain, "seed": da.seed},
             "tokenizer_seed": cfg.model.tokenizer_seed, "eval_max_new_tokens": cfg.rollout.max_new_tokens}

@@ -210,8 +210,15 @@ def run_demo(overrides: list) -> dict:
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
-    run_demo(sys.argv[1:])
+    from .config import ConfigError
+    from .console import configure
+
+    configure(any(o.strip() in ("logging.verbose=true", "logging.verbose=True") for o in sys.argv[1:]))
+    try:
+        run_demo(sys.argv[1:])
+    except ConfigError as e:
+        log.error("%s", e)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -114,3 +114,8 @@ def test_bootstrap_recipe_ignores_comparison_settings():
                                  "run.total_steps=7")) == base
     assert recipe_of(compose_cfg("experiment=demo", "demo.teacher_steps=10")) != base
     assert recipe_of(compose_cfg("experiment=demo", "data.num_eval_per_domain=7")) != base
+    # the quick and the full demonstration share one bootstrap (the quick one's constant learning rate
+    # is for its runs; the bootstrap pins its own schedule); learner settings the SFT uses are keyed
+    assert recipe_of(compose_cfg("experiment=demo_full")) == base
+    assert recipe_of(compose_cfg("experiment=demo", "learner.world_size=1")) != base
+    assert recipe_of(compose_cfg("experiment=demo", "learner.betas=[0.9,0.95]")) != base

@@ -67,6 +67,8 @@ def init_ray(cluster_cfg, cpu_demand: float = 0.0, gpu: bool = False) -> None:
         env.pop("DS_ACCELERATOR")
     verbose = os.environ.get("MOPD_VERBOSE") == "1"
     env["MOPD_VERBOSE"] = "1" if verbose else "0"
+    if "DS_ACCELERATOR" in env:  # the driver too (transformers imports DeepSpeed when saving a model)
+        os.environ.setdefault("DS_ACCELERATOR", env["DS_ACCELERATOR"])
     if not verbose:
         env.update(QUIET_ENV)
     quiet = {"logging_level": logging.INFO if verbose else logging.WARNING}

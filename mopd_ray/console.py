@@ -33,6 +33,8 @@ def configure(verbose: bool) -> None:
     logging.getLogger("mopd_ray").setLevel(logging.INFO)
     for name in CHATTY:
         logging.getLogger(name).setLevel(logging.INFO if verbose else logging.WARNING)
+    if not verbose:  # Ray 2.60's notice that token authentication is on (the default; launch/ scripts use it)
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
 
 
 def quiet_torch() -> None:

@@ -50,6 +50,24 @@ class WorkerDiedError(RuntimeError):
     pass
 
 
+def rendezvous_file() -> str:
+    """A fresh file:// URL for a process group's store on this node (torch removes the file when done)."""
+    import tempfile
+    import uuid
+
+    return f"file://{tempfile.gettempdir()}/mopd_rdzv_{uuid.uuid4().hex}"
+
+
+def loopback_interface() -> str:
+    """The name of the interface holding 127.0.0.1 (lo on Linux, lo0 on macOS)."""
+    import psutil
+
+    for name, addrs in psutil.net_if_addrs().items():
+        if any(a.address == "127.0.0.1" for a in addrs):
+            return name
+    return "lo"
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
@@ -84,6 +102,9 @@ def init_ray(cluster_cfg, cpu_demand: float = 0.0, gpu: bool = False) -> None:
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # inherited by raylet, GCS and workers
     ray_constants.ENABLE_RAY_CLUSTER = False
     env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    # gloo's pair sockets (learner and weight-sync groups, vLLM's TP groups) on loopback, not the
+    # address the hostname resolves to; the groups' stores are files (roles._single_node)
+    env.setdefault("GLOO_SOCKET_IFNAME", loopback_interface())
     # Logical CPUs: processes of different roles take turns (rollout, score, train), so local mode
     # may hold more one-thread actors than cores.
     num_cpus = cluster_cfg.num_cpus or max(os.cpu_count() or 1, math.ceil(cpu_demand))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 
@@ -110,8 +111,13 @@ def make_learner_group(cfg, teacher_names: list) -> ActorGroup:
         **_common(cfg))
 
 
+def _single_node(cfg) -> bool:
+    """Local mode: every role on this machine, so groups rendezvous through files (loopback only)."""
+    return cfg.cluster.mode == "local" and not os.environ.get("RAY_ADDRESS")
+
+
 def setup_learners(cfg, learners: ActorGroup) -> list:
-    addr, port = learners.gather(learners.call(0, "master_address"), "master_address")
+    addr, port = learners.gather(learners.call(0, "master_address", _single_node(cfg)), "master_address")
     return learners.gather(learners.call_all("setup", addr, port, cfg.cluster.call_timeout_s), "setup (DeepSpeed init)")
 
 
@@ -169,7 +175,7 @@ def init_broadcast_group(cfg, learners: ActorGroup, rollout: ActorGroup) -> None
     every rollout engine, which receive the buckets themselves."""
     tp = cfg.rollout.tensor_parallel_size
     world = 1 + len(rollout) * tp
-    host, port = learners.gather(learners.call(0, "master_address"), "master_address")
+    host, port = learners.gather(learners.call(0, "master_address", _single_node(cfg)), "master_address")
     metas = learners.gather(learners.call(0, "param_metas"), "param_metas")
     bucket = cfg.rollout.weight_sync_bucket_mb << 20
     refs = [learners.call(0, "init_sync_group", host, port, world, cfg.cluster.call_timeout_s)]

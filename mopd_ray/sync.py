@@ -60,11 +60,16 @@ def param_meta(module: torch.nn.Module, zero_stage: int) -> list[ParamMeta]:
 
 
 def make_group(host: str, port: int, rank: int, world_size: int, timeout_s: float = 600.0):
-    """A standalone process group (rank 0 hosts the store). gloo on CPU, NCCL when CUDA is present."""
+    """A standalone process group. gloo on CPU, NCCL when CUDA is present. ``host`` file://PATH: the
+    members rendezvous through that file (one node, no listening socket); else rank 0 hosts a TCPStore."""
     import torch.distributed as dist
 
     timeout = datetime.timedelta(seconds=timeout_s)
-    store = dist.TCPStore(host, port, world_size, rank == 0, timeout=timeout)
+    if host.startswith("file://"):
+        store = dist.FileStore(host[len("file://"):], world_size)
+        store.set_timeout(timeout)
+    else:
+        store = dist.TCPStore(host, port, world_size, rank == 0, timeout=timeout)
     if torch.cuda.is_available():
         return dist.ProcessGroupNCCL(store, rank, world_size)
     return dist.ProcessGroupGloo(store, rank, world_size, timeout)

@@ -13,8 +13,10 @@ def set_dist_env(rank: int, world_size: int, master_addr: str, master_port: int,
     })
 
 
-def init_distributed(timeout_s: float = 600.0) -> None:
-    """deepspeed.init_distributed on NCCL (GPU) or gloo (CPU), skipping the CPU shm op's 40 s JIT build."""
+def init_distributed(timeout_s: float = 600.0, init_method: str | None = None, rank: int = -1,
+                     world_size: int = -1) -> None:
+    """deepspeed.init_distributed on NCCL (GPU) or gloo (CPU), skipping the CPU shm op's 40 s JIT build.
+    ``init_method`` file://PATH rendezvous through a file (one node) instead of a TCP store (env://)."""
     import datetime
 
     import deepspeed
@@ -24,7 +26,8 @@ def init_distributed(timeout_s: float = 600.0) -> None:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # ZeRO does not use it
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
-                               timeout=datetime.timedelta(seconds=timeout_s))
+                               timeout=datetime.timedelta(seconds=timeout_s), init_method=init_method,
+                               rank=rank, world_size=world_size)
 
 
 def zero_config(*, stage: int, micro_batch_size: int, grad_accum: int, world_size: int, dtype: str = "float32",

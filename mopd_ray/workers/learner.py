@@ -50,11 +50,15 @@ class LearnerWorker:
 
         return ray.get_runtime_context().get_node_id()
 
-    def master_address(self) -> tuple:
+    def master_address(self, single_node: bool = False) -> tuple:
+        """Where the other members rendezvous with this rank: a fresh file on one node (local mode: no
+        listening socket; torch's TCPStore binds every interface), else this node's address and a port."""
         import ray
 
-        from ..cluster import free_port
+        from ..cluster import free_port, rendezvous_file
 
+        if single_node:
+            return rendezvous_file(), 0
         ip = ray.util.get_node_ip_address()
         return ip, free_port(ip)
 
@@ -65,8 +69,12 @@ class LearnerWorker:
 
         from .deepspeed_env import init_distributed, set_dist_env, zero_config
 
-        set_dist_env(self.rank, self.world_size, master_addr, master_port)
-        init_distributed(timeout_s)
+        if master_addr.startswith("file://"):
+            set_dist_env(self.rank, self.world_size, "127.0.0.1", 0)
+            init_distributed(timeout_s, init_method=master_addr, rank=self.rank, world_size=self.world_size)
+        else:
+            set_dist_env(self.rank, self.world_size, master_addr, master_port)
+            init_distributed(timeout_s)
         torch.manual_seed(self.seed)
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
         c = self.cfg

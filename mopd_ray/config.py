@@ -220,7 +220,7 @@ class RunConfig:
     total_steps: int = 20
     eval_every: int = 10  # evaluate at start, every N steps and at the end (0: never)
     eval_pass_k: int = 4
-    eval_max_prompts: int = 0  # 0: the whole eval split
+    eval_max_prompts: int = 0  # 0: the whole eval split; else this many, every domain equally represented
     save_every: int = 0  # 0: only at the end
     steps_per_launch: int = 0  # stop (with a checkpoint) after this many steps; resume=auto continues (0: off)
     output_dir: str = "."  # Hydra's run directory by default

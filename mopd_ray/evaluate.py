@@ -65,6 +65,24 @@ def evaluate_llm(llm, tokenizer, prompts: list, rewards, k: int = 4, seed: int =
     return out
 
 
+def per_domain_subset(rows: list, n: int) -> list:
+    """At most ``n`` rows with every domain equally represented (as far as it has rows), in file order
+    within a domain: a prefix of an eval file grouped by domain would evaluate its first domain only."""
+    if n <= 0 or n >= len(rows):
+        return list(rows)
+    by_domain: dict = {}
+    for r in rows:
+        by_domain.setdefault(r["domain"], []).append(r)
+    picked: list = []
+    queues = [list(v) for v in by_domain.values()]
+    while len(picked) < n:
+        for q in queues:
+            if q and len(picked) < n:
+                picked.append(q.pop(0))
+    keep = {id(r) for r in picked}
+    return [r for r in rows if id(r) in keep]
+
+
 def merge_results(parts: list) -> dict:
     """Combine per-replica results weighted by their counts."""
     out: dict = {}
@@ -126,7 +144,7 @@ def _parse(argv):
     ap.add_argument("--data", help="eval file (JSONL or Parquet); default: data.eval_path, else the synthetic "
                                    "eval split")
     ap.add_argument("--k", type=int, default=None, help="pass@k samples per prompt (default run.eval_pass_k; 0: off)")
-    ap.add_argument("--max-prompts", type=int, default=0, help="first N prompts only (0: all)")
+    ap.add_argument("--max-prompts", type=int, default=0, help="N prompts, domains equally represented (0: all)")
     ap.add_argument("--out", default=None, help="JSON output path (default outputs/eval/<time>/results.json)")
     ap.add_argument("--tensor-parallel-size", type=int, default=1)
     ap.add_argument("--verbose", action="store_true", help="vLLM's own logs on the console")
@@ -162,8 +180,7 @@ def run_command(argv=None) -> int:
     except (ConfigError, DataError, FileNotFoundError, ValueError) as e:
         log.error("%s", e)
         return 2
-    if args.max_prompts:
-        rows = rows[: args.max_prompts]
+    rows = per_domain_subset(rows, args.max_prompts)
     k = cfg.run.eval_pass_k if args.k is None else args.k
     rewards = rewards_from_cfg(cfg)
     missing = sorted({r["domain"] for r in rows if not rewards.has_reward(r["domain"])})

@@ -346,11 +346,9 @@ class Orchestrator:
         if getattr(self, "_last_eval_step", None) == step:
             return
         self._last_eval_step = step
-        from .evaluate import merge_results
+        from .evaluate import merge_results, per_domain_subset
 
-        prompts = self.pool.eval
-        if self.cfg.run.eval_max_prompts:
-            prompts = prompts[: self.cfg.run.eval_max_prompts]
+        prompts = per_domain_subset(self.pool.eval, self.cfg.run.eval_max_prompts)
         items = [{"prompt_ids": p["prompt_ids"], "domain": p["domain"], "answer": p.get("answer")} for p in prompts]
         shards = np.array_split(np.arange(len(items)), len(self.roles.rollout))
         refs = [a.evaluate.remote([items[j] for j in idx], self.cfg.run.eval_pass_k, self.cfg.run.seed)

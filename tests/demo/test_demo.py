@@ -11,6 +11,17 @@ from mopd_ray.evaluate import merge_results, pass_at_k
 from ..helpers import compose_cfg
 
 
+def test_eval_subset_takes_every_domain_equally():
+    from mopd_ray.evaluate import per_domain_subset
+
+    rows = [{"domain": d, "i": i} for d, n in (("add", 5), ("reverse", 5), ("sort", 1)) for i in range(n)]
+    got = per_domain_subset(rows, 6)
+    assert [(r["domain"], r["i"]) for r in got] == [("add", 0), ("add", 1), ("add", 2), ("reverse", 0),
+                                                    ("reverse", 1), ("sort", 0)]
+    assert per_domain_subset(rows, 0) == rows and per_domain_subset(rows, 99) == rows
+    assert len(per_domain_subset(rows, 10)) == 10  # a short domain's share goes to the others
+
+
 def test_pass_at_k_and_merge():
     assert pass_at_k(4, 0, 4) == 0.0 and pass_at_k(4, 1, 4) == 1.0
     assert pass_at_k(10, 3, 1) == pytest.approx(0.3)

@@ -190,10 +190,10 @@ def run_command(argv=None) -> int:
     max_len = cfg.data.max_prompt_len + cfg.rollout.max_new_tokens
     quiet_torch()
     results, t0 = {}, time.time()
+    from transformers import AutoTokenizer
+
     try:
         for model in args.model:
-            from transformers import AutoTokenizer
-
             if not (Path(model) / "config.json").exists():
                 log.error("--model %s: not a transformers model folder (no config.json)", model)
                 return 2

@@ -87,11 +87,10 @@ def run(cfg: DictConfig) -> int:
     except RewardError as e:  # raised where the responses are: Ray wraps it, the cause has the message
         log.error("%s", getattr(e, "cause", None) or e)
         return 2
-    wandb_dir = out / "wandb" if cfg.logging.wandb_mode != "disabled" else None
-    print(summary(cfg.run.name, orch.state.step, orch.wall_s, orch.first_metrics, last, orch.eval_history,
-                  {"run directory": out, "metrics": out / "metrics.jsonl", "student": out / "student_final",
-                   "checkpoint": orch.last_checkpoint, "wandb (offline)" if cfg.logging.wandb_mode == "offline"
-                   else "wandb": wandb_dir}))
+    mode = cfg.logging.wandb_mode
+    paths = {"run directory": out, "metrics": out / "metrics.jsonl", "student": out / "student_final",
+             "checkpoint": orch.last_checkpoint, f"wandb ({mode})": None if mode == "disabled" else out / "wandb"}
+    print(summary(cfg.run.name, orch.state.step, orch.wall_s, orch.first_metrics, last, orch.eval_history, paths))
     return 0
 
 

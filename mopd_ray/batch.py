@@ -21,12 +21,23 @@ class RolloutBatch:
     response_lens_B: np.ndarray  # int32
     rollout_logprobs_BL: np.ndarray  # float32, rollout engine's log-probs at response positions
     group_ids_B: np.ndarray  # int64, rows sampled from the same prompt share a group
-    teacher_index_B: np.ndarray  # int32, index into the run's sorted teacher names
+    # int32 [B, S]: the row's teachers (indices into the run's sorted teacher names), one per slot, -1 where
+    # the row's route has fewer than S teachers; a 1-D [B] array is taken as one slot
+    teacher_index_BS: np.ndarray
     rewards_B: np.ndarray  # float32, NaN where the domain has no verifiable reward
     finished_B: np.ndarray  # bool, the response ended with an end-of-turn token (not truncated)
     domains: tuple[str, ...]
     weight_version: int = 0  # learner step whose weights generated this batch
     meta: dict = field(default_factory=dict)  # small numbers: generation time, token counts
+    route_weight_BS: Optional[np.ndarray] = None  # float32 [B, S], the route's weight per slot (None: 1, 0 if empty)
+
+    def __post_init__(self):
+        tidx = np.asarray(self.teacher_index_BS, dtype=np.int32)
+        if tidx.ndim == 1:
+            tidx = tidx[:, None]
+        object.__setattr__(self, "teacher_index_BS", tidx)
+        w = (tidx >= 0).astype(np.float32) if self.route_weight_BS is None else self.route_weight_BS
+        object.__setattr__(self, "route_weight_BS", np.asarray(w, dtype=np.float32).reshape(tidx.shape))
 
     @property
     def num_rows(self) -> int:
@@ -50,14 +61,15 @@ class RolloutBatch:
         rows = np.asarray(rows, dtype=np.int64)
         L = int((self.prompt_lens_B[rows] + self.response_lens_B[rows]).max()) if len(rows) else 0
         return RolloutBatch(self.tokens_BL[rows, :L], self.prompt_lens_B[rows], self.response_lens_B[rows],
-                            self.rollout_logprobs_BL[rows, :L], self.group_ids_B[rows], self.teacher_index_B[rows],
+                            self.rollout_logprobs_BL[rows, :L], self.group_ids_B[rows], self.teacher_index_BS[rows],
                             self.rewards_B[rows], self.finished_B[rows], tuple(self.domains[i] for i in rows),
-                            self.weight_version, dict(self.meta))
+                            self.weight_version, dict(self.meta), self.route_weight_BS[rows])
 
 
 @dataclass(frozen=True)
 class TeacherScores:
-    """One teacher's scores for some rows of one rollout shard, at response positions only.
+    """One teacher's scores for some rows of one rollout shard, at response positions only (a row with
+    several teachers gets one TeacherScores from each).
 
     Column t of a ``*_RT*`` array is token position ``start_R[r] + t`` of row ``rows_R[r]`` (start is
     the row's prompt length); T is the longest response among the rows, shorter rows are zero-padded.
@@ -104,8 +116,8 @@ class TeacherScores:
 def batch_nbytes(batch: RolloutBatch) -> int:
     """Bytes of a RolloutBatch's arrays (what a consumer pulls through the object store)."""
     return sum(a.nbytes for a in (batch.tokens_BL, batch.prompt_lens_B, batch.response_lens_B,
-                                  batch.rollout_logprobs_BL, batch.group_ids_B, batch.teacher_index_B,
-                                  batch.rewards_B, batch.finished_B))
+                                  batch.rollout_logprobs_BL, batch.group_ids_B, batch.teacher_index_BS,
+                                  batch.route_weight_BS, batch.rewards_B, batch.finished_B))
 
 
 def response_windows(dense_RL: np.ndarray, start_R: np.ndarray, T: int) -> np.ndarray:

@@ -6,12 +6,13 @@ unknown key or a value of the wrong type fails at composition with the key's ful
 that names the key and what to change.
 """
 
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
 # vLLM's CPU attention accepts only these head sizes (PLATFORM.md); GPU backends accept a superset.
@@ -79,6 +80,24 @@ class TeacherConfig:
     custom_resources: Dict[str, float] = field(default_factory=dict)  # e.g. pin to nodes with {teacher_node: 1}
     kv_cache_memory_bytes: int = 268435456
     micro_batch_size: int = 16  # rows per forward (hf backend)
+    # pre-flight checks to skip for this teacher (stop_ids, template, probe), when a difference is intended
+    skip_checks: List[str] = field(default_factory=list)
+
+
+@dataclass
+class PreflightConfig:
+    """Checks before step 0 (mopd_ray/preflight.py): tokenizer, end-of-turn ids, chat template, and a
+    log-prob probe of every teacher replica against a transformers forward of its folder and against
+    the other replicas, and of the student's rollout engine against the learner."""
+
+    enabled: bool = True
+    # mean |difference| of log-probs per probe token allowed; null: 1e-3 when both sides compute in
+    # float32, 0.05 otherwise (bf16/fp16 kernels differ by more)
+    logprob_tolerance: Optional[float] = None
+    # the transformers reference is built only for teachers whose safetensors are at most this size
+    # (it loads a second copy of the weights on the replica's CPU, once); larger ones are checked
+    # replica against replica
+    reference_max_gb: float = 4.0
 
 
 @dataclass
@@ -88,8 +107,14 @@ class TeachersConfig:
     # ~teachers.models.NAME); finalize() then gives every entry TeacherConfig's defaults and types, and
     # names the key of an unknown or wrongly typed setting.
     models: Dict[str, Any] = field(default_factory=lambda: _open_dict())
-    routing: Dict[str, str] = field(default_factory=lambda: _open_dict())  # data domain -> teacher name
-    default: Optional[str] = None  # teacher for domains missing from routing (None: such a domain is an error)
+    # data domain -> a teacher name, or a weighted list of teachers that all score the domain's samples:
+    #   routing.math: [{teacher: math_expert, weight: 1.0}, {teacher: self, weight: 0.2}]   (see routes())
+    routing: Dict[str, Any] = field(default_factory=lambda: _open_dict())
+    default: Optional[Any] = None  # route of domains missing from routing (None: such a domain is an error)
+    # how a sample's teachers are combined: fixed (each entry's weight) | confidence (per token, each
+    # weight scaled by that teacher's probability of the sampled token, renormalised to the same total)
+    combine: str = "fixed"
+    preflight: PreflightConfig = field(default_factory=PreflightConfig)
 
 
 @dataclass
@@ -359,6 +384,50 @@ def resolved_signal(cfg, teacher_name: str) -> str:
     return t.signal or cfg.algorithm.signal
 
 
+def parse_route(value, key: str) -> list:
+    """A route as [(teacher name, weight), ...]: a name, a list of names, or a list of
+    {teacher: NAME, weight: W} entries (weight defaults to 1). Raises ConfigError naming ``key``."""
+    if isinstance(value, (DictConfig, ListConfig)):
+        value = OmegaConf.to_container(value, resolve=True)
+    if isinstance(value, str):
+        return [(value, 1.0)]
+    if not isinstance(value, list) or not value:
+        _fail(key, f"must be a teacher name or a non-empty list of {{teacher: NAME, weight: W}}, got {value!r}")
+    out = []
+    for i, e in enumerate(value):
+        if isinstance(e, str):
+            e = {"teacher": e}
+        if not isinstance(e, dict) or not isinstance(e.get("teacher"), str) or set(e) - {"teacher", "weight"}:
+            _fail(f"{key}[{i}]", f"must be a teacher name or {{teacher: NAME, weight: W}}, got {e!r}")
+        w = e.get("weight", 1.0)
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
+            _fail(f"{key}[{i}].weight", f"must be a finite number >= 0, got {w!r}")
+        out.append((e["teacher"], float(w)))
+    names = [n for n, _ in out]
+    if len(set(names)) != len(names):
+        _fail(key, f"lists a teacher twice ({names}); give each teacher once, with its total weight")
+    return out
+
+
+def routes(cfg, ts=None) -> dict:
+    """{domain: [(teacher, weight), ...]} of teachers.routing, plus "*" for teachers.default if set."""
+    ts = cfg.teachers if ts is None else ts
+    out = {d: parse_route(v, f"teachers.routing.{d}") for d, v in ts.routing.items()}
+    if ts.default is not None:
+        out["*"] = parse_route(ts.default, "teachers.default")
+    return out
+
+
+def route_of(cfg, domain: str) -> list:
+    r = routes(cfg)
+    return r[domain] if domain in r else r["*"]
+
+
+def route_slots(cfg) -> int:
+    """The most teachers any sample has (the width of a batch's teacher slots)."""
+    return max((len(r) for r in routes(cfg).values()), default=1) if cfg.algorithm.signal != "none" else 1
+
+
 def resolved_backend(cfg, teacher_name: str) -> str:
     """The scoring backend of a teacher: its own setting; "auto" is vLLM (it serves every signal)."""
     t = cfg.teachers.models[teacher_name]
@@ -420,6 +489,8 @@ def validate(cfg: Union[DictConfig, MOPDConfig]) -> None:
         _tiny_ok(f"{key}.tiny", t.tiny)
         if t.signal is not None:
             _check_choice(f"{key}.signal", t.signal, SIGNALS)
+        for check in t.skip_checks:
+            _check_choice(f"{key}.skip_checks", check, ("stop_ids", "template", "probe"))
         if name != SELF_TEACHER and not t.model_path:
             _fail(f"{key}.model_path", f"teacher '{name}' has no model_path (only the '{SELF_TEACHER}' teacher, "
                   "a frozen copy of the initial student, may omit it)")
@@ -440,12 +511,13 @@ def validate(cfg: Union[DictConfig, MOPDConfig]) -> None:
     if al.signal == "topk" and al.topk > ro.max_logprobs:
         _fail("algorithm.topk", f"top-k {al.topk} exceeds the rollout engine's rollout.max_logprobs="
               f"{ro.max_logprobs}; lower algorithm.topk or raise rollout.max_logprobs")
-    for domain, teacher in ts.routing.items():
-        if teacher not in ts.models:
-            _fail(f"teachers.routing.{domain}", f"routes to teacher '{teacher}', which is not defined; "
-                  f"defined teachers: {', '.join(sorted(ts.models))}")
-    if ts.default is not None and ts.default not in ts.models:
-        _fail("teachers.default", f"'{ts.default}' is not a defined teacher ({', '.join(sorted(ts.models))})")
+    _check_choice("teachers.combine", ts.combine, ("fixed", "confidence"))
+    for domain, route in routes(cfg, ts).items():
+        key = "teachers.default" if domain == "*" else f"teachers.routing.{domain}"
+        for i, (teacher, _) in enumerate(route):
+            if teacher not in ts.models:
+                _fail(key if len(route) == 1 else f"{key}[{i}]", f"routes to teacher '{teacher}', which is not "
+                      f"defined; defined teachers: {', '.join(sorted(ts.models))}")
     if da.train_path is None and al.signal != "none":  # synthetic domains are known now; files when loaded
         for domain in da.domains:
             if domain not in ts.routing and ts.default is None:

@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from .config import compose_config, validate
+from .config import compose_config, route_of, validate
 
 log = logging.getLogger("mopd_ray.demo")
 
@@ -34,7 +34,7 @@ def variants(cfg) -> list:
     out = [(f"mopd_{s}", [f"algorithm.signal={s}", *d.signal_overrides.get(s, [])]) for s in d.signals]
     if d.baselines:
         sig = d.single_teacher_signal or d.signals[0]
-        expert = cfg.teachers.routing[d.single_teacher]
+        expert = route_of(cfg, d.single_teacher)[0][0]  # the domain's (first) teacher
         route_all = [f"teachers.routing.{dom}={expert}" for dom in cfg.data.domains]
         out.append((f"single_teacher_{d.single_teacher}",
                     [f"algorithm.signal={sig}", *d.signal_overrides.get(sig, []), *route_all]))

@@ -15,7 +15,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from .config import (CONF_DIR, ConfigError, register_configs, resolved_backend, resolved_signal, resource_demand,
-                     validate)
+                     routes, validate)
 
 log = logging.getLogger("mopd_ray")
 
@@ -32,10 +32,10 @@ def describe_plan(cfg, model_paths: dict[str, str]) -> str:
         f"  rollout   {ro.replicas} replica(s) x TP{ro.tensor_parallel_size} vLLM, max_new_tokens={ro.max_new_tokens}",
         f"  learner   {ln.world_size} DeepSpeed ZeRO-{ln.zero_stage} rank(s), lr={ln.lr}",
     ]
+    table = routes(cfg)
     for name, t in cfg.teachers.models.items():
-        domains = [d for d, tn in cfg.teachers.routing.items() if tn == name]
-        if cfg.teachers.default == name:
-            domains.append("<default>")
+        domains = [("<default>" if d == "*" else d) + ("" if len(r) == 1 and w == 1.0 else f" x{w:g}")
+                   for d, r in table.items() for n, w in r if n == name]
         lines.append(f"  teacher   {name:<16} {t.replicas} x TP{t.tensor_parallel_size} {resolved_backend(cfg, name)}, "
                      f"weight={t.weight}, signal={resolved_signal(cfg, name)}, domains={domains or 'none'}, "
                      f"model={model_paths[f'teacher:{name}']}")

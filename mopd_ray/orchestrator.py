@@ -73,7 +73,7 @@ class PendingRollout:
     shard_items: list  # per shard: the prompt dicts sent (small), to resubmit after a replica restart
     part_refs: list  # per shard: one RolloutBatch ref per part
     meta_refs: list  # per shard: the small meta
-    part_teachers: list  # per shard, per part: teacher index of each row (small, known from the prompts)
+    part_teachers: list  # per shard, per part: [rows, slots] teacher indices (small, known from the prompts)
     weight_version: int = 0  # weights the engines must hold when they generate this batch
 
 
@@ -211,11 +211,13 @@ class Orchestrator:
         n, R = cfg.rollout.n_samples_per_prompt, len(self.roles.rollout)
         base = step * cfg.data.prompts_per_step
         items = [{"prompt_ids": p["prompt_ids"], "domain": p["domain"], "answer": p.get("answer"),
-                  "group_id": base + i, "teacher_index": p["teacher_index"]} for i, p in enumerate(prompts)]
+                  "group_id": base + i, "teacher_index": p["teacher_index"], "route_weight": p["route_weight"]}
+                 for i, p in enumerate(prompts)]
         plan = plan_step(len(items), R * cfg.rollout.shards_per_replica, R, cfg.learner.world_size,
                          cfg.learner.mini_batches_per_step)
         shard_items = [[items[j] for j in sh.prompts] for sh in plan]
-        part_teachers = [[np.repeat([shard_items[sh.index][j]["teacher_index"] for j in part.prompts], n)
+        part_teachers = [[np.repeat(np.array([shard_items[sh.index][j]["teacher_index"] for j in part.prompts],
+                                             np.int32).reshape(len(part.prompts), -1), n, axis=0)
                           for part in sh.parts] for sh in plan]
         pending = PendingRollout(step, before, plan, shard_items, [None] * len(plan), [None] * len(plan),
                                  part_teachers, self.state.weight_version)
@@ -273,7 +275,7 @@ class Orchestrator:
         """One call per teacher with rows in shard ``s``: it scores all of them and returns one ref per part."""
         metas = []
         for t, name in enumerate(self.roles.teacher_names):
-            rows = [np.nonzero(tp == t)[0].astype(np.int32) for tp in pending.part_teachers[s]]
+            rows = [np.nonzero((tp == t).any(axis=1))[0].astype(np.int32) for tp in pending.part_teachers[s]]
             which = [j for j, r in enumerate(rows) if len(r)]
             if not which:
                 continue

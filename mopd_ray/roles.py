@@ -105,7 +105,8 @@ def make_learner_group(cfg, teacher_names: list) -> ActorGroup:
     return ActorGroup(
         "learner", LearnerWorker, ln.world_size,
         Bundle(ln.num_cpus_per_rank, ln.num_gpus_per_rank, dict(ln.custom_resources) or None),
-        init_args=lambda i: ((i, ln.world_size, cfg.model.path, _plain(ln), _plain(cfg.algorithm), teacher_names,
+        init_args=lambda i: ((i, ln.world_size, cfg.model.path, _plain(ln),
+                              {**_plain(cfg.algorithm), "teacher_combine": cfg.teachers.combine}, teacher_names,
                               weights, signals, cfg.run.total_steps, rows, ro.temperature, cfg.run.seed,
                               cfg.model.trust_remote_code), {}),
         **_common(cfg))

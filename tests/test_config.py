@@ -113,7 +113,14 @@ def test_wrong_type_fails():
     (["teachers.models.add_expert.max_model_len=40"], "teachers.models.add_expert.max_model_len", "at least 64"),
     (["learner.world_size=3"], "learner.world_size", "divides 64"),
     (["~teachers.routing.sort"], "teachers.routing", "teachers.routing.sort="),
-    (["teachers.default=nobody", "~teachers.routing.sort"], "teachers.default", "not a defined teacher"),
+    (["teachers.default=nobody", "~teachers.routing.sort"], "teachers.default", "not defined"),
+    (["teachers.routing.add=[{teacher: add_expert}, {teacher: nobody, weight: 0.5}]"], "teachers.routing.add[1]",
+     "'nobody', which is not defined"),
+    (["teachers.routing.add=[{teacher: add_expert, weight: -1}]"], "teachers.routing.add[0].weight", ">= 0"),
+    (["teachers.routing.add=[{teacher: add_expert, wieght: 1}]"], "teachers.routing.add[0]", "{teacher: NAME, weight: W}"),
+    (["teachers.routing.add=[add_expert, add_expert]"], "teachers.routing.add", "lists a teacher twice"),
+    (["teachers.routing.add=[]"], "teachers.routing.add", "non-empty list"),
+    (["teachers.combine=mean"], "teachers.combine", "fixed, confidence"),
     (["model.tiny.num_heads=4"], "model.tiny.num_heads", "head dim"),
     (["teachers.models.self.backend=sglang"], "teachers.models.self.backend", "vllm, hf"),
     (["algorithm.loss_agg=token_avg"], "algorithm.loss_agg", "seq_mean_token_mean"),
@@ -128,6 +135,21 @@ def test_broken_invariants_name_the_key_and_the_fix(overrides, key, fix):
     with pytest.raises(ConfigError) as e:
         validate(_compose(overrides))
     assert key in str(e.value) and fix in str(e.value)
+
+
+def test_a_domain_routes_to_a_weighted_list_of_teachers():
+    from mopd_ray.config import route_of, route_slots, routes
+
+    cfg = _compose(["teachers.routing.add=[{teacher: add_expert, weight: 1.0}, {teacher: self, weight: 0.2}]",
+                    "teachers.routing.sort=[reverse_expert, self]"])
+    validate(cfg)
+    assert route_of(cfg, "add") == [("add_expert", 1.0), ("self", 0.2)]
+    assert route_of(cfg, "sort") == [("reverse_expert", 1.0), ("self", 1.0)]
+    assert route_of(cfg, "reverse") == [("reverse_expert", 1.0)] and route_slots(cfg) == 2
+    assert "*" not in routes(cfg)
+    cfg = _compose(["~teachers.routing.sort", "teachers.default=[{teacher: self, weight: 0.5}]"])
+    validate(cfg)
+    assert route_of(cfg, "sort") == [("self", 0.5)] and route_slots(cfg) == 1
 
 
 def test_gpu_recipe_resource_arithmetic():

@@ -51,7 +51,7 @@ def test_split_batch_keeps_groups_and_scores_on_their_rows():
                          tuple("d" for _ in seqs))
     scores = []
     for t in (0, 1):
-        rows = np.nonzero(batch.teacher_index_B == t)[0].astype(np.int32)
+        rows = np.nonzero(batch.teacher_index_BS[:, 0] == t)[0].astype(np.int32)
         lp = np.stack([np.pad(np.full(rlens[r], float(r)), (0, rlens.max() - rlens[r])) for r in rows]).astype(np.float32)
         scores.append(TeacherScores(f"t{t}", rows, plens[rows], lp))
     out = split_batch(batch, scores, world=2, n_mini=2)
@@ -66,6 +66,6 @@ def test_split_batch_keeps_groups_and_scores_on_their_rows():
             for s in p["scores"]:  # each score row still carries the original row's values
                 for i, r in enumerate(s.rows_R):
                     orig = np.nonzero((batch.group_ids_B == b.group_ids_B[r]) &
-                                      (batch.teacher_index_B == b.teacher_index_B[r]))[0][0]
+                                      (batch.teacher_index_BS[:, 0] == b.teacher_index_BS[r, 0]))[0][0]
                     assert s.teacher_logprobs_RT[i, 0] == float(orig)
     assert total == n * P

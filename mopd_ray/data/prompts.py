@@ -11,6 +11,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..config import route_of, route_slots
 from .dataset import DataError, PromptSampler, check_routes, filter_long_prompts, load_prompts
 from .domains import generate_split, write_jsonl
 
@@ -48,6 +49,7 @@ def build_prompt_pool(cfg, tokenizer) -> PromptPool:
     reward_only = cfg.algorithm.signal == "none"
     teacher_names = [] if reward_only else sorted(cfg.teachers.models)
     routing, default = dict(cfg.teachers.routing), cfg.teachers.default
+    slots = route_slots(cfg)
     artifacts = Path(cfg.run.artifacts_dir)
     splits = {}
     dropped = 0
@@ -68,12 +70,19 @@ def build_prompt_pool(cfg, tokenizer) -> PromptPool:
         out = []
         for r, i in zip(rows, ids):
             if id(r) in keep_ids:
-                tidx = 0 if reward_only else teacher_names.index(routing.get(r["domain"], default))
-                out.append({**r, "prompt_ids": i, "teacher_index": tidx})
+                out.append({**r, "prompt_ids": i, **_route_columns(cfg, r["domain"], teacher_names, slots)})
         if split == "train" and not out:
             raise DataError(f"{source}: no prompt fits data.max_prompt_len={cfg.data.max_prompt_len}; raise it")
         splits[split] = out
     return PromptPool(splits["train"], splits["eval"], dropped, teacher_names)
+
+
+def _route_columns(cfg, domain: str, teacher_names: list, slots: int) -> dict:
+    """A prompt's teacher slots: indices into the run's teacher names (-1: empty slot) and the route's
+    weight of each (the teacher's own ``weight`` multiplies it in the learner)."""
+    route = [] if not teacher_names else route_of(cfg, domain)
+    idx = [teacher_names.index(n) for n, _ in route] + [-1] * (slots - len(route))
+    return {"teacher_index": idx, "route_weight": [w for _, w in route] + [0.0] * (slots - len(route))}
 
 
 def make_sampler(pool: PromptPool, cfg) -> PromptSampler:

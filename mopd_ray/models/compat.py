@@ -15,14 +15,47 @@ class TokenizerMismatchError(ValueError):
     pass
 
 
-def tokenizer_fingerprint(tokenizer, embedding_rows: int | None = None) -> dict:
+# A fixed conversation both chat templates render: the ids must be equal (the teacher scores the
+# student's rendering, so a teacher trained on another format would see text it never saw: a renderer
+# mismatch biased teacher log-probs by 0.287 nats per token at tinker-cookbook #796).
+PROBE_CONVERSATION = [{"role": "user", "content": "What is 12 + 30?"}]
+
+
+def stop_ids(tokenizer, model_path: str | None = None) -> list:
+    """The ids that end a response: the tokenizer's EOS plus generation_config.json's eos_token_id(s)."""
+    from pathlib import Path
+
+    ids = set() if tokenizer.eos_token_id is None else {int(tokenizer.eos_token_id)}
+    gen = Path(model_path, "generation_config.json") if model_path else None
+    if gen is not None and gen.exists():
+        eos = json.loads(gen.read_text()).get("eos_token_id")
+        ids |= {int(i) for i in (eos if isinstance(eos, list) else [eos]) if i is not None}
+    return sorted(ids)
+
+
+def template_ids(tokenizer) -> list | None:
+    """The probe conversation rendered by the folder's chat template (None: the folder has none)."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    out = tokenizer.apply_chat_template(PROBE_CONVERSATION, add_generation_prompt=True, tokenize=True,
+                                        return_dict=True)
+    return [int(i) for i in out["input_ids"]]
+
+
+def tokenizer_fingerprint(tokenizer, embedding_rows: int | None = None, model_path: str | None = None) -> dict:
     vocab = tokenizer.get_vocab()
     digest = hashlib.sha256(json.dumps(sorted(vocab.items()), ensure_ascii=False).encode()).hexdigest()
     return {"vocab_sha256": digest, "vocab_size": len(vocab), "embedding_rows": embedding_rows,
-            "eos_token_id": tokenizer.eos_token_id}
+            "eos_token_id": tokenizer.eos_token_id, "stop_ids": stop_ids(tokenizer, model_path),
+            "template_ids": template_ids(tokenizer)}
 
 
-def check_compatible(student: dict, student_name: str, teacher: dict, teacher_name: str) -> None:
+SKIPPABLE = ("stop_ids", "template", "probe")  # teachers.models.NAME.skip_checks
+
+
+def check_compatible(student: dict, student_name: str, teacher: dict, teacher_name: str, skip=()) -> list:
+    """Raise TokenizerMismatchError naming the teacher, what differs and the fix; else return notes
+    for the summary line (vocabulary padding)."""
     if student["vocab_sha256"] != teacher["vocab_sha256"]:
         raise TokenizerMismatchError(
             f"teacher '{teacher_name}' uses a different tokenizer vocabulary than the student '{student_name}' "
@@ -34,6 +67,33 @@ def check_compatible(student: dict, student_name: str, teacher: dict, teacher_na
         raise TokenizerMismatchError(
             f"teacher '{teacher_name}' has {rows} output rows, fewer than the {student['vocab_size']} tokens of "
             f"the student '{student_name}''s tokenizer")
+    name = teacher_name.split(" ")[0]
+    s_stop, t_stop = student.get("stop_ids"), teacher.get("stop_ids")
+    if "stop_ids" not in skip and s_stop is not None and t_stop is not None and s_stop != t_stop:
+        raise TokenizerMismatchError(
+            f"teacher '{teacher_name}' ends a response with ids {t_stop}, the student '{student_name}' with "
+            f"{s_stop} (tokenizer EOS + generation_config.json eos_token_id): the teacher would score the "
+            "student's end of turn as unlikely and push responses to run on (a base student with an instruct "
+            "teacher, ms-swift #9526). Use a student and teachers with the same end-of-turn ids (set "
+            "eos_token_id in generation_config.json), or, if this is intended, "
+            f"teachers.models.{name}.skip_checks=[stop_ids]")
+    s_tpl, t_tpl = student.get("template_ids"), teacher.get("template_ids")
+    if "template" not in skip and t_tpl is not None and s_tpl != t_tpl:
+        raise TokenizerMismatchError(
+            f"teacher '{teacher_name}' has another chat template than the student '{student_name}': a probe "
+            f"conversation renders to {len(t_tpl)} ids by the teacher's template and {len(s_tpl or [])} by the "
+            f"student's (first difference at id {_first_difference(s_tpl or [], t_tpl)}). Prompts are rendered "
+            "once with the student's template and every teacher scores exactly those ids, so a teacher trained "
+            "on its own format would score text it never saw. Give the student the teacher's chat template, "
+            f"or, if the teacher was trained on the student's format, teachers.models.{name}.skip_checks=[template]")
+    notes = []
+    if rows is not None and rows > student["vocab_size"]:
+        notes.append(f"{name}: {rows - student['vocab_size']} padded embedding rows (logits cut to the tokenizer)")
+    return notes
+
+
+def _first_difference(a: list, b: list) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 def check_local_tokenizers(cfg) -> None:
@@ -51,7 +111,7 @@ def check_local_tokenizers(cfg) -> None:
     def fp(path):
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code)
         rows = AutoConfig.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code).vocab_size
-        return tokenizer_fingerprint(tok, rows)
+        return tokenizer_fingerprint(tok, rows, path)
 
     if not Path(cfg.model.path, "config.json").exists():
         return
@@ -60,4 +120,4 @@ def check_local_tokenizers(cfg) -> None:
         if name == SELF_TEACHER and not t.model_path:
             continue
         if Path(t.model_path, "config.json").exists():
-            check_compatible(student, cfg.model.path, fp(t.model_path), f"{name} ({t.model_path})")
+            check_compatible(student, cfg.model.path, fp(t.model_path), f"{name} ({t.model_path})", t.skip_checks)

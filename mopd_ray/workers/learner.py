@@ -148,13 +148,13 @@ class LearnerWorker:
 
         batches: list[RolloutBatch] = ray.get([p["batch"] for p in parts])
         scores: list[list[TeacherScores]] = [ray.get(list(p["scores"])) for p in parts]
-        g = _assemble(batches, scores, require_scores=bool(self.teacher_names))
+        g = _assemble(batches, scores, self.teacher_names)
         g["mini_B"] = np.concatenate([np.full(b.num_rows, p["mini_batch"], np.int64) for b, p in zip(batches, parts)])
         g["fetched_bytes"] = sum(batch_nbytes(b) for b in batches) + sum(s.nbytes() for ss in scores for s in ss)
         n_mini = self.cfg["mini_batches_per_step"]
         mine = [np.nonzero(g["mini_B"] == m)[0] for m in range(n_mini)]
         if self.teacher_heads:  # group rows by teacher so one output head is used at a time
-            mine = [r[np.argsort(g["teacher_index"][r], kind="stable")] for r in mine]
+            mine = [r[np.lexsort(g["teacher_index"][r].T[::-1])] for r in mine]
         g["rows_by_mini"] = mine
         # global denominators of each mini-batch: response tokens and non-empty sequences over all ranks
         totals = torch.tensor([[g["mask"][r].sum(), (g["mask"][r].sum(-1) > 0).sum()] for r in mine], dtype=torch.float64)
@@ -163,25 +163,31 @@ class LearnerWorker:
         return g
 
     def _tensors(self, g: dict) -> dict:
-        """Torch views of the local rows, coefficients and signals per row, outcome advantages."""
+        """Torch views of the local rows, each slot's teacher, signal and per-token coefficient, outcome
+        advantages. ``teacher_lp`` is [S, N, L]: slot s of every row (zeros where the slot is empty)."""
         import torch
 
         from ..algo import OUTCOME_ESTIMATORS, mix_advantages
         from .loss import SIGNAL_IDS
 
-        dev, N = self.device, g["tokens"].shape[0]
+        dev = self.device
+        tidx = torch.from_numpy(g["teacher_index"].astype(np.int64)).to(dev)  # [N, S]
         t = {"tokens": torch.from_numpy(g["tokens"].astype(np.int64)).to(dev),
              "mask": torch.from_numpy(g["mask"].astype(np.float32)).to(dev),
              "attn": torch.from_numpy(g["attn"]).long().to(dev),
              "rollout_lp": torch.from_numpy(g["rollout_lp"]).to(dev),
-             "teacher_lp": torch.from_numpy(g["teacher_lp"]).to(dev),
-             "tidx": torch.from_numpy(g["teacher_index"].astype(np.int64)).to(dev)}
+             "teacher_lp": torch.from_numpy(np.stack([sl["lp"] for sl in g["slots"]])).to(dev), "tidx": tidx}
+        empty = tidx < 0
+        safe = tidx.clamp(min=0)
         if self.teacher_names:
-            t["coef"] = torch.tensor(self.teacher_weights, dtype=torch.float32, device=dev)[t["tidx"]]
-            t["signal"] = torch.tensor([SIGNAL_IDS[s] for s in self.teacher_signals], device=dev)[t["tidx"]]
+            w = torch.tensor(self.teacher_weights, dtype=torch.float32, device=dev)[safe]
+            coef = torch.where(empty, 0.0, w * torch.from_numpy(g["route_weight"]).to(dev))  # [N, S]
+            signal = torch.tensor([SIGNAL_IDS[x] for x in self.teacher_signals], device=dev)[safe]
+            t["signal"] = torch.where(empty, -1, signal)
         else:  # reward-only (GRPO): no distillation term, the outcome advantage alone
-            t["coef"] = torch.zeros(N, dtype=torch.float32, device=dev)
-            t["signal"] = torch.zeros(N, dtype=torch.long, device=dev)
+            coef = torch.zeros(tidx.shape, dtype=torch.float32, device=dev)
+            t["signal"] = torch.full(tidx.shape, -1, dtype=torch.long, device=dev)
+        t["coef"] = self._token_coefficients(coef, t["teacher_lp"])
         a = self.algo
         t["outcome"] = torch.zeros_like(t["mask"])
         if a["alpha"] > 0 and g["has_reward"].any():  # groups never straddle ranks (dispatch plan)
@@ -190,6 +196,19 @@ class LearnerWorker:
                 rewards, torch.from_numpy(g["group_ids"]).to(dev), t["mask"]).float(), a["alpha"],
                 torch.from_numpy(g["has_reward"]).to(dev))
         return t
+
+    def _token_coefficients(self, coef_NS, teacher_lp_SNL):
+        """[S, N, L] coefficient of each slot at each token. ``fixed``: the slot's weight everywhere;
+        ``confidence``: a row's total weight shared among its teachers in proportion to weight x the
+        teacher's probability of the sampled token (a teacher unsure of a token cedes it to the others)."""
+        import torch
+
+        fixed = coef_NS.T[:, :, None].expand_as(teacher_lp_SNL)
+        if self.algo.get("teacher_combine", "fixed") == "fixed" or coef_NS.shape[1] == 1:
+            return fixed.contiguous()
+        logit = torch.where(fixed > 0, torch.log(fixed.clamp(min=1e-30)) + teacher_lp_SNL, float("-inf"))
+        share = torch.nan_to_num(torch.softmax(logit, dim=0), nan=0.0)  # rows without a teacher: 0
+        return (share * coef_NS.sum(-1)[None, :, None]).detach()
 
     def _fused_old_logprobs(self) -> bool:
         """pi_old equals the training forward when one mini-batch is trained and nothing needs pi_old of
@@ -214,22 +233,47 @@ class LearnerWorker:
         self.engine.train()
         return old_lp
 
+    def _sampled_advantage(self, t: dict, old_lp, r=slice(None)):
+        """Per slot, the sampled-token reverse-KL advantage of rows ``r`` (0 for slots of other signals):
+        [S, n, L]; their sum over slots is the distillation advantage."""
+        import torch
+
+        from ..algo import reverse_kl_advantage
+        from .loss import SIGNAL_IDS
+
+        sampled = (t["signal"][r] == SIGNAL_IDS["sampled"]).T[:, :, None]  # [S, n, 1]
+        return torch.stack([reverse_kl_advantage(t["teacher_lp"][s][r], old_lp[r], t["mask"][r],
+                                                 t["coef"][s][r] * sampled[s], gamma=self.algo["kl_gamma"])
+                            for s in range(sampled.shape[0])])
+
     def _distill_advantages(self, t: dict, old_lp):
-        """Sampled-token reverse-KL advantage, normalised with moments summed over every rank's rows."""
+        """Sampled-token reverse-KL advantage, normalised with moments summed over every rank's rows:
+        ``teacher*`` normalises each teacher's terms over its own tokens (a row's slots separately), then
+        sums the slots; ``batch*`` normalises the sum over the rows that have a sampled-signal teacher."""
         import torch.distributed as dist
 
-        from ..algo import advantage_moments, normalize_advantages, reverse_kl_advantage
+        from ..algo import advantage_moments, normalize_advantages
+        from .loss import SIGNAL_IDS
 
-        a = self.algo
-        adv = reverse_kl_advantage(t["teacher_lp"], old_lp, t["mask"], t["coef"], gamma=a["kl_gamma"])
-        norm = a["normalize_advantages"]
+        adv_S = self._sampled_advantage(t, old_lp)
+        norm = self.algo["normalize_advantages"]
         if norm == "none":
-            return adv
-        by_teacher = norm.startswith("teacher")
-        groups = t["tidx"] if by_teacher else t["tidx"].new_zeros(t["tidx"].shape)
-        moments = advantage_moments(adv, t["mask"], groups, max(len(self.teacher_names), 1) if by_teacher else 1)
+            return adv_S.sum(0)
+        scale = not norm.endswith("_mean")
+        sampled = t["signal"] == SIGNAL_IDS["sampled"]  # [N, S]
+        if not norm.startswith("teacher"):
+            mask = t["mask"] * sampled.any(-1)[:, None]
+            groups = t["tidx"].new_zeros(t["tidx"].shape[0])
+            moments = advantage_moments(adv_S.sum(0), mask, groups, 1)
+            dist.all_reduce(moments)
+            return normalize_advantages(adv_S.sum(0), mask, groups, moments, scale=scale)
+        T = max(len(self.teacher_names), 1)
+        groups = t["tidx"].clamp(min=0)  # an empty slot is masked out below
+        masks = [t["mask"] * sampled[:, s, None] for s in range(adv_S.shape[0])]
+        moments = sum(advantage_moments(adv_S[s], masks[s], groups[:, s], T) for s in range(adv_S.shape[0]))
         dist.all_reduce(moments)
-        return normalize_advantages(adv, t["mask"], groups, moments, scale=not norm.endswith("_mean"))
+        return sum(normalize_advantages(adv_S[s], masks[s], groups[:, s], moments, scale=scale)
+                   for s in range(adv_S.shape[0]))
 
     def _optimize(self, g: dict, t: dict, old_lp, adv, step: int, fused: bool) -> dict:
         """``mini_batches_per_step`` optimizer steps over this rank's rows, micro-batch by micro-batch."""
@@ -260,7 +304,6 @@ class LearnerWorker:
         """Forward, loss, backward of one micro-batch; False (nothing stepped) on a non-finite loss."""
         import torch
 
-        from ..algo import reverse_kl_advantage
         from .loss import MicroBatch, entropy_from_logits, micro_batch_loss, token_logprobs_from_logits
 
         a, dev = self.algo, self.device
@@ -269,20 +312,22 @@ class LearnerWorker:
         logits = self._forward_logits(t["tokens"][r], t["attn"][r])
         if fused:  # pi_old == pi_theta now: take it from this forward instead of a second one
             old_lp[r] = token_logprobs_from_logits(logits.detach(), t["tokens"][r], self.temperature)
-            distill = reverse_kl_advantage(t["teacher_lp"][r], old_lp[r], t["mask"][r], t["coef"][r], gamma=a["kl_gamma"])
+            distill = self._sampled_advantage(t, old_lp, r).sum(0)
         else:
             distill = adv[r]
         take = (lambda arr: None if arr is None else torch.from_numpy(arr[idx]).to(dev))
+        slots = g["slots"]
         mb = MicroBatch(
             tokens_bL=t["tokens"][r], response_mask_bL=t["mask"][r], old_logprobs_bL=old_lp[r],
-            rollout_logprobs_bL=t["rollout_lp"][r], advantages_bL=distill + t["outcome"][r], coef_b=t["coef"][r],
-            teacher_index_b=t["tidx"][r],
-            topk_ids_bLK=None if g["topk_ids"] is None else take(g["topk_ids"]).long(),
-            topk_logprobs_bLK=take(g["topk_lp"]),
-            hidden_bLH=None if g["hidden"] is None else g["hidden"][torch.from_numpy(idx)].to(dev).float(),
+            rollout_logprobs_bL=t["rollout_lp"][r], advantages_bL=distill + t["outcome"][r],
+            coef_SbL=t["coef"][:, r], teacher_index_bS=t["tidx"][r], signal_bS=t["signal"][r],
+            topk_ids_SbLK=[None if sl["topk_ids"] is None else take(sl["topk_ids"]).long() for sl in slots],
+            topk_logprobs_SbLK=[take(sl["topk_lp"]) for sl in slots],
+            hidden_SbLH=[None if sl["hidden"] is None else sl["hidden"][torch.from_numpy(idx)].to(dev).float()
+                         for sl in slots],
             outcome_advantages_bL=t["outcome"][r] if a["alpha"] > 0 else None)
-        loss, mets = micro_batch_loss(logits, mb, a, t["signal"][r], denominator, self.teacher_heads,
-                                      self.temperature, self.vocab_size)
+        loss, mets = micro_batch_loss(logits, mb, a, denominator, self.teacher_heads, self.temperature,
+                                      self.vocab_size)
         if _any_rank(not bool(torch.isfinite(loss))):
             if self.grad_accum > 1 and s > 0:
                 raise FloatingPointError(
@@ -290,7 +335,7 @@ class LearnerWorker:
                     "learner.micro_batch_size to the rows per rank so that such steps can be skipped")
             loop["skipped"] += 1
             loop["nonfinite"] = loop["nonfinite"] or {
-                "teachers": sorted({self.teacher_names[i] for i in g["teacher_index"][rows].tolist()}),
+                "teachers": self._names(g["teacher_index"][rows]),
                 "stats": {"loss": float(loss), "rows": len(rows)}}
             return False
         self.engine.backward(loss)
@@ -309,12 +354,13 @@ class LearnerWorker:
 
         T, n_mini, ws = len(self.teacher_names), self.cfg["mini_batches_per_step"], self.world_size
         mask, tidx = t["mask"].double(), t["tidx"]
-        log_ratio = t["teacher_lp"] - old_lp
-        k1, k3 = -log_ratio.double() * mask, (torch.expm1(log_ratio) - log_ratio).double() * mask
         stats = torch.zeros(9 + 3 * T, dtype=torch.float64)
-        for i in range(T):
-            sel = tidx == i
-            stats[9 + 3 * i: 12 + 3 * i] = torch.stack([mask[sel].sum(), k1[sel].sum(), k3[sel].sum()])
+        for s in range(tidx.shape[1]):  # each teacher over the tokens it scored, in whichever slot
+            log_ratio = t["teacher_lp"][s] - old_lp
+            k1, k3 = -log_ratio.double() * mask, (torch.expm1(log_ratio) - log_ratio).double() * mask
+            for i in range(T):
+                sel = tidx[:, s] == i
+                stats[9 + 3 * i: 12 + 3 * i] += torch.stack([mask[sel].sum(), k1[sel].sum(), k3[sel].sum()])
         stats[0] = mask.sum()
         stats[1] = ((old_lp - t["rollout_lp"]).abs().double() * mask).sum()
         stats[2:9] = torch.tensor([loop["entropy_sum"], loop["loss"], loop["is_clip_fraction"] / max(loop["n_micro"], 1),
@@ -343,7 +389,9 @@ class LearnerWorker:
             if n_t > 0:
                 metrics[f"teacher/{name}/reverse_kl"] = stats[10 + 3 * i].item() / n_t
                 metrics[f"teacher/{name}/reverse_kl_k3"] = stats[11 + 3 * i].item() / n_t
-        metrics["reverse_kl"] = sum(stats[10 + 3 * i].item() for i in range(T)) / tok
+        # over every (token, teacher) pair: a row with two teachers counts against each
+        metrics["reverse_kl"] = (sum(stats[10 + 3 * i].item() for i in range(T))
+                                 / max(sum(stats[9 + 3 * i].item() for i in range(T)), 1.0))
         return metrics
 
     def sft_step(self, sequences: list, prompt_lens: list) -> dict:
@@ -384,23 +432,33 @@ class LearnerWorker:
 
         m = g["mask"][rows]
         old = None if old_lp is None else old_lp[torch.from_numpy(rows)].cpu().numpy()
-        checks = {"teacher_logprobs": g["teacher_lp"][rows][m], "rollout_logprobs": g["rollout_lp"][rows][m]}
+        slots = g["slots"]
+        checks = {"teacher_logprobs": np.concatenate([sl["lp"][rows][m] for sl in slots]),
+                  "rollout_logprobs": g["rollout_lp"][rows][m]}
         if old is not None:
             checks["old_logprobs"] = old[m]
-        if g["topk_lp"] is not None:
-            checks["topk_logprobs"] = g["topk_lp"][rows][m]
-        if g["hidden"] is not None:
-            checks["hidden_states"] = g["hidden"][torch.from_numpy(rows)][torch.from_numpy(m)].float().numpy()
+        if any(sl["topk_lp"] is not None for sl in slots):
+            checks["topk_logprobs"] = np.concatenate([sl["topk_lp"][rows][m] for sl in slots if sl["topk_lp"] is not None])
+        if any(sl["hidden"] is not None for sl in slots):
+            checks["hidden_states"] = np.concatenate([sl["hidden"][torch.from_numpy(rows)][torch.from_numpy(m)].float().numpy()
+                                                      for sl in slots if sl["hidden"] is not None])
         counts = {k: int((~np.isfinite(v)).sum()) for k, v in checks.items()}
         if not any(counts.values()):
             return None
-        bad = ~np.isfinite(np.where(g["mask"][rows], g["teacher_lp"][rows], 0)).all(-1)
+        bad_slot = np.stack([~np.isfinite(np.where(g["mask"][rows], sl["lp"][rows], 0)).all(-1) for sl in slots], -1)
+        bad = bad_slot.any(-1)
         if old is not None:
             bad |= ~np.isfinite(np.where(g["mask"][rows], old, 0)).all(-1)
         bad_rows = rows[bad]
-        teachers = sorted({self.teacher_names[i] for i in g["teacher_index"][bad_rows].tolist()}) if self.teacher_names else []
+        # the teachers whose scores were not finite (every teacher of a row whose pi_old was not)
+        culprit = np.where(bad_slot[bad] | ~bad_slot[bad].any(-1, keepdims=True), g["teacher_index"][bad_rows], -1)
+        teachers = self._names(culprit)
         return {"teachers": teachers, "stats": {"rows": int(len(rows)), "response_tokens": int(m.sum()),
                                                 "nonfinite_counts": counts, "bad_rows": int(len(bad_rows))}}
+
+    def _names(self, tidx: np.ndarray) -> list:
+        """Sorted names of the teachers among slot indices ``tidx`` (-1: none)."""
+        return sorted({self.teacher_names[i] for i in np.asarray(tidx).ravel().tolist() if i >= 0})
 
     # ------------------------------------------------------------------ weights
     def compute_logprobs(self, sequences: list) -> list:
@@ -484,8 +542,12 @@ def _any_rank(flag: bool) -> bool:
     return bool(t.item() > 0)
 
 
-def _assemble(shards: list, scores: list, require_scores: bool = True) -> dict:
-    """Concatenate shards into global [N, L] arrays and place each teacher's scores on its rows."""
+def _assemble(shards: list, scores: list, teacher_names: list) -> dict:
+    """Concatenate shards into [N, L] arrays and place each teacher's scores in its rows' slots.
+
+    ``slots[s]`` holds slot s of every row: ``lp`` [N, L], and ``topk_ids`` / ``topk_lp`` [N, L, K] and
+    ``hidden`` [N, L, H] where some teacher of that slot serves those signals (else None).
+    """
     import torch
 
     from .teacher import expand_hidden
@@ -505,37 +567,52 @@ def _assemble(shards: list, scores: list, require_scores: bool = True) -> dict:
            "mask": cat(lambda b: b.response_mask_BL())}
     lens = np.concatenate([b.prompt_lens_B + b.response_lens_B for b in shards])
     out["attn"] = np.arange(L)[None, :] < lens[:, None]
-    out["teacher_index"] = np.concatenate([b.teacher_index_B for b in shards])
+    S = max(b.teacher_index_BS.shape[1] for b in shards)
+    pad_slots = (lambda a, fill: np.pad(a, [(0, 0), (0, S - a.shape[1])], constant_values=fill))
+    tidx = np.concatenate([pad_slots(b.teacher_index_BS, -1) for b in shards])
+    if not teacher_names:
+        tidx[:] = -1  # reward-only: no row has a teacher
+    out["teacher_index"] = tidx
+    out["route_weight"] = np.concatenate([pad_slots(b.route_weight_BS, 0.0) for b in shards])
     out["group_ids"] = np.concatenate([b.group_ids_B for b in shards])
     out["rewards"] = np.concatenate([b.rewards_B for b in shards])
     out["has_reward"] = np.concatenate([b.has_reward_B for b in shards])
-    teacher_lp = np.zeros((N, L), np.float32)
-    scored = np.zeros(N, np.int32)
-    topk_ids = topk_lp = hidden = None
-    hidden_dtype = None
+    slots = [{"lp": np.zeros((N, L), np.float32), "topk_ids": None, "topk_lp": None, "hidden": None} for _ in range(S)]
+    scored = np.zeros((N, S), np.int32)
     offset = 0
     for b, s_list in zip(shards, scores):
-        for s in s_list:
-            r, pos, ok = s.positions(L)
-            ok = ok & (np.arange(pos.shape[1])[None, :] < b.response_lens_B[s.rows_R][:, None])
-            rr, pp = offset + s.rows_R[r[ok]], pos[ok]
-            teacher_lp[rr, pp] = s.teacher_logprobs_RT[ok]
-            scored[offset + s.rows_R] += 1
-            if s.topk_ids_RTK is not None:
-                if topk_ids is None:
-                    K = s.topk_ids_RTK.shape[-1]
-                    topk_ids = np.zeros((N, L, K), np.int32)
-                    topk_lp = np.full((N, L, K), -1e4, np.float32)
-                topk_ids[rr, pp] = s.topk_ids_RTK[ok]
-                topk_lp[rr, pp] = np.maximum(s.topk_logprobs_RTK[ok], -1e4)
-            if s.hidden_RTH is not None:
-                h = expand_hidden(s.hidden_RTH, s.hidden_dtype)
-                if hidden is None:
-                    hidden = torch.zeros((N, L, h.shape[-1]), dtype=h.dtype)
-                hidden[torch.from_numpy(rr.astype(np.int64)), torch.from_numpy(pp)] = h[torch.from_numpy(ok)]
+        for sc in s_list:
+            rows = offset + sc.rows_R.astype(np.int64)
+            hit = tidx[rows] == teacher_names.index(sc.teacher)
+            if not hit.any(-1).all():
+                raise RuntimeError(f"teacher '{sc.teacher}' scored rows {rows[~hit.any(-1)][:8].tolist()} that are "
+                                   "not routed to it")
+            slot_R = hit.argmax(-1)
+            scored[rows, slot_R] += 1
+            r, pos, ok = sc.positions(L)
+            ok = ok & (np.arange(pos.shape[1])[None, :] < b.response_lens_B[sc.rows_R][:, None])
+            for s in np.unique(slot_R):
+                sel = ok & (slot_R == s)[:, None]
+                rr, pp = rows[r[sel]], pos[sel]
+                sl = slots[s]
+                sl["lp"][rr, pp] = sc.teacher_logprobs_RT[sel]
+                if sc.topk_ids_RTK is not None:
+                    if sl["topk_ids"] is None:
+                        K = sc.topk_ids_RTK.shape[-1]
+                        sl["topk_ids"] = np.zeros((N, L, K), np.int32)
+                        sl["topk_lp"] = np.full((N, L, K), -1e4, np.float32)
+                    sl["topk_ids"][rr, pp] = sc.topk_ids_RTK[sel]
+                    sl["topk_lp"][rr, pp] = np.maximum(sc.topk_logprobs_RTK[sel], -1e4)
+                if sc.hidden_RTH is not None:
+                    h = expand_hidden(sc.hidden_RTH, sc.hidden_dtype)
+                    if sl["hidden"] is None:
+                        sl["hidden"] = torch.zeros((N, L, h.shape[-1]), dtype=h.dtype)
+                    sl["hidden"][torch.from_numpy(rr), torch.from_numpy(pp)] = h[torch.from_numpy(sel)]
         offset += b.num_rows
-    if require_scores and not (scored == 1).all():
-        bad = np.nonzero(scored != 1)[0][:8].tolist()
-        raise RuntimeError(f"rows {bad} were scored {scored[bad].tolist()} times; every row needs exactly one teacher")
-    out.update(teacher_lp=teacher_lp, topk_ids=topk_ids, topk_lp=topk_lp, hidden=hidden)
+    want = (tidx >= 0).astype(np.int32)
+    if teacher_names and not (scored == want).all():
+        bad = np.nonzero((scored != want).any(-1))[0][:8]
+        raise RuntimeError(f"rows {bad.tolist()} were scored {scored[bad].tolist()} times per teacher slot "
+                           f"(teachers {tidx[bad].tolist()}); every teacher of a row scores it exactly once")
+    out["slots"] = slots
     return out

@@ -19,17 +19,21 @@ from ..algo import DISTILL_LOSSES, POLICY_LOSSES, aggregate, full_vocab_reverse_
 
 @dataclass
 class MicroBatch:
+    """One micro-batch. A row has S teacher *slots* (its route's teachers, -1 where the route is shorter);
+    per-slot inputs are lists over slots (None where no slot of the micro-batch needs that signal)."""
+
     tokens_bL: torch.Tensor  # long
     response_mask_bL: torch.Tensor  # float
     old_logprobs_bL: torch.Tensor  # pi_old (learner before this step, or rollout when not recomputed)
     rollout_logprobs_bL: torch.Tensor
-    advantages_bL: torch.Tensor  # detached: distillation (sampled signal) + alpha * outcome
-    coef_b: torch.Tensor  # routed teacher's weight per row
-    teacher_index_b: torch.Tensor
-    topk_ids_bLK: Optional[torch.Tensor] = None
-    topk_logprobs_bLK: Optional[torch.Tensor] = None
-    hidden_bLH: Optional[torch.Tensor] = None
-    outcome_advantages_bL: Optional[torch.Tensor] = None  # alpha * A_outcome for the dense signals
+    advantages_bL: torch.Tensor  # detached: distillation of the sampled-signal slots + alpha * outcome
+    coef_SbL: torch.Tensor  # [S, b, L] each slot's coefficient per token (teacher x route weight; 0: empty)
+    teacher_index_bS: torch.Tensor  # long [b, S], -1: empty slot
+    signal_bS: torch.Tensor  # long [b, S], SIGNAL_IDS of the slot's teacher, -1: empty slot
+    topk_ids_SbLK: Optional[list] = None  # per slot: long [b, L, K] or None
+    topk_logprobs_SbLK: Optional[list] = None
+    hidden_SbLH: Optional[list] = None  # per slot: float [b, L, H] or None
+    outcome_advantages_bL: Optional[torch.Tensor] = None  # alpha * A_outcome for rows without a sampled slot
 
 
 def token_logprobs_from_logits(logits_bLV: torch.Tensor, tokens_bL: torch.Tensor, temperature: float = 1.0):
@@ -50,18 +54,20 @@ def entropy_from_logits(logits_bLV: torch.Tensor) -> torch.Tensor:
 SIGNAL_IDS = {"sampled": 0, "topk": 1, "full_vocab": 2}
 
 
-def micro_batch_loss(logits_bLV: torch.Tensor, mb: MicroBatch, algo: dict, row_signal_b: torch.Tensor,
-                     denominator: float, teacher_heads: Optional[dict] = None, temperature: float = 1.0,
+def micro_batch_loss(logits_bLV: torch.Tensor, mb: MicroBatch, algo: dict, denominator: float,
+                     teacher_heads: Optional[dict] = None, temperature: float = 1.0,
                      vocab_size: int | None = None):
     """Returns (loss, metrics) for one micro-batch.
 
-    Each row carries its teacher's signal (``row_signal_b``, ids of SIGNAL_IDS), so teachers with
-    different signals can share a micro-batch: the rows partition the tokens, and every part is
-    normalised by the same global ``denominator``, so the parts add up to one loss.
+    Each slot of a row carries its teacher's signal (``mb.signal_bS``), so a row may be scored by several
+    teachers with different signals, and rows of different teachers share a micro-batch. Every term is
+    normalised by the same global ``denominator``, so the terms add up to one loss:
 
-    - sampled rows: PPO clipped surrogate with A = distillation (+ alpha * outcome) advantage;
-    - topk rows: coef * KL over the teacher's top-k + tail; full_vocab rows: coef * exact reverse KL;
-      plus, when alpha > 0, the clipped surrogate on alpha * outcome advantage for those rows.
+    - rows with a sampled-signal slot: PPO clipped surrogate with A = sum over their sampled slots of
+      coef x log-ratio (built by the caller) + alpha * outcome;
+    - each topk / full_vocab slot: coef x KL over the teacher's top-k + tail / exact reverse KL, summed
+      over the row's dense slots; rows without a sampled slot add, when alpha > 0, the clipped
+      surrogate on alpha * outcome.
     """
     mask = mb.response_mask_bL
     logprobs = token_logprobs_from_logits(logits_bLV, mb.tokens_bL, temperature)
@@ -73,48 +79,61 @@ def micro_batch_loss(logits_bLV: torch.Tensor, mb: MicroBatch, algo: dict, row_s
     metrics = {"is_clip_fraction": gate.clipped_fraction.item()}
     loss = logits_bLV.new_zeros(())
     pg_outs = []
-    sampled = (row_signal_b == SIGNAL_IDS["sampled"]).to(mask.dtype)[:, None]
-    if sampled.any():
-        out = policy_loss(logprobs, mb.old_logprobs_bL, mb.advantages_bL, mask * sampled, **pg_kwargs)
+    sig = mb.signal_bS
+    has_sampled = (sig == SIGNAL_IDS["sampled"]).any(-1) | (sig < 0).all(-1)  # no teacher: reward-only rows
+    has_dense = (sig > SIGNAL_IDS["sampled"]).any(-1)
+    pg_rows = has_sampled.to(mask.dtype)[:, None]
+    if has_sampled.any():
+        out = policy_loss(logprobs, mb.old_logprobs_bL, mb.advantages_bL, mask * pg_rows, **pg_kwargs)
         loss = loss + out.loss
         pg_outs.append(out)
-    dense = 1.0 - sampled
-    if dense.any():
-        b, L = mb.tokens_bL.shape
-        logits = logits_bLV[:, :-1].reshape(b * (L - 1), -1)
-        if temperature != 1.0:
-            logits = logits / temperature
-        per_tok = logits.new_zeros(b * (L - 1))
-        sig_tok = row_signal_b[:, None].expand(b, L - 1).reshape(-1)
-        tok_mask = mask[:, 1:].reshape(-1).bool()
-        sel = tok_mask & (sig_tok == SIGNAL_IDS["topk"])
-        if sel.any():
-            fn = DISTILL_LOSSES.get(f"topk_{algo['topk_divergence']}")
-            K = mb.topk_ids_bLK.shape[-1]
-            kl = fn(logits[sel], mb.topk_ids_bLK[:, 1:].reshape(-1, K)[sel],
-                    mb.topk_logprobs_bLK[:, 1:].reshape(-1, K)[sel], torch.ones(int(sel.sum()), device=logits.device))
-            per_tok = per_tok.index_put((sel.nonzero().squeeze(-1),), kl)
-        tidx = mb.teacher_index_b[:, None].expand(b, L - 1).reshape(-1)
-        full = tok_mask & (sig_tok == SIGNAL_IDS["full_vocab"])
-        for t in torch.unique(tidx[full]).tolist():  # rows arrive grouped by teacher: one head at a time
-            sel = full & (tidx == t)
-            w, bias = teacher_heads[t]
-            H = mb.hidden_bLH.shape[-1]
-            kl = full_vocab_reverse_kl(logits[sel], mb.hidden_bLH[:, 1:].reshape(-1, H)[sel], w,
-                                       torch.ones(int(sel.sum()), device=logits.device),
-                                       chunk_size=algo["full_vocab_chunk_size"], teacher_bias_V=bias,
-                                       vocab_size=vocab_size)
-            per_tok = per_tok.index_put((sel.nonzero().squeeze(-1),), kl)
-        coef = mb.coef_b[:, None].expand(b, L - 1).reshape(-1)
-        per_tok_bL = torch.nn.functional.pad((per_tok * coef).view(b, L - 1), (1, 0))
-        distill = aggregate(per_tok_bL, mask * dense, algo["loss_agg"], denominator=denominator)
+    if has_dense.any():
+        per_tok_bL = _dense_kl(logits_bLV, mb, teacher_heads, temperature, vocab_size, algo)
+        distill = aggregate(per_tok_bL, mask * has_dense.to(mask.dtype)[:, None], algo["loss_agg"],
+                            denominator=denominator)
         metrics["distill_loss"] = distill.item()
         loss = loss + distill
-        if mb.outcome_advantages_bL is not None:
-            out = policy_loss(logprobs, mb.old_logprobs_bL, mb.outcome_advantages_bL, mask * dense, **pg_kwargs)
+        outcome_rows = (has_dense & ~has_sampled).to(mask.dtype)[:, None]
+        if mb.outcome_advantages_bL is not None and outcome_rows.any():
+            out = policy_loss(logprobs, mb.old_logprobs_bL, mb.outcome_advantages_bL, mask * outcome_rows, **pg_kwargs)
             loss = loss + out.loss
             pg_outs.append(out)
     if pg_outs:
         metrics["pg_clip_fraction"] = sum(o.clip_fraction.item() for o in pg_outs) / len(pg_outs)
         metrics["approx_kl"] = sum(o.approx_kl.item() for o in pg_outs) / len(pg_outs)
     return loss, metrics
+
+
+def _dense_kl(logits_bLV, mb: MicroBatch, teacher_heads, temperature, vocab_size, algo) -> torch.Tensor:
+    """[b, L] sum over the dense slots of coef x per-token KL (position l: the KL of the prediction of
+    token l; 0 at prompt positions and for sampled or empty slots)."""
+    b, L = mb.tokens_bL.shape
+    logits = logits_bLV[:, :-1].reshape(b * (L - 1), -1)
+    if temperature != 1.0:
+        logits = logits / temperature
+    tok_mask = mb.response_mask_bL[:, 1:].reshape(-1).bool()
+    total = logits.new_zeros(b * (L - 1))
+    for s in range(mb.signal_bS.shape[1]):
+        sig_tok = mb.signal_bS[:, s, None].expand(b, L - 1).reshape(-1)
+        per_tok = logits.new_zeros(b * (L - 1))
+        sel = tok_mask & (sig_tok == SIGNAL_IDS["topk"])
+        if sel.any():
+            fn = DISTILL_LOSSES.get(f"topk_{algo['topk_divergence']}")
+            ids, lps = mb.topk_ids_SbLK[s], mb.topk_logprobs_SbLK[s]
+            K = ids.shape[-1]
+            kl = fn(logits[sel], ids[:, 1:].reshape(-1, K)[sel], lps[:, 1:].reshape(-1, K)[sel],
+                    torch.ones(int(sel.sum()), device=logits.device))
+            per_tok = per_tok.index_put((sel.nonzero().squeeze(-1),), kl)
+        tidx = mb.teacher_index_bS[:, s, None].expand(b, L - 1).reshape(-1)
+        full = tok_mask & (sig_tok == SIGNAL_IDS["full_vocab"])
+        for t in torch.unique(tidx[full]).tolist():  # rows arrive grouped by teacher: one head at a time
+            sel = full & (tidx == t)
+            w, bias = teacher_heads[t]
+            hidden = mb.hidden_SbLH[s]
+            kl = full_vocab_reverse_kl(logits[sel], hidden[:, 1:].reshape(-1, hidden.shape[-1])[sel], w,
+                                       torch.ones(int(sel.sum()), device=logits.device),
+                                       chunk_size=algo["full_vocab_chunk_size"], teacher_bias_V=bias,
+                                       vocab_size=vocab_size)
+            per_tok = per_tok.index_put((sel.nonzero().squeeze(-1),), kl)
+        total = total + per_tok * mb.coef_SbL[s][:, 1:].reshape(-1)
+    return torch.nn.functional.pad(total.view(b, L - 1), (1, 0))

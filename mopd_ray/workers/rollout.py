@@ -49,7 +49,8 @@ class RolloutWorker:
     def generate(self, prompts: list[dict], step: int, seed: int, parts: Optional[list] = None) -> tuple:
         """Sample ``n_samples_per_prompt`` responses for each prompt (token ids rendered by the driver).
 
-        Each prompt dict: prompt_ids, domain, answer, group_id, teacher_index. Rewards are computed
+        Each prompt dict: prompt_ids, domain, answer, group_id, teacher_index (one per slot), route_weight.
+        Rewards are computed
         here, where the tokenizer is, for domains with a verifiable reward. ``parts`` lists, per learner
         destination, the indices of its prompts (default: one part of all). Returns (*batches, meta),
         one RolloutBatch per part: call with ``num_returns=len(parts) + 1`` so each learner rank fetches
@@ -102,6 +103,7 @@ class RolloutWorker:
             rows.append({"seq": list(prompt["prompt_ids"]) + resp, "plen": plen, "rlen": len(resp),
                          "lp": [0.0] * plen + [d[t].logprob for d, t in zip(o.logprobs, resp)],
                          "group": prompt["group_id"], "teacher": prompt["teacher_index"],
+                         "route_weight": prompt.get("route_weight"),
                          "text": text, "finished": o.finish_reason == "stop",
                          "domain": prompt["domain"]})
         return rows
@@ -112,9 +114,10 @@ class RolloutWorker:
         return RolloutBatch(
             tokens_BL=tokens, prompt_lens_B=col("plen", np.int32), response_lens_B=col("rlen", np.int32),
             rollout_logprobs_BL=pad_sequences([r["lp"] for r in rows], 0, tokens.shape[1], np.float32),
-            group_ids_B=col("group", np.int64), teacher_index_B=col("teacher", np.int32),
+            group_ids_B=col("group", np.int64), teacher_index_BS=col("teacher", np.int32),
             rewards_B=col("reward", np.float32), finished_B=col("finished", bool),
-            domains=tuple(r["domain"] for r in rows), weight_version=self.weight_version)
+            domains=tuple(r["domain"] for r in rows), weight_version=self.weight_version,
+            route_weight_BS=None if rows and rows[0]["route_weight"] is None else col("route_weight", np.float32))
 
     def evaluate(self, prompts: list, k: int, seed: int) -> dict:
         """Greedy accuracy and pass@k per domain under the engine's current weights."""

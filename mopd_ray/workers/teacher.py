@@ -67,7 +67,50 @@ class TeacherWorker:
     def fingerprint(self) -> dict:
         from ..models.compat import tokenizer_fingerprint
 
-        return tokenizer_fingerprint(self.tokenizer, self.embedding_rows)
+        return tokenizer_fingerprint(self.tokenizer, self.embedding_rows, self.model_path)
+
+    def probe_logprobs(self, sequences: list) -> list:
+        """Log-probs of given token ids through this replica's scoring path (position l: token l, 0 at 0)."""
+        from ..batch import pad_sequences
+
+        lens = np.array([len(s) for s in sequences], np.int32)
+        tokens = pad_sequences(sequences, self.tokenizer.pad_token_id or 0)
+        batch = RolloutBatch(tokens, np.zeros(len(lens), np.int32), lens, np.zeros(tokens.shape, np.float32),
+                             np.arange(len(lens)), np.zeros(len(lens), np.int32), np.full(len(lens), np.nan, np.float32),
+                             np.ones(len(lens), bool), tuple("probe" for _ in lens))
+        scores, _ = self.score(batch, np.arange(len(lens), dtype=np.int32))
+        return [scores.teacher_logprobs_RT[i, :n].copy() for i, n in enumerate(lens)]
+
+    def reference_logprobs(self, sequences: list, max_bytes: int):
+        """The same log-probs from a plain transformers forward of the folder, in the teacher's dtype
+        (loaded once, then freed), or a string saying why there is none."""
+        import gc
+        from pathlib import Path
+
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        from .loss import token_logprobs_from_logits
+
+        if self.backend == "hf":
+            return "its hf backend is the transformers forward itself"
+        size = sum(f.stat().st_size for f in Path(self.model_path).glob("*.safetensors"))
+        if size > max_bytes:
+            return (f"{size / 2**30:.1f} GB of weights > teachers.preflight.reference_max_gb "
+                    f"({max_bytes / 2**30:g}); replicas checked against each other only")
+        model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=getattr(torch, self.cfg["dtype"]),
+                                                     use_safetensors=True)
+        try:
+            out = []
+            with torch.no_grad():
+                for s in sequences:
+                    ids = torch.tensor([s], dtype=torch.long)
+                    logits = model(input_ids=ids).logits[..., : len(self.tokenizer)].float()
+                    out.append(token_logprobs_from_logits(logits, ids)[0].numpy())
+            return out
+        finally:
+            del model
+            gc.collect()
 
     def output_head(self):
         """The frozen output head (and bias) as numpy, for the learner's full-vocabulary loss."""

@@ -14,8 +14,9 @@ pytestmark = pytest.mark.slow
 PROMPTS, N = 8, 2
 
 
-def _batch(seed: int, names: list):
-    """16 rows (8 prompts x 2 samples) of varied lengths, two teachers, rewards for GRPO, top-k unused."""
+def _batch(seed: int, names: list, second_teacher: str | None = None):
+    """16 rows (8 prompts x 2 samples) of varied lengths, two teachers, rewards for GRPO, top-k unused.
+    ``second_teacher``: every other prompt is also scored by it (a second slot, route weight 0.25)."""
     rng = np.random.default_rng(seed)
     rows = PROMPTS * N
     seqs = [SEQS[i % 2][: len(SEQS[i % 2]) - (i % 5)] for i in range(rows)]
@@ -25,11 +26,18 @@ def _batch(seed: int, names: list):
     mask = np.arange(tokens.shape[1])[None] >= plens[:, None]
     rollout_lp = np.where(mask, -rng.random(tokens.shape) * 3, 0).astype(np.float32)
     tidx = (np.arange(rows) // N % len(names)).astype(np.int32)  # a prompt's samples share a teacher
+    weights = None
+    if second_teacher is not None:
+        tidx = tidx % 2  # the first two teachers in slot 0
+        both = np.arange(rows) // N % 2 == 0
+        tidx = np.stack([tidx, np.where(both, names.index(second_teacher), -1)], -1).astype(np.int32)
+        weights = np.stack([np.ones(rows), np.where(both, 0.25, 0.0)], -1).astype(np.float32)
     batch = RolloutBatch(tokens, plens, rlens, rollout_lp, np.repeat(np.arange(PROMPTS), N) + 100 * seed, tidx,
-                         rng.integers(0, 2, rows).astype(np.float32), np.ones(rows, bool), tuple(["add"] * rows))
+                         rng.integers(0, 2, rows).astype(np.float32), np.ones(rows, bool), tuple(["add"] * rows),
+                         route_weight_BS=weights)
     scores = []
     for t, name in enumerate(names):
-        sel = np.nonzero(tidx == t)[0].astype(np.int32)
+        sel = np.nonzero((batch.teacher_index_BS == t).any(-1))[0].astype(np.int32)
         lp = -rng.random((len(sel), int(rlens.max()))).astype(np.float32) * 2
         scores.append(TeacherScores(name, sel, plens[sel].copy(), lp))
     return batch, scores
@@ -112,3 +120,51 @@ def test_pi_old_from_the_training_forward_equals_a_separate_one(local_ray, artif
         assert fused[key] == pytest.approx(given[key], rel=1e-4, abs=1e-6), key
     for a, b in zip(after_fused, after_given):
         np.testing.assert_allclose(a, b, atol=2e-5)
+
+
+def test_several_teachers_per_row_equal_across_world_sizes_with_exact_per_teacher_metrics(local_ray, artifacts):
+    """Half the prompts are scored by their domain teacher and by `self` (weight 0.25), whitened per
+    teacher. World 1 and 2 train the same; each teacher's tokens and reverse KL are over exactly the
+    tokens it scored (checked against numpy with pi_old = the initial student's log-probs)."""
+    overrides = ["learner.mini_batches_per_step=1", "algorithm.normalize_advantages=teacher"]
+    runs = {}
+    for world in (1, 2):
+        cfg = compose_cfg(f"run.artifacts_dir={artifacts}", f"learner.world_size={world}",
+                          f"data.prompts_per_step={PROMPTS}", f"rollout.n_samples_per_prompt={N}",
+                          "learner.micro_batch_size=2", "learner.lr=1e-2", *overrides)
+        names = sorted(cfg.teachers.models)
+        learners = make_learner_group(cfg, names)
+        try:
+            setup_learners(cfg, learners)
+            batch, scores = _batch(5, names, second_teacher="self")
+            seqs = [batch.sequence(i).tolist() for i in range(batch.num_rows)]
+            old = learners.gather(learners.call_all("compute_logprobs", seqs))[0]
+            metrics = learners.gather(train_on(learners, batch, scores))[0]
+            runs[world] = (metrics, learners.gather(learners.call(0, "compute_logprobs", SEQS)))
+        finally:
+            learners.shutdown()
+    (m1, after1), (m2, after2) = runs[1], runs[2]
+    for key in ("loss", "reverse_kl", "grad_norm", "teacher/self/reverse_kl", "teacher/add_expert/reverse_kl"):
+        assert m2[key] == pytest.approx(m1[key], rel=2e-5, abs=1e-6), key
+    for a, b in zip(after1, after2):
+        np.testing.assert_allclose(a, b, atol=2e-5)
+    mask = batch.response_mask_BL()
+    total = mask.sum()
+    for name in names:
+        t = names.index(name)
+        tokens = kl = 0.0
+        for sc in scores:
+            if sc.teacher != name:
+                continue
+            for i, r in enumerate(sc.rows_R):
+                n = int(batch.response_lens_B[r])
+                lp = sc.teacher_logprobs_RT[i, :n].astype(np.float64)
+                o = old[r][int(batch.prompt_lens_B[r]): int(batch.prompt_lens_B[r]) + n]
+                tokens += n
+                kl += float((o - lp).sum())
+        assert (batch.teacher_index_BS == t).any(-1).sum() > 0
+        assert m1[f"teacher/{name}/tokens"] == tokens, name
+        assert m1[f"teacher/{name}/token_share"] == pytest.approx(tokens / total)
+        assert m1[f"teacher/{name}/reverse_kl"] == pytest.approx(kl / tokens, rel=1e-5), name
+    # self scores half the rows on top of their domain teacher: shares add up to more than 1
+    assert sum(m1[f"teacher/{n}/token_share"] for n in names) > 1.2

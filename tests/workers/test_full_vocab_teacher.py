@@ -36,8 +36,8 @@ def test_loss_and_gradient_equal_those_from_teacher_logits(tiny_model_dir, tiny_
     w, b = teacher.output_head()
     # response positions only are shipped; the learner's assembly puts them back at token positions
     assert scores.hidden_RTH.shape[1] == batch.response_lens_B.max()
-    g = _assemble([batch], [[scores]], require_scores=True)
-    hidden = g["hidden"].float()
+    g = _assemble([batch], [[scores]], ["t"])
+    hidden = g["slots"][0]["hidden"].float()
     assert hidden.shape[:2] == batch.tokens_BL.shape
     np.testing.assert_array_equal(hidden.abs().sum(-1).numpy() > 0, batch.response_mask_BL())
 

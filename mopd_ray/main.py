@@ -78,7 +78,9 @@ def run(cfg: DictConfig) -> int:
     if cfg.run.dry_run:
         return 0
     from .console import summary
+    from .models.compat import TokenizerMismatchError
     from .orchestrator import Orchestrator
+    from .preflight import PreflightError
     from .rewards import RewardError
 
     orch = Orchestrator(cfg, str(out), pool=pool)
@@ -86,6 +88,9 @@ def run(cfg: DictConfig) -> int:
         last = orch.run()
     except RewardError as e:  # raised where the responses are: Ray wraps it, the cause has the message
         log.error("%s", getattr(e, "cause", None) or e)
+        return 2
+    except (PreflightError, TokenizerMismatchError) as e:  # a teacher or the student failed a start-up check
+        log.error("%s", e)
         return 2
     mode = cfg.logging.wandb_mode
     paths = {"run directory": out, "metrics": out / "metrics.jsonl", "student": out / "student_final",

@@ -26,7 +26,7 @@ from .config import resolved_signal
 from .data.prompts import build_prompt_pool, make_sampler
 from .dispatch import parts_by_rank, plan_step
 from .metrics import MetricsLogger
-from .roles import build_roles, init_broadcast_group, student_fingerprint, sync_weights
+from .roles import build_roles, init_broadcast_group, sync_weights
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +155,7 @@ class Orchestrator:
         np.random.seed(cfg.run.seed)
         demand = resource_demand(cfg)
         init_ray(cfg.cluster, demand["CPU"], gpu=demand["GPU"] > 0)
-        self.roles = build_roles(cfg, student_fingerprint(tokenizer, cfg.model.path))
+        self.roles = build_roles(cfg, tokenizer)
         placement = self.roles.placement()
         (Path(self.run_dir) / "placement.json").write_text(json.dumps(placement, indent=1))
         log.debug("placement (node ids by role): %s", {k: [n[:8] for n in v] for k, v in placement.items()})

@@ -19,6 +19,7 @@ or the run starts with one summary line:
 from __future__ import annotations
 
 import logging
+import time
 
 import numpy as np
 
@@ -56,71 +57,89 @@ def tolerance(cfg, *dtypes: str) -> float:
 
 def run(cfg, roles, student_fp: dict, tokenizer) -> str:
     """Every check; returns the summary line, raises TokenizerMismatchError / PreflightError."""
+    t0 = time.perf_counter()
+    probes = probe_sequences(tokenizer, student_fp["stop_ids"] or [tokenizer.eos_token_id])
+    on = cfg.teachers.preflight.enabled
+    # every engine call at once (they answer in parallel), then each check in turn
+    student_refs = (roles.rollout.call_all("score_logprobs", probes),
+                    roles.learners.call_all("compute_logprobs", probes)) if on else None
+    found = check_teachers(cfg, roles.teachers, student_fp, probes)
+    line = (f"pre-flight: {len(roles.teachers)} teacher(s), {sum(len(g) for g in roles.teachers.values())} "
+            f"replica(s): vocabularies, end-of-turn ids {student_fp['stop_ids']} and chat templates equal")
+    if on:
+        student = check_student(cfg, roles, student_refs)
+        line += (f"; probe log-probs agree (mean |diff| per token: vs transformers {found['reference']:.1e}, "
+                 f"between replicas {found['replicas']:.1e}, student engine vs learner {student:.1e})")
+    for extra in found["notes"]:
+        line += f"; {extra}"
+    return line + f" ({time.perf_counter() - t0:.1f} s)"
+
+
+def check_teachers(cfg, teachers: dict, student_fp: dict, probes: list) -> dict:
+    """Tokenizer, end-of-turn and template checks of every teacher, and the probe of each replica against
+    a transformers forward of its folder and against replica 0. Returns the worst gaps and notes."""
     from .roles import teacher_model_path
 
-    notes, worst = [], {"reference": 0.0, "replicas": 0.0}
-    skipped_ref = []
-    probes = probe_sequences(tokenizer, student_fp["stop_ids"] or [tokenizer.eos_token_id])
-    probe_on = cfg.teachers.preflight.enabled
-    for name, group in roles.teachers.items():
-        t = cfg.teachers.models[name]
-        label = f"{name} ({teacher_model_path(cfg, name)})"
-        fp = group.gather(group.call(0, "fingerprint"), "fingerprint")
-        notes += check_compatible(student_fp, cfg.model.path, fp, label, t.skip_checks)
+    pf = cfg.teachers.preflight
+    max_bytes = int(pf.reference_max_gb * 2**30)
+    calls = {}
+    for name, group in teachers.items():
+        probe = pf.enabled and "probe" not in cfg.teachers.models[name].skip_checks
+        calls[name] = (group.call(0, "fingerprint"),
+                       [group.call(i, "probe_logprobs", probes) for i in range(len(group))] if probe else None,
+                       group.call(0, "reference_logprobs", probes, max_bytes) if probe else None)
+    out = {"reference": 0.0, "replicas": 0.0, "notes": []}
+    for name, group in teachers.items():
+        t, path = cfg.teachers.models[name], teacher_model_path(cfg, name)
+        fp_ref, probe_refs, ref_ref = calls[name]
+        out["notes"] += check_compatible(student_fp, cfg.model.path, group.gather(fp_ref, "fingerprint"),
+                                         f"{name} ({path})", t.skip_checks)
         if t.skip_checks:
-            notes.append(f"{name}: skipped {', '.join(t.skip_checks)} (teachers.models.{name}.skip_checks)")
-        if not probe_on or "probe" in t.skip_checks:
+            out["notes"].append(f"{name}: skipped {', '.join(t.skip_checks)} (teachers.models.{name}.skip_checks)")
+        if probe_refs is None:
             continue
-        max_bytes = int(cfg.teachers.preflight.reference_max_gb * 2**30)
-        scored = group.gather([group.call(i, "probe_logprobs", probes) for i in range(len(group))], "probe_logprobs")
-        ref = group.gather(group.call(0, "reference_logprobs", probes, max_bytes), "reference_logprobs")
+        scored = group.gather(probe_refs, "probe_logprobs")
+        ref = group.gather(ref_ref, "reference_logprobs")
         tol = tolerance(cfg, t.dtype)
         if isinstance(ref, str):
-            skipped_ref.append(f"{name}: {ref}")
+            out["notes"].append(f"no transformers reference for {name}: {ref}")
         else:
             for i, lp in enumerate(scored):
                 mean, mx = gap(lp, ref)
-                worst["reference"] = max(worst["reference"], mean)
+                out["reference"] = max(out["reference"], mean)
                 if mean > tol:
                     raise PreflightError(
                         f"teacher '{name}' replica {i}: its engine's log-probs of the probe sequences differ from a "
-                        f"transformers forward of {teacher_model_path(cfg, name)} by {mean:.3g} nats per token on "
-                        f"average (max {mx:.3g}; tolerance {tol:g}, teachers.preflight.logprob_tolerance): the "
-                        "engine does not serve the folder's model (weights loaded wrong, another dtype or "
-                        f"quantisation, a kernel bug). Check teachers.models.{name} (dtype, backend) and that "
-                        "replica's node, or raise the tolerance if the difference is understood")
+                        f"transformers forward of {path} by {mean:.3g} nats per token on average (max {mx:.3g}; "
+                        f"tolerance {tol:g}, teachers.preflight.logprob_tolerance): the engine does not serve the "
+                        "folder's model (weights loaded wrong, another dtype or quantisation, a kernel bug). Check "
+                        f"teachers.models.{name} (dtype, backend) and that replica's node, or raise the tolerance "
+                        "if the difference is understood")
         for i in range(1, len(scored)):
             mean, mx = gap(scored[i], scored[0])
-            worst["replicas"] = max(worst["replicas"], mean)
+            out["replicas"] = max(out["replicas"], mean)
             if mean > tol:
                 raise PreflightError(
                     f"teacher '{name}' replica {i} disagrees with replica 0 by {mean:.3g} nats per token on the probe "
                     f"sequences (max {mx:.3g}; tolerance {tol:g}): the replicas do not serve the same model, so the "
                     "distillation signal would depend on which replica scored a row (SkyRL #2256). Check that "
                     f"replica's node (weights, dtype, GPU), or remove it (teachers.models.{name}.replicas)")
-    student = ""
-    if probe_on:
-        engines = roles.rollout.gather(roles.rollout.call_all("score_logprobs", probes), "score_logprobs")
-        learner = roles.learners.gather(roles.learners.call_all("compute_logprobs", probes), "compute_logprobs")[0]
-        tol = tolerance(cfg, cfg.rollout.dtype, cfg.learner.dtype)
-        gaps = [gap(e, learner) for e in engines]
-        for i, (mean, mx) in enumerate(gaps):
-            if mean > tol:
-                raise PreflightError(
-                    f"the student's rollout replica {i} and the learner disagree on the probe sequences by {mean:.3g} "
-                    f"nats per token (max {mx:.3g}; tolerance {tol:g}): rollouts would be off-policy from the first "
-                    "step. Check rollout.dtype / learner.dtype and model.path, or raise "
-                    "teachers.preflight.logprob_tolerance if the difference is understood")
-        student = f", student engine vs learner {max(m for m, _ in gaps):.1e}"
-    n_rep = sum(len(g) for g in roles.teachers.values())
-    line = (f"pre-flight: {len(roles.teachers)} teacher(s), {n_rep} replica(s): vocabularies, end-of-turn ids "
-            f"{student_fp['stop_ids']} and chat templates equal")
-    if probe_on:
-        line += (f"; probe log-probs agree (mean |diff| per token: vs transformers {worst['reference']:.1e}, "
-                 f"between replicas {worst['replicas']:.1e}{student})")
-    for extra in notes + [f"no transformers reference for {s}" for s in skipped_ref]:
-        line += f"; {extra}"
-    return line
+    return out
 
 
-__all__ = ["PreflightError", "TokenizerMismatchError", "run", "probe_sequences", "gap", "tolerance"]
+def check_student(cfg, roles, refs) -> float:
+    """The student's rollout engines against the learner on the probe; returns the worst mean gap."""
+    engines = roles.rollout.gather(refs[0], "score_logprobs")
+    learner = roles.learners.gather(refs[1], "compute_logprobs")[0]  # collective under ZeRO-3: every rank ran
+    tol = tolerance(cfg, cfg.rollout.dtype, cfg.learner.dtype)
+    worst = 0.0
+    for i, e in enumerate(engines):
+        mean, mx = gap(e, learner)
+        worst = max(worst, mean)
+        if mean > tol:
+            raise PreflightError(
+                f"the student's rollout replica {i} and the learner disagree on the probe sequences by {mean:.3g} "
+                f"nats per token (max {mx:.3g}; tolerance {tol:g}): rollouts would be off-policy from the first "
+                "step. Check rollout.dtype / learner.dtype and model.path, or raise "
+                "teachers.preflight.logprob_tolerance if the difference is understood")
+    return worst

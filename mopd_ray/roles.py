@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 
 from .cluster import ActorGroup, Bundle, get_with_deadline
 from .config import SELF_TEACHER, resolved_backend, resolved_signal
-from .models.compat import check_compatible, tokenizer_fingerprint
+from .models.compat import tokenizer_fingerprint
 from .rewards import rewards_spec
 from .workers.learner import LearnerWorker
 from .workers.rollout import RolloutWorker
@@ -122,8 +122,10 @@ def setup_learners(cfg, learners: ActorGroup) -> list:
     return learners.gather(learners.call_all("setup", addr, port, cfg.cluster.call_timeout_s), "setup (DeepSpeed init)")
 
 
-def build_roles(cfg, student_fp: dict) -> Roles:
-    """Create every group, wait until all engines are up, run the start-up checks, wire weight sync."""
+def build_roles(cfg, tokenizer) -> Roles:
+    """Create every group, wait until all engines are up, run the pre-flight checks, wire weight sync."""
+    from . import preflight
+
     teacher_names = active_teachers(cfg)
     groups = []
     try:
@@ -140,8 +142,8 @@ def build_roles(cfg, student_fp: dict) -> Roles:
         rollout.gather(rollout.call_all("ready"), "start (loading the student in vLLM)")
         for name, g in teachers.items():
             g.gather(g.call_all("ready"), f"start (loading teacher '{name}')")
-        check_tokenizers(cfg, roles, student_fp)
         log.debug("learners ready: %s", setup_learners(cfg, learners)[0])
+        log.info("%s", preflight.run(cfg, roles, student_fingerprint(tokenizer, cfg.model.path), tokenizer))
         _share_teacher_heads(cfg, roles)
         if cfg.rollout.weight_sync == "broadcast":
             init_broadcast_group(cfg, learners, rollout)
@@ -153,12 +155,6 @@ def build_roles(cfg, student_fp: dict) -> Roles:
                 pass
         raise
     return roles
-
-
-def check_tokenizers(cfg, roles: Roles, student_fp: dict) -> None:
-    for name, g in roles.teachers.items():
-        fp = g.gather(g.call(0, "fingerprint"), "fingerprint")
-        check_compatible(student_fp, cfg.model.path, fp, f"{name} ({teacher_model_path(cfg, name)})")
 
 
 def _share_teacher_heads(cfg, roles: Roles) -> None:
@@ -203,4 +199,4 @@ def sync_weights(cfg, learners: ActorGroup, rollout: ActorGroup, version: int) -
 def student_fingerprint(tokenizer, model_path: str) -> dict:
     from transformers import AutoConfig
 
-    return tokenizer_fingerprint(tokenizer, AutoConfig.from_pretrained(model_path).vocab_size)
+    return tokenizer_fingerprint(tokenizer, AutoConfig.from_pretrained(model_path).vocab_size, model_path)

@@ -48,6 +48,21 @@ def test_teacher_with_another_vocabulary_fails_before_any_engine_starts(tmp_path
     assert "teacher   add_expert" not in proc.stdout  # stopped before the plan is printed and Ray started
 
 
+def test_teacher_with_another_chat_template_fails_before_any_engine_starts(tmp_path, artifacts):
+    import shutil
+
+    other = tmp_path / "other_template"
+    shutil.copytree(f"{artifacts}/tiny/teacher_add", other)
+    (other / "chat_template.jinja").write_text("{% for m in messages %}{{ 'USER: ' + m['content'] + '\n' }}"
+                                               "{% endfor %}{% if add_generation_prompt %}{{ 'BOT: ' }}{% endif %}")
+    proc = _main(tmp_path, f"teachers.models.add_expert.model_path={other}", "teachers.models.add_expert.tiny=null",
+                 artifacts=artifacts)
+    assert proc.returncode == 2
+    err = proc.stderr + proc.stdout
+    assert "teacher 'add_expert" in err and "another chat template" in err and "skip_checks=[template]" in err
+    assert "teacher   add_expert" not in proc.stdout
+
+
 def test_missing_model_folder_is_a_clear_error(tmp_path, artifacts):
     proc = _main(tmp_path, f"teachers.models.add_expert.model_path={tmp_path}/nope", "teachers.models.add_expert.tiny=null",
                  artifacts=artifacts)

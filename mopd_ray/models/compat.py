@@ -1,4 +1,5 @@
-"""Tokenizer compatibility between student and teachers, checked before any work.
+"""Tokenizer compatibility between student and teachers, checked before any work: token-to-id maps,
+end-of-turn ids and chat templates (the rest of the pre-flight checks: mopd_ray/preflight.py).
 
 Student ids fed to a teacher with another vocabulary give nonsense log-probs silently (TRL #4562),
 so the token-to-id maps must be equal. A teacher whose embedding has more rows than the tokenizer
@@ -100,7 +101,7 @@ def check_local_tokenizers(cfg) -> None:
     """Compare every teacher's tokenizer with the student's on this machine, before any engine starts.
 
     Teachers whose folder is not visible here (a path only the cluster's nodes see) are checked by
-    their workers at start-up instead (roles.check_tokenizers).
+    their workers at start-up instead (mopd_ray/preflight.py).
     """
     from pathlib import Path
 

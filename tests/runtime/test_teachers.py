@@ -107,3 +107,47 @@ def test_impossible_placement_fails_fast_with_a_clear_error(local_ray, artifacts
     cfg = compose_cfg(f"run.artifacts_dir={artifacts}", "learner.num_cpus_per_rank=64", "cluster.placement_timeout_s=3")
     with pytest.raises(PlacementError, match="role 'learner' could not be placed within 3 s.*'CPU': 64"):
         make_learner_group(cfg, sorted(cfg.teachers.models))
+
+
+def _perturb(actor):
+    """Runs inside a teacher actor: noise on the weights its vLLM engine's worker holds (one replica)."""
+    def add_noise(worker):
+        import torch
+
+        gen = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for p in worker.model_runner.get_model().parameters():
+                p.add_(0.05 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+        return True
+
+    return actor.llm.collective_rpc(add_noise)
+
+
+def test_preflight_probe_catches_a_replica_serving_other_weights(local_ray, artifacts):
+    """Two replicas of one teacher agree with each other and with a transformers forward of the folder;
+    after one replica's weights are perturbed in its engine, the probe fails naming that replica, against
+    the transformers reference and (without a reference) against replica 0."""
+    from transformers import AutoTokenizer
+
+    from mopd_ray import preflight
+    from mopd_ray.roles import student_fingerprint
+
+    cfg = compose_cfg(f"run.artifacts_dir={artifacts}", "teachers.models.add_expert.replicas=2")
+    tok = AutoTokenizer.from_pretrained(cfg.model.path)
+    fp = student_fingerprint(tok, cfg.model.path)
+    probes = preflight.probe_sequences(tok, fp["stop_ids"])
+    group = make_teacher_group(cfg, "add_expert")
+    try:
+        group.gather(group.call_all("ready"))
+        found = preflight.check_teachers(cfg, {"add_expert": group}, fp, probes)
+        assert found["reference"] < 1e-4 and found["replicas"] == 0.0
+        assert ray.get(group.actors[1].__ray_call__.remote(_perturb)) == [True]
+        with pytest.raises(preflight.PreflightError, match="teacher 'add_expert' replica 1: its engine's log-probs "
+                                                           "of the probe sequences differ from a transformers forward"):
+            preflight.check_teachers(cfg, {"add_expert": group}, fp, probes)
+        no_ref = compose_cfg(f"run.artifacts_dir={artifacts}", "teachers.models.add_expert.replicas=2",
+                             "teachers.preflight.reference_max_gb=0")
+        with pytest.raises(preflight.PreflightError, match="teacher 'add_expert' replica 1 disagrees with replica 0"):
+            preflight.check_teachers(no_ref, {"add_expert": group}, fp, probes)
+    finally:
+        group.shutdown()

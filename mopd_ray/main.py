@@ -22,7 +22,7 @@ log = logging.getLogger("mopd_ray")
 register_configs()
 
 
-def describe_plan(cfg, model_paths: dict[str, str]) -> str:
+def describe_plan(cfg, model_paths: dict[str, str], started: list | None = None) -> str:
     """A short human-readable summary of the roles, their placement and the routing."""
     ro, ln = cfg.rollout, cfg.learner
     lines = [
@@ -38,7 +38,9 @@ def describe_plan(cfg, model_paths: dict[str, str]) -> str:
                    for d, r in table.items() for n, w in r if n == name]
         lines.append(f"  teacher   {name:<16} {t.replicas} x TP{t.tensor_parallel_size} {resolved_backend(cfg, name)}, "
                      f"weight={t.weight}, signal={resolved_signal(cfg, name)}, domains={domains or 'none'}, "
-                     f"model={model_paths[f'teacher:{name}']}")
+                     f"model={model_paths[f'teacher:{name}']}"
+                     + ("" if started is None or name in started or cfg.algorithm.signal == "none"
+                        else " (no domain of the training data routes here: not started)"))
     demand = resource_demand(cfg)
     lines.append(f"  resources CPU={demand['CPU']:g} GPU={demand['GPU']:g} ({cfg.cluster.mode} mode)")
     return "\n".join(lines)
@@ -71,7 +73,7 @@ def run(cfg: DictConfig) -> int:
     except (FileNotFoundError, ValueError) as e:
         log.error("%s", e)
         return 2
-    print(describe_plan(cfg, model_paths))
+    print(describe_plan(cfg, model_paths, pool.teacher_names))
     print(f"  data      {len(pool.train)} train / {len(pool.eval)} eval prompts; {pool.dropped_too_long} dropped as "
           f"longer than data.max_prompt_len={cfg.data.max_prompt_len}")
     print(f"  config    {out / 'resolved_config.yaml'}")

@@ -155,7 +155,7 @@ class Orchestrator:
         np.random.seed(cfg.run.seed)
         demand = resource_demand(cfg)
         init_ray(cfg.cluster, demand["CPU"], gpu=demand["GPU"] > 0)
-        self.roles = build_roles(cfg, tokenizer)
+        self.roles = build_roles(cfg, tokenizer, self.pool.teacher_names)
         placement = self.roles.placement()
         (Path(self.run_dir) / "placement.json").write_text(json.dumps(placement, indent=1))
         log.debug("placement (node ids by role): %s", {k: [n[:8] for n in v] for k, v in placement.items()})

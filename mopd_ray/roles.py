@@ -122,11 +122,12 @@ def setup_learners(cfg, learners: ActorGroup) -> list:
     return learners.gather(learners.call_all("setup", addr, port, cfg.cluster.call_timeout_s), "setup (DeepSpeed init)")
 
 
-def build_roles(cfg, tokenizer) -> Roles:
-    """Create every group, wait until all engines are up, run the pre-flight checks, wire weight sync."""
+def build_roles(cfg, tokenizer, teacher_names: list | None = None) -> Roles:
+    """Create every group, wait until all engines are up, run the pre-flight checks, wire weight sync.
+    ``teacher_names``: the teachers the data routes to (default: every defined one)."""
     from . import preflight
 
-    teacher_names = active_teachers(cfg)
+    teacher_names = active_teachers(cfg) if teacher_names is None else list(teacher_names)
     groups = []
     try:
         rollout = make_rollout_group(cfg)

@@ -165,3 +165,22 @@ def test_gpu_recipe_resource_arithmetic():
     with pytest.raises(ConfigError, match="tensor_parallel_size"):
         validate(_compose(["experiment=qwen3_math_code", "teachers.models.math.tensor_parallel_size=16",
                            "cluster.num_nodes=6"]))
+
+
+def test_only_teachers_a_training_domain_routes_to_take_part(tmp_path, tiny_model_dir):
+    """Prompt rows carry their teacher slots; a defined teacher no domain of the data routes to is not
+    started (it would hold an engine for nothing)."""
+    from transformers import AutoTokenizer
+
+    from mopd_ray.data.prompts import build_prompt_pool
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    cfg = _compose([f"run.artifacts_dir={tmp_path}", "data.domains=[add,reverse]", "data.num_train_per_domain=3",
+                    "data.num_eval_per_domain=2", "teachers.routing.add=[{teacher: add_expert}, {teacher: self, weight: 0.3}]"])
+    pool = build_prompt_pool(cfg, tok)
+    assert pool.teacher_names == ["add_expert", "reverse_expert", "self"]
+    by_domain = {r["domain"]: (r["teacher_index"], r["route_weight"]) for r in pool.train}
+    assert by_domain == {"add": ([0, 2], [1.0, 0.3]), "reverse": ([1, -1], [1.0, 0.0])}
+    pool = build_prompt_pool(_compose([f"run.artifacts_dir={tmp_path}", "data.domains=[add,reverse]",
+                                       "data.num_train_per_domain=3", "data.num_eval_per_domain=2"]), tok)
+    assert pool.teacher_names == ["add_expert", "reverse_expert"]  # sort -> self: no sort rows here

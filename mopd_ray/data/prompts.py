@@ -46,8 +46,10 @@ def _rows(cfg, split: str, artifacts: Path) -> tuple[list, str]:
 
 
 def build_prompt_pool(cfg, tokenizer) -> PromptPool:
+    """Both splits rendered with the student's template, each row with its teacher slots. The run's
+    teachers are those that a domain of the training rows routes to (a defined teacher no domain uses
+    is not started); they are indexed in sorted order."""
     reward_only = cfg.algorithm.signal == "none"
-    teacher_names = [] if reward_only else sorted(cfg.teachers.models)
     routing, default = dict(cfg.teachers.routing), cfg.teachers.default
     slots = route_slots(cfg)
     artifacts = Path(cfg.run.artifacts_dir)
@@ -67,20 +69,25 @@ def build_prompt_pool(cfg, tokenizer) -> PromptPool:
                         len(rows), cfg.data.max_prompt_len)
         dropped += n_drop
         keep_ids = {id(r) for r in kept}
-        out = []
-        for r, i in zip(rows, ids):
-            if id(r) in keep_ids:
-                out.append({**r, "prompt_ids": i, **_route_columns(cfg, r["domain"], teacher_names, slots)})
-        if split == "train" and not out:
+        splits[split] = [{**r, "prompt_ids": i} for r, i in zip(rows, ids) if id(r) in keep_ids]
+        if split == "train" and not splits[split]:
             raise DataError(f"{source}: no prompt fits data.max_prompt_len={cfg.data.max_prompt_len}; raise it")
-        splits[split] = out
+    teacher_names = [] if reward_only else routed_teachers(cfg, {r["domain"] for r in splits["train"]})
+    for rows in splits.values():
+        for r in rows:
+            r.update(_route_columns(cfg, r["domain"], teacher_names, slots))
     return PromptPool(splits["train"], splits["eval"], dropped, teacher_names)
+
+
+def routed_teachers(cfg, domains: set) -> list:
+    """Sorted names of the teachers that some domain in ``domains`` routes to."""
+    return sorted({name for d in domains for name, _ in route_of(cfg, d)})
 
 
 def _route_columns(cfg, domain: str, teacher_names: list, slots: int) -> dict:
     """A prompt's teacher slots: indices into the run's teacher names (-1: empty slot) and the route's
     weight of each (the teacher's own ``weight`` multiplies it in the learner)."""
-    route = [] if not teacher_names else route_of(cfg, domain)
+    route = [] if not teacher_names else [e for e in route_of(cfg, domain) if e[0] in teacher_names]
     idx = [teacher_names.index(n) for n, _ in route] + [-1] * (slots - len(route))
     return {"teacher_index": idx, "route_weight": [w for _, w in route] + [0.0] * (slots - len(route))}
 

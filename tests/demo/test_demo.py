@@ -99,13 +99,20 @@ def test_bootstrap_and_every_run_of_the_demo(tmp_path):
 
     bootstrap(_compose(overrides))
     assert (tmp_path / "art/demo/seed0/manifest.json").stat().st_mtime_ns == stamp
-    # the same seed bootstrapped again from nothing (another folder) writes identical weights and figures
-    again_manifest = bootstrap(_compose([*overrides, f"run.artifacts_dir={tmp_path}/art2"]))
-    assert again_manifest["accuracy"] == manifest["accuracy"]
-    for name in manifest["paths"]:
-        a = (tmp_path / "art/demo/seed0" / name / "model.safetensors").read_bytes()
-        b = (tmp_path / "art2/demo/seed0" / name / "model.safetensors").read_bytes()
-        assert a == b, f"{name}: two bootstraps with one seed wrote different weights"
+    # the base student trained again from the same initial weights and seed (another folder, another
+    # learner group) is byte-identical: every bootstrap model comes from this sft()
+    from mopd_ray.bootstrap import sft
+    from mopd_ray.data.domains import generate_split
+
+    from mopd_ray.cluster import init_ray
+    from mopd_ray.config import resource_demand
+
+    cfg = _compose(overrides)
+    init_ray(cfg.cluster, resource_demand(cfg)["CPU"])
+    d, seed0 = cfg.demo, tmp_path / "art/demo/seed0"
+    train = generate_split(list(cfg.data.domains), cfg.data.num_train_per_domain, cfg.data.seed, "train")
+    sft(cfg, str(seed0 / "init"), str(tmp_path / "again"), train, d.base_steps, d.base_lr, d.batch, d.seed)
+    assert (tmp_path / "again/model.safetensors").read_bytes() == (seed0 / "student_base/model.safetensors").read_bytes()
     # a second demonstration reuses every finished run (an interrupted one continues where it stopped)
     records = {p: p.stat().st_mtime_ns for p in (tmp_path / "out").glob("*/run.json")}
     assert len(records) == 3

@@ -57,7 +57,7 @@ def test_multirun_sweep_each_in_its_own_dir_and_driver_memory_flat(artifacts, tm
     sweep = tmp_path / "sweep"
     _run(["-m", "experiment=local_smoke", f"run.artifacts_dir={artifacts}", f"hydra.sweep.dir={sweep}",
           "rollout.n_samples_per_prompt=2,8", "rollout.max_new_tokens=16", "learner.micro_batch_size=2",
-          "run.total_steps=4", "teachers.models.add_expert.backend=hf", "teachers.models.reverse_expert.backend=hf",
+          "run.total_steps=4", "data.domains=[sort]", "learner.world_size=1",  # one teacher (self), one rank
           "teachers.models.self.backend=hf", *FAST])
     dirs = sorted(p for p in sweep.iterdir() if p.is_dir())
     assert len(dirs) == 2
@@ -118,7 +118,7 @@ def test_ray_job_submit_to_a_loopback_head(artifacts, tmp_path):
         # a teacher added from the command line, a reward function from a module shipped with the job
         submit = ["bash", str(ROOT / "launch" / "submit.sh"), "experiment=local_smoke",
                   f"run.artifacts_dir={artifacts}", f"hydra.run.dir={run}", "run.total_steps=2",
-                  "algorithm=full_vocab", "learner=zero3", *FAST,
+                  "algorithm=full_vocab", "learner=zero3", "data.domains=[add]", *FAST,  # only cli_add starts
                   f"teachers.models.cli_add.model_path={artifacts}/tiny/teacher_add", "teachers.routing.add=cli_add",
                   "~teachers.models.add_expert",
                   *[f"data.rewards.{d}=tests.rewards_fixture:half_if_nonempty" for d in ("add", "reverse", "sort")]]

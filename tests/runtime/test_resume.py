@@ -52,6 +52,9 @@ def test_resumed_losses_equal_uninterrupted(runs):
         for a, b in zip(straight[2:], resumed):
             assert a[key] == pytest.approx(b[key], abs=1e-6), key
     assert resumed[-1]["rows_trained"] == straight[-1]["rows_trained"] == 4 * 8
+    # no domain of [add, reverse] routes to `self`: it was not started
+    assert set(json.loads((runs[0] / "first" / "placement.json").read_text())) == {
+        "rollout", "learner", "teacher:add_expert", "teacher:reverse_expert"}
 
 
 def test_resume_at_an_epoch_boundary_continues_into_the_next_epoch(runs):

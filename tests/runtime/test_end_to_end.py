@@ -25,9 +25,46 @@ def _run(args, cwd=ROOT, env=None, timeout=600):
     return proc
 
 
+def _listening() -> set:
+    import psutil
+
+    return {(c.laddr.ip, c.laddr.port, c.pid) for c in psutil.net_connections(kind="inet")
+            if c.status == psutil.CONN_LISTEN}
+
+
 def test_main_trains_student_against_two_domain_teachers_and_self(artifacts, tmp_path):
-    run = tmp_path / "run"
-    _run([f"run.artifacts_dir={artifacts}", f"hydra.run.dir={run}", "run.total_steps=16", *FAST])
+    """The default run on the real engines. Also the security check of a real local-mode run: while it
+    trains, every socket any process listens on is loopback (the learners' DeepSpeed and weight-sync
+    groups rendezvous through files); afterwards the wandb key is in no file of the run or its
+    checkpoints (tests/security holds the other security tests)."""
+    secret = "wandb-SECRET-" + os.urandom(6).hex()
+    run, ck = tmp_path / "run", tmp_path / "ck"
+    env = {**os.environ, "WANDB_API_KEY": secret, "WANDB_MODE": "offline"}
+    before = _listening()
+    proc = subprocess.Popen([sys.executable, "-m", "mopd_ray.main", f"run.artifacts_dir={artifacts}",
+                             f"hydra.run.dir={run}", "run.total_steps=16", f"run.checkpoint_dir={ck}",
+                             "run.save_every=8", *FAST], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=ROOT, env=env)
+    seen, deadline = set(), time.monotonic() + 600
+    while proc.poll() is None and time.monotonic() < deadline:
+        metrics = run / "metrics.jsonl"
+        if metrics.exists() and metrics.read_text().count("\n") >= 1:  # training: every group is up
+            seen |= _listening() - before
+        time.sleep(0.2)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-3000:] + err[-3000:]
+    assert seen, "no listener sampled while the run was training"
+    public = sorted((ip, port) for ip, port, _ in seen if ip not in ("127.0.0.1", "::ffff:127.0.0.1", "::1"))
+    assert not public, f"listening beyond loopback while training: {public}"
+    assert secret not in out + err
+    scanned = 0
+    for root in (run, ck):
+        for f in root.rglob("*"):
+            if f.is_file():
+                scanned += 1
+                assert secret.encode() not in f.read_bytes(), f
+    assert scanned > 10 and list(ck.glob("step_*/COMPLETE"))
+    assert "pre-flight: 3 teacher(s), 3 replica(s)" in out + err and "probe log-probs agree" in out + err
     rows = read_metrics(run)
     assert [r["step"] for r in rows] == list(range(16))
     first = rows[0]
@@ -166,7 +203,7 @@ def test_roles_on_different_nodes_of_a_multi_node_cluster(artifacts, tmp_path):
         ray.init(address=cluster.address, runtime_env={"env_vars": dict(WORKER_ENV)}, log_to_driver=False)
         cfg = compose_cfg(
             "experiment=local_smoke", f"run.artifacts_dir={artifacts}", "run.total_steps=3", "cluster=ray_cluster",
-            "algorithm=sampled_grpo", "algorithm.max_staleness=1",
+            "algorithm=sampled_grpo", "algorithm.max_staleness=1", "data.domains=[add,sort]",
             f"cluster.address={cluster.address}", "logging.wandb_mode=disabled", "logging.progress_bar=false",
             "+rollout.custom_resources.rollout_node=1", "+learner.custom_resources.learner_node=1",
             *[f"+teachers.models.{t}.custom_resources.teacher_node=1" for t in ("add_expert", "reverse_expert", "self")],

@@ -37,8 +37,9 @@ def artifacts(tmp_path_factory):
     return root
 
 
-@pytest.fixture(scope="module")
-def local_ray():
+def ensure_local_ray():
+    """Start the tests' local Ray cluster unless one is up (a test that starts its own calls this after
+    shutting that one down, as the multi-node one does)."""
     import ray
 
     from mopd_ray.cluster import WORKER_ENV
@@ -46,5 +47,17 @@ def local_ray():
     if not ray.is_initialized():
         ray.init(num_cpus=8, include_dashboard=False, _node_ip_address="127.0.0.1",
                  runtime_env={"env_vars": dict(WORKER_ENV)}, log_to_driver=False)
-    yield ray
-    ray.shutdown()
+    return ray
+
+
+@pytest.fixture(scope="session")
+def local_ray():
+    """One local Ray for the whole session (one per module cost ~5 s each); every test shuts down the
+    actors it starts."""
+    import ray
+
+    if ray.is_initialized():  # one a test before left up (the demo's, sized for the demo): start ours
+        ray.shutdown()
+    yield ensure_local_ray()
+    if ray.is_initialized():
+        ray.shutdown()

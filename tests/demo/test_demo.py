@@ -80,7 +80,7 @@ def test_bootstrap_and_every_run_of_the_demo(tmp_path):
                  "demo.teacher_steps=4", "demo.batch=8", "demo.model.hidden_size=64", "demo.model.num_layers=1",
                  "demo.model.num_heads=2", "demo.model.num_kv_heads=1", "demo.model.intermediate_size=64",
                  "data.num_train_per_domain=50", "data.num_eval_per_domain=6", "data.prompts_per_step=4",
-                 "rollout.n_samples_per_prompt=2", "learner.micro_batch_size=4", "run.total_steps=2",
+                 "rollout.n_samples_per_prompt=2", "learner.micro_batch_size=4", "learner.world_size=1", "run.total_steps=2",
                  "run.eval_every=2", "run.eval_pass_k=2", "cluster.include_dashboard=false",
                  "logging.wandb_mode=disabled", "logging.progress_bar=false", "demo.signals=[topk]"]
     summary = run_demo(overrides)

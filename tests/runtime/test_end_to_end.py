@@ -225,6 +225,9 @@ def test_roles_on_different_nodes_of_a_multi_node_cluster(artifacts, tmp_path):
     finally:
         ray.shutdown()
         cluster.shutdown()
+        from ..conftest import ensure_local_ray
+
+        ensure_local_ray()  # the session's local cluster, for the tests after this one
 
 
 def test_async_rollouts_up_to_max_staleness_and_every_row_once(local_ray, artifacts, tmp_path):

@@ -82,6 +82,29 @@ class TeacherConfig:
     micro_batch_size: int = 16  # rows per forward (hf backend)
     # pre-flight checks to skip for this teacher (stop_ids, template, probe), when a difference is intended
     skip_checks: List[str] = field(default_factory=list)
+    # serve this teacher from a shared pool of engines (teachers.pools.NAME) instead of its own group; the
+    # pool's engine settings apply (replicas, tensor_parallel_size, dtype, ...), the ones above are unused
+    pool: Optional[str] = None
+
+
+@dataclass
+class TeacherPoolConfig:
+    """M vLLM engine replicas serving N teachers of one architecture, swapping weights between calls."""
+
+    replicas: int = 1
+    tensor_parallel_size: int = 1
+    max_model_len: int = 256
+    max_logprobs: int = 20
+    dtype: str = "float32"
+    hidden_dtype: str = "bfloat16"
+    num_cpus_per_shard: float = 1.0
+    num_gpus_per_shard: float = 0.0
+    custom_resources: Dict[str, float] = field(default_factory=dict)
+    kv_cache_memory_bytes: int = 268435456
+    # host memory per engine worker for the weights of the pool's teachers (each worker keeps its own
+    # tensor-parallel shard of every teacher it has served); a teacher that does not fit is re-read from
+    # its folder at every swap. 0: always from disk
+    cache_gb: float = 16.0
 
 
 @dataclass
@@ -107,6 +130,7 @@ class TeachersConfig:
     # ~teachers.models.NAME); finalize() then gives every entry TeacherConfig's defaults and types, and
     # names the key of an unknown or wrongly typed setting.
     models: Dict[str, Any] = field(default_factory=lambda: _open_dict())
+    pools: Dict[str, Any] = field(default_factory=lambda: _open_dict())  # name -> TeacherPoolConfig (open, as models)
     # data domain -> a teacher name, or a weighted list of teachers that all score the domain's samples:
     #   routing.math: [{teacher: math_expert, weight: 1.0}, {teacher: self, weight: 0.2}]   (see routes())
     routing: Dict[str, Any] = field(default_factory=lambda: _open_dict())
@@ -322,18 +346,23 @@ def finalize(cfg):
     """
     if not isinstance(cfg, DictConfig):
         return cfg
-    models = cfg.teachers.models
+    _finalize_entries(cfg.teachers.models, TeacherConfig, "teachers.models", "teacher")
+    _finalize_entries(cfg.teachers.pools, TeacherPoolConfig, "teachers.pools", "teacher pool")
+    return cfg
+
+
+def _finalize_entries(models, schema, prefix: str, what: str) -> None:
     for name in list(models.keys()):
         entry = models._get_node(name)
-        if isinstance(entry, DictConfig) and OmegaConf.get_type(entry) is TeacherConfig:
+        if isinstance(entry, DictConfig) and OmegaConf.get_type(entry) is schema:
             continue
-        key = f"teachers.models.{name}"
+        key = f"{prefix}.{name}"
         if entry is None or (not isinstance(entry, DictConfig) and entry._is_none()):
             entry = {}
         elif not isinstance(entry, DictConfig):
-            _fail(key, f"must be a mapping of teacher settings (e.g. {key}.model_path=DIR), got {entry!r}")
+            _fail(key, f"must be a mapping of {what} settings (e.g. {key}.replicas=1), got {entry!r}")
         try:
-            node = OmegaConf.merge(OmegaConf.structured(TeacherConfig), entry)
+            node = OmegaConf.merge(OmegaConf.structured(schema), entry)
         except (ConfigKeyError, ValidationError) as e:
             sub = getattr(e, "full_key", None) or ""
             detail = str(e).splitlines()[0]
@@ -341,10 +370,9 @@ def finalize(cfg):
                 _fail(f"{key}.{sub}", f"has the wrong type ({detail})")
             if "." in sub:  # inside a nested setting (tiny)
                 _fail(f"{key}.{sub}", f"is not a setting there ({detail})")
-            _fail(f"{key}.{sub}", f"is not a teacher setting; teacher settings: "
-                  f"{', '.join(f.name for f in fields(TeacherConfig))}")
+            _fail(f"{key}.{sub}", f"is not a {what} setting; {what} settings: "
+                  f"{', '.join(f.name for f in fields(schema))}")
         models[name] = node
-    return cfg
 
 
 # --------------------------------------------------------------------------- validation
@@ -491,6 +519,12 @@ def validate(cfg: Union[DictConfig, MOPDConfig]) -> None:
             _check_choice(f"{key}.signal", t.signal, SIGNALS)
         for check in t.skip_checks:
             _check_choice(f"{key}.skip_checks", check, ("stop_ids", "template", "probe"))
+        if t.pool is not None:
+            if t.pool not in ts.pools:
+                _fail(f"{key}.pool", f"'{t.pool}' is not a defined pool; defined pools: "
+                      f"{', '.join(sorted(ts.pools)) or 'none'} (add teachers.pools.{t.pool}.replicas=1)")
+            if t.backend == "hf":
+                _fail(f"{key}.backend", "a pooled teacher is served by the pool's vLLM engines; use backend=auto")
         if name != SELF_TEACHER and not t.model_path:
             _fail(f"{key}.model_path", f"teacher '{name}' has no model_path (only the '{SELF_TEACHER}' teacher, "
                   "a frozen copy of the initial student, may omit it)")
@@ -499,15 +533,30 @@ def validate(cfg: Union[DictConfig, MOPDConfig]) -> None:
         _check_positive(f"{key}.replicas", t.replicas)
         _check_positive(f"{key}.tensor_parallel_size", t.tensor_parallel_size)
         need = da.max_prompt_len + ro.max_new_tokens
-        if t.max_model_len < need:
+        if t.pool is None and t.max_model_len < need:  # a pooled teacher runs on the pool's engine settings
             _fail(f"{key}.max_model_len", f"{t.max_model_len} is shorter than prompt + response = "
                   f"data.max_prompt_len ({da.max_prompt_len}) + rollout.max_new_tokens ({ro.max_new_tokens}) "
                   f"= {need}; raise it to at least {need}")
         signal = resolved_signal(cfg, name)
         if signal == "topk":
-            if resolved_backend(cfg, name) == "vllm" and al.topk > t.max_logprobs:
+            if t.pool is None and resolved_backend(cfg, name) == "vllm" and al.topk > t.max_logprobs:
                 _fail("algorithm.topk", f"top-k {al.topk} exceeds teacher '{name}' engine limit "
                       f"{key}.max_logprobs={t.max_logprobs}; lower algorithm.topk or raise max_logprobs")
+    for name, p in ts.pools.items():
+        key = f"teachers.pools.{name}"
+        _check_positive(f"{key}.replicas", p.replicas)
+        _check_positive(f"{key}.tensor_parallel_size", p.tensor_parallel_size)
+        _check_choice(f"{key}.dtype", p.dtype, dtypes)
+        _check_choice(f"{key}.hidden_dtype", p.hidden_dtype, dtypes)
+        _check_positive(f"{key}.cache_gb", p.cache_gb, allow_zero=True)
+        need = da.max_prompt_len + ro.max_new_tokens
+        if p.max_model_len < need:
+            _fail(f"{key}.max_model_len", f"{p.max_model_len} is shorter than prompt + response = {need}; raise it "
+                  f"to at least {need}")
+        members = [n for n, t in ts.models.items() if t.pool == name]
+        if al.topk > p.max_logprobs and any(resolved_signal(cfg, n) == "topk" for n in members):
+            _fail("algorithm.topk", f"top-k {al.topk} exceeds pool '{name}' engine limit {key}.max_logprobs="
+                  f"{p.max_logprobs}; lower algorithm.topk or raise max_logprobs")
     if al.signal == "topk" and al.topk > ro.max_logprobs:
         _fail("algorithm.topk", f"top-k {al.topk} exceeds the rollout engine's rollout.max_logprobs="
               f"{ro.max_logprobs}; lower algorithm.topk or raise rollout.max_logprobs")
@@ -611,7 +660,9 @@ def resource_demand(cfg) -> Dict[str, float]:
     ro, ln = cfg.rollout, cfg.learner
     cpus = ro.replicas * ro.tensor_parallel_size * ro.num_cpus_per_shard + ln.world_size * ln.num_cpus_per_rank
     gpus = ro.replicas * ro.tensor_parallel_size * ro.num_gpus_per_shard + ln.world_size * ln.num_gpus_per_rank
-    for t in cfg.teachers.models.values():
+    engines = [t for t in cfg.teachers.models.values() if t.pool is None]
+    engines += [p for name, p in cfg.teachers.pools.items() if any(t.pool == name for t in cfg.teachers.models.values())]
+    for t in engines:
         cpus += t.replicas * t.tensor_parallel_size * t.num_cpus_per_shard
         gpus += t.replicas * t.tensor_parallel_size * t.num_gpus_per_shard
     return {"CPU": cpus, "GPU": gpus}

@@ -36,7 +36,10 @@ def describe_plan(cfg, model_paths: dict[str, str], started: list | None = None)
     for name, t in cfg.teachers.models.items():
         domains = [("<default>" if d == "*" else d) + ("" if len(r) == 1 and w == 1.0 else f" x{w:g}")
                    for d, r in table.items() for n, w in r if n == name]
-        lines.append(f"  teacher   {name:<16} {t.replicas} x TP{t.tensor_parallel_size} {resolved_backend(cfg, name)}, "
+        p = cfg.teachers.pools[t.pool] if t.pool else None
+        engine = (f"pool '{t.pool}' ({p.replicas} x TP{p.tensor_parallel_size} vllm, shared)" if p else
+                  f"{t.replicas} x TP{t.tensor_parallel_size} {resolved_backend(cfg, name)}")
+        lines.append(f"  teacher   {name:<16} {engine}, "
                      f"weight={t.weight}, signal={resolved_signal(cfg, name)}, domains={domains or 'none'}, "
                      f"model={model_paths[f'teacher:{name}']}"
                      + ("" if started is None or name in started or cfg.algorithm.signal == "none"

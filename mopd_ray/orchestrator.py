@@ -26,7 +26,7 @@ from .config import resolved_signal
 from .data.prompts import build_prompt_pool, make_sampler
 from .dispatch import parts_by_rank, plan_step
 from .metrics import MetricsLogger
-from .roles import build_roles, init_broadcast_group, sync_weights
+from .roles import build_roles, init_broadcast_group, pool_replica, sync_weights
 
 log = logging.getLogger(__name__)
 
@@ -274,18 +274,29 @@ class Orchestrator:
     def _score_shard(self, pending: PendingRollout, s: int, out: list) -> list:
         """One call per teacher with rows in shard ``s``: it scores all of them and returns one ref per part."""
         metas = []
-        for t, name in enumerate(self.roles.teacher_names):
+        names = self.roles.teacher_names
+        # a pool replica runs its calls in order: its teacher of the previous call first (no swap for it)
+        last = self.__dict__.setdefault("_pool_last", {})  # (pool, replica) -> teacher of its latest call
+        slot = {n: (self.cfg.teachers.models[n].pool, pool_replica(self.cfg, names, n)) for n in names}
+        order = sorted(range(len(names)), key=lambda t: last.get(slot[names[t]]) != names[t])
+        for t in order:
+            name = names[t]
             rows = [np.nonzero((tp == t).any(axis=1))[0].astype(np.int32) for tp in pending.part_teachers[s]]
             which = [j for j, r in enumerate(rows) if len(r)]
             if not which:
                 continue
             group = self.roles.teachers[name]
-            k = self.state.teacher_rr.get(name, 0)
-            self.state.teacher_rr[name] = k + 1
+            replica = slot[name][1]
+            if replica is None:  # a dedicated group: its replicas in turn
+                k = self.state.teacher_rr.get(name, 0)
+                self.state.teacher_rr[name] = k + 1
+                replica = k % len(group)
+            else:
+                last[slot[name]] = name
             signal = resolved_signal(self.cfg, name)
-            *refs, meta_ref = group.actors[k % len(group)].score_parts.options(num_returns=len(which) + 1).remote(
-                [rows[j] for j in which], self.cfg.algorithm.topk if signal == "topk" else 0, signal == "full_vocab",
-                *[pending.part_refs[s][j] for j in which])
+            *refs, meta_ref = group.actors[replica].score_parts.options(num_returns=len(which) + 1).remote(
+                name, [rows[j] for j in which], self.cfg.algorithm.topk if signal == "topk" else 0,
+                signal == "full_vocab", *[pending.part_refs[s][j] for j in which])
             for j, ref in zip(which, refs):
                 out[j].append(ref)
             metas.append(meta_ref)
@@ -409,6 +420,13 @@ class Orchestrator:
                 out[f"teacher/{name}/payload_bytes"] = sum(m["bytes"] for m in scores if m["teacher"] == name)
             else:
                 log.warning("teacher '%s' got no rows at step %d", name, pending.step)
+        for m in scores:  # teacher pools: swaps, their seconds, and rows per teacher per replica
+            if "pool" in m:
+                key = f"pool/{m['pool']}"
+                out[f"{key}/swaps"] = out.get(f"{key}/swaps", 0) + m["swaps"]
+                out[f"{key}/swap_s"] = out.get(f"{key}/swap_s", 0.0) + m["swap_s"]
+                rows_key = f"{key}/rows/{m['teacher']}/replica{m['replica']}"
+                out[rows_key] = out.get(rows_key, 0) + m["rows"]
         return out
 
 

@@ -64,7 +64,8 @@ def run(cfg, roles, student_fp: dict, tokenizer) -> str:
     student_refs = (roles.rollout.call_all("score_logprobs", probes),
                     roles.learners.call_all("compute_logprobs", probes)) if on else None
     found = check_teachers(cfg, roles.teachers, student_fp, probes)
-    line = (f"pre-flight: {len(roles.teachers)} teacher(s), {sum(len(g) for g in roles.teachers.values())} "
+    groups = list({id(g): g for g in roles.teachers.values()}.values())  # a pool counted once
+    line = (f"pre-flight: {len(roles.teachers)} teacher(s), {sum(len(g) for g in groups)} "
             f"replica(s): vocabularies, end-of-turn ids {student_fp['stop_ids']} and chat templates equal")
     if on:
         student = check_student(cfg, roles, student_refs)
@@ -85,9 +86,9 @@ def check_teachers(cfg, teachers: dict, student_fp: dict, probes: list) -> dict:
     calls = {}
     for name, group in teachers.items():
         probe = pf.enabled and "probe" not in cfg.teachers.models[name].skip_checks
-        calls[name] = (group.call(0, "fingerprint"),
-                       [group.call(i, "probe_logprobs", probes) for i in range(len(group))] if probe else None,
-                       group.call(0, "reference_logprobs", probes, max_bytes) if probe else None)
+        calls[name] = (group.call(0, "fingerprint", name),
+                       [group.call(i, "probe_logprobs", probes, name) for i in range(len(group))] if probe else None,
+                       group.call(0, "reference_logprobs", probes, max_bytes, name) if probe else None)
     out = {"reference": 0.0, "replicas": 0.0, "notes": []}
     for name, group in teachers.items():
         t, path = cfg.teachers.models[name], teacher_model_path(cfg, name)

@@ -15,7 +15,7 @@ from .models.compat import tokenizer_fingerprint
 from .rewards import rewards_spec
 from .workers.learner import LearnerWorker
 from .workers.rollout import RolloutWorker
-from .workers.teacher import TeacherWorker
+from .workers.teacher import PooledTeacherWorker, TeacherWorker
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,8 @@ class Roles:
     teacher_names: list  # sorted; a row's teacher_index points here
 
     def shutdown(self) -> None:
-        for g in [self.rollout, self.learners, *self.teachers.values()]:
+        groups = [self.rollout, self.learners, *self.teachers.values()]
+        for g in [g for i, g in enumerate(groups) if all(g is not o for o in groups[:i])]:  # a pool once
             try:
                 g.shutdown()
             except Exception:  # best effort at exit
@@ -97,6 +98,30 @@ def make_teacher_group(cfg, name: str) -> ActorGroup:
         max_restarts=cfg.cluster.max_restarts, max_task_retries=cfg.cluster.max_restarts, **_common(cfg))
 
 
+def make_pool_group(cfg, pool: str, members: list) -> ActorGroup:
+    """The engines of teacher pool ``pool``, serving the teachers ``members`` (names)."""
+    p = cfg.teachers.pools[pool]
+    folders = {n: teacher_model_path(cfg, n) for n in members}
+    return ActorGroup(
+        f"teacher_pool:{pool}", PooledTeacherWorker, p.replicas,
+        Bundle(p.num_cpus_per_shard * p.tensor_parallel_size, p.num_gpus_per_shard * p.tensor_parallel_size,
+               dict(p.custom_resources) or None),
+        init_args=lambda i: ((pool, folders, _plain(p), i, cfg.model.trust_remote_code), {}),
+        # a restarted replica serves its first teacher again; every call names (and swaps in) its own
+        max_restarts=cfg.cluster.max_restarts, max_task_retries=cfg.cluster.max_restarts, **_common(cfg))
+
+
+def pool_replica(cfg, teacher_names: list, name: str):
+    """The pool replica that serves a pooled teacher (its place among the pool's teachers in this run,
+    modulo the replicas: each teacher stays on one replica, so it is swapped in at most once per step);
+    None for a teacher with its own group (its replicas take calls in turn)."""
+    pool = cfg.teachers.models[name].pool
+    if pool is None:
+        return None
+    members = [n for n in teacher_names if cfg.teachers.models[n].pool == pool]
+    return members.index(name) % cfg.teachers.pools[pool].replicas
+
+
 def make_learner_group(cfg, teacher_names: list) -> ActorGroup:
     ln, ro = cfg.learner, cfg.rollout
     rows = cfg.data.prompts_per_step * ro.n_samples_per_prompt
@@ -132,17 +157,25 @@ def build_roles(cfg, tokenizer, teacher_names: list | None = None) -> Roles:
     try:
         rollout = make_rollout_group(cfg)
         groups.append(rollout)
-        teachers = {}
+        teachers, pools = {}, {}
         for name in teacher_names:
-            teachers[name] = make_teacher_group(cfg, name)
-            groups.append(teachers[name])
+            pool = cfg.teachers.models[name].pool
+            if pool is None:
+                teachers[name] = make_teacher_group(cfg, name)
+                groups.append(teachers[name])
+                continue
+            if pool not in pools:
+                pools[pool] = make_pool_group(cfg, pool, [n for n in teacher_names if cfg.teachers.models[n].pool == pool])
+                groups.append(pools[pool])
+            teachers[name] = pools[pool]
         learners = make_learner_group(cfg, teacher_names)
         groups.append(learners)
         roles = Roles(rollout, teachers, learners, teacher_names)
         # Engines load in parallel; a failure (bad model folder, OOM) surfaces here with its role named.
         rollout.gather(rollout.call_all("ready"), "start (loading the student in vLLM)")
         for name, g in teachers.items():
-            g.gather(g.call_all("ready"), f"start (loading teacher '{name}')")
+            g.gather(g.call_all("ready"), f"start (loading teacher '{name}'"
+                     + (f", pool '{cfg.teachers.models[name].pool}')" if cfg.teachers.models[name].pool else ")"))
         log.debug("learners ready: %s", setup_learners(cfg, learners)[0])
         log.info("%s", preflight.run(cfg, roles, student_fingerprint(tokenizer, cfg.model.path), tokenizer))
         _share_teacher_heads(cfg, roles)
@@ -163,7 +196,7 @@ def _share_teacher_heads(cfg, roles: Roles) -> None:
     heads = {}
     for i, name in enumerate(roles.teacher_names):
         if resolved_signal(cfg, name) == "full_vocab":
-            heads[i] = roles.teachers[name].call(0, "output_head")
+            heads[i] = roles.teachers[name].call(0, "output_head", name)
     if heads:
         roles.learners.gather(roles.learners.call_all("set_teacher_heads_from_refs", heads), "set_teacher_heads")
 

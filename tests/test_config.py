@@ -121,6 +121,11 @@ def test_wrong_type_fails():
     (["teachers.routing.add=[add_expert, add_expert]"], "teachers.routing.add", "lists a teacher twice"),
     (["teachers.routing.add=[]"], "teachers.routing.add", "non-empty list"),
     (["teachers.combine=mean"], "teachers.combine", "fixed, confidence"),
+    (["teachers.models.self.pool=shared"], "teachers.models.self.pool", "add teachers.pools.shared.replicas=1"),
+    (["teachers.models.self.pool=shared", "teachers.pools.shared.replicas=1", "teachers.models.self.backend=hf"],
+     "teachers.models.self.backend", "pool's vLLM engines"),
+    (["teachers.pools.shared.replcas=1"], "teachers.pools.shared.replcas", "is not a teacher pool setting"),
+    (["teachers.pools.shared.max_model_len=40"], "teachers.pools.shared.max_model_len", "at least 64"),
     (["model.tiny.num_heads=4"], "model.tiny.num_heads", "head dim"),
     (["teachers.models.self.backend=sglang"], "teachers.models.self.backend", "vllm, hf"),
     (["algorithm.loss_agg=token_avg"], "algorithm.loss_agg", "seq_mean_token_mean"),
@@ -150,6 +155,16 @@ def test_a_domain_routes_to_a_weighted_list_of_teachers():
     cfg = _compose(["~teachers.routing.sort", "teachers.default=[{teacher: self, weight: 0.5}]"])
     validate(cfg)
     assert route_of(cfg, "sort") == [("self", 0.5)] and route_slots(cfg) == 1
+
+
+def test_pooled_teachers_count_once_in_the_resource_demand():
+    from mopd_ray.config import resource_demand
+
+    base = resource_demand(_compose([]))["CPU"]
+    pooled = _compose(["teachers.pools.shared.replicas=1", "teachers.models.add_expert.pool=shared",
+                       "teachers.models.self.pool=shared"])
+    validate(pooled)
+    assert resource_demand(pooled)["CPU"] == base - 1  # two teachers on one engine
 
 
 def test_gpu_recipe_resource_arithmetic():

@@ -122,3 +122,10 @@ def check_local_tokenizers(cfg) -> None:
             continue
         if Path(t.model_path, "config.json").exists():
             check_compatible(student, cfg.model.path, fp(t.model_path), f"{name} ({t.model_path})", t.skip_checks)
+    from ..workers.teacher import check_pool_architectures
+
+    for pool in cfg.teachers.pools:
+        members = {n: (cfg.model.path if n == SELF_TEACHER and not t.model_path else t.model_path)
+                   for n, t in cfg.teachers.models.items() if t.pool == pool}
+        if members and all(Path(p, "config.json").exists() for p in members.values()):
+            check_pool_architectures(pool, members)

@@ -64,12 +64,14 @@ class TeacherWorker:
     def ready(self) -> bool:
         return True
 
-    def fingerprint(self) -> dict:
+    # ``teacher`` names which teacher a call is for: this worker's own (a dedicated group), or one of the
+    # teachers a pooled worker serves (PooledTeacherWorker swaps it in first)
+    def fingerprint(self, teacher: Optional[str] = None) -> dict:
         from ..models.compat import tokenizer_fingerprint
 
         return tokenizer_fingerprint(self.tokenizer, self.embedding_rows, self.model_path)
 
-    def probe_logprobs(self, sequences: list) -> list:
+    def probe_logprobs(self, sequences: list, teacher: Optional[str] = None) -> list:
         """Log-probs of given token ids through this replica's scoring path (position l: token l, 0 at 0)."""
         from ..batch import pad_sequences
 
@@ -78,10 +80,11 @@ class TeacherWorker:
         batch = RolloutBatch(tokens, np.zeros(len(lens), np.int32), lens, np.zeros(tokens.shape, np.float32),
                              np.arange(len(lens)), np.zeros(len(lens), np.int32), np.full(len(lens), np.nan, np.float32),
                              np.ones(len(lens), bool), tuple("probe" for _ in lens))
-        scores, _ = self.score(batch, np.arange(len(lens), dtype=np.int32))
+        *scores, _ = self.score_parts(teacher or self.name, [np.arange(len(lens), dtype=np.int32)], 0, False, batch)
+        scores = scores[0]
         return [scores.teacher_logprobs_RT[i, :n].copy() for i, n in enumerate(lens)]
 
-    def reference_logprobs(self, sequences: list, max_bytes: int):
+    def reference_logprobs(self, sequences: list, max_bytes: int, teacher: Optional[str] = None):
         """The same log-probs from a plain transformers forward of the folder, in the teacher's dtype
         (loaded once, then freed), or a string saying why there is none."""
         import gc
@@ -112,7 +115,7 @@ class TeacherWorker:
             del model
             gc.collect()
 
-    def output_head(self):
+    def output_head(self, teacher: Optional[str] = None):
         """The frozen output head (and bias) as numpy, for the learner's full-vocabulary loss."""
         if self.backend == "vllm":
             return head_from_checkpoint(self.model_path)
@@ -123,16 +126,19 @@ class TeacherWorker:
 
     def score(self, batch: RolloutBatch, rows: np.ndarray, topk: int = 0, hidden: bool = False) -> tuple:
         """(TeacherScores, meta) for some rows of one batch; call with ``num_returns=2``."""
-        *scores, meta = self.score_parts([rows], topk, hidden, batch)
+        *scores, meta = self.score_parts(self.name, [rows], topk, hidden, batch)
         return scores[0], meta
 
-    def score_parts(self, rows_per_part: list, topk: int, hidden: bool, *batches: RolloutBatch) -> tuple:
+    def score_parts(self, teacher: str, rows_per_part: list, topk: int, hidden: bool, *batches: RolloutBatch) -> tuple:
         """Score rows of several parts of a rollout shard in one engine call.
 
         ``batches`` are top-level arguments, so Ray resolves their refs in this process (zero-copy).
         Returns (*scores, meta), one TeacherScores per part: call with ``num_returns=len(batches) + 1``
         so each learner rank fetches only the scores of its own rows and the driver only the meta.
+        ``teacher``: the teacher whose scores these are (this worker's own, or a pooled one).
         """
+        if teacher != self.name:
+            raise ValueError(f"teacher worker '{self.name}' asked to score for '{teacher}'")
         import os
 
         t0 = time.perf_counter()
@@ -273,3 +279,83 @@ def head_from_checkpoint(model_path: str) -> tuple:
         raise ValueError(f"{model_path}: no output head ({' or '.join(names)}) in its safetensors files")
     return weight, found.get("lm_head.bias")
 
+
+
+# Keys of config.json that do not change what a model computes: the pool's teachers may differ in these only.
+_NOT_ARCHITECTURE = {"_name_or_path", "transformers_version", "torch_dtype", "dtype", "use_cache"}
+
+
+def check_pool_architectures(pool: str, members: dict) -> None:
+    """Raise ValueError unless every folder of ``members`` (teacher -> folder) has the first one's
+    config.json, up to keys that do not change what the model computes."""
+    import json
+    from pathlib import Path
+
+    first = sorted(members)[0]
+    ref = json.loads(Path(members[first], "config.json").read_text())
+    for name, path in sorted(members.items()):
+        other = json.loads(Path(path, "config.json").read_text())
+        diff = sorted(k for k in set(ref) | set(other) if k not in _NOT_ARCHITECTURE and ref.get(k) != other.get(k))
+        if diff:
+            raise ValueError(f"teacher pool '{pool}': teacher '{name}' ({path}) has another architecture than "
+                             f"'{first}' ({members[first]}): config.json differs in {diff}; a pool's teachers share "
+                             f"one engine, so give '{name}' its own engine (drop teachers.models.{name}.pool) or pool "
+                             "it with teachers of its architecture")
+
+
+class PooledTeacherWorker(TeacherWorker):
+    """One replica of a teacher pool: a vLLM engine serving several teachers of one architecture,
+    swapping their weights in place between calls (workers/vllm_ext.py ``mopd_pool_swap``: from the
+    workers' host cache, else from the teacher's folder). Every call names its teacher."""
+
+    def __init__(self, pool: str, members: dict, pool_cfg: dict, replica_index: int = 0,
+                 trust_remote_code: bool = False):
+        self.pool, self.members = pool, dict(members)  # teacher name -> model folder
+        check_pool_architectures(pool, self.members)
+        first = sorted(self.members)[0]
+        super().__init__(first, self.members[first], {**pool_cfg, "backend": "vllm"}, replica_index, trust_remote_code)
+        self.cache_bytes = int(pool_cfg.get("cache_gb", 16.0) * 2**30)
+        self.swaps, self.swap_s = 0, 0.0
+
+    def _use(self, teacher: str) -> None:
+        if teacher not in self.members:
+            raise ValueError(f"teacher pool '{self.pool}' does not serve teacher '{teacher}' "
+                             f"(it serves {sorted(self.members)})")
+        if teacher == self.name:
+            return
+        t0 = time.perf_counter()
+        self.llm.collective_rpc("mopd_pool_swap", args=(teacher, self.members[teacher], self.cache_bytes, 256 << 20))
+        self.llm.reset_prefix_cache()  # cached prefixes hold the previous teacher's keys and values
+        self.name, self.model_path = teacher, self.members[teacher]
+        self.swaps += 1
+        self.swap_s += time.perf_counter() - t0
+
+    def score_parts(self, teacher: str, rows_per_part: list, topk: int, hidden: bool, *batches: RolloutBatch) -> tuple:
+        swaps, swap_s = self.swaps, self.swap_s
+        self._use(teacher)
+        *scores, meta = super().score_parts(teacher, rows_per_part, topk, hidden, *batches)
+        meta.update(pool=self.pool, swaps=self.swaps - swaps, swap_s=self.swap_s - swap_s)
+        return (*scores, meta)
+
+    def fingerprint(self, teacher: Optional[str] = None) -> dict:
+        from transformers import AutoConfig, AutoTokenizer
+
+        from ..models.compat import tokenizer_fingerprint
+
+        path = self.members[teacher or self.name]
+        rows = AutoConfig.from_pretrained(path).vocab_size
+        return tokenizer_fingerprint(AutoTokenizer.from_pretrained(path), rows, path)
+
+    def probe_logprobs(self, sequences: list, teacher: Optional[str] = None) -> list:
+        self._use(teacher or self.name)
+        return super().probe_logprobs(sequences, teacher)
+
+    def reference_logprobs(self, sequences: list, max_bytes: int, teacher: Optional[str] = None):
+        self._use(teacher or self.name)
+        return super().reference_logprobs(sequences, max_bytes, teacher)
+
+    def output_head(self, teacher: Optional[str] = None):
+        return head_from_checkpoint(self.members[teacher or self.name])
+
+    def pool_stats(self) -> dict:
+        return {"swaps": self.swaps, "swap_s": self.swap_s, "serving": self.name}

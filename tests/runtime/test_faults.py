@@ -37,18 +37,29 @@ def _kill_at(orch, step, pick):
     return t
 
 
-@pytest.mark.parametrize("role", ["teacher", "rollout"])
+# pool: add_expert and self share one vLLM replica (weights swapped in from disk, no cache), reverse_expert
+# has its own engine; the pool's replica is killed
+POOL = ["data.domains=[add,reverse,sort]", "teachers.pools.shared.replicas=1", "teachers.pools.shared.cache_gb=0",
+        *[f"teachers.models.{t}.{k}" for t in ("add_expert", "self") for k in ("backend=auto", "pool=shared")]]
+
+
+@pytest.mark.parametrize("role", ["teacher", "rollout", "pool"])
 def test_dead_replica_is_restarted_and_every_row_trained_once(local_ray, artifacts, tmp_path, role):
-    orch = _orchestrator(artifacts, tmp_path, "run.total_steps=5")
-    pick = (lambda o: o.roles.teachers["add_expert"].actors[0]) if role == "teacher" else \
+    orch = _orchestrator(artifacts, tmp_path, "run.total_steps=5", *(POOL if role == "pool" else []))
+    pick = (lambda o: o.roles.teachers["add_expert"].actors[0]) if role in ("teacher", "pool") else \
         (lambda o: o.roles.rollout.actors[0])
     _kill_at(orch, 2, pick)
     last = orch.run()
     rows = read_metrics(tmp_path)
     assert [r["step"] for r in rows] == list(range(5))
     assert last["rows_trained"] == 5 * 4 * 2  # every row of every step, once (the learners count them)
-    if role == "teacher":
+    if role in ("teacher", "pool"):
         assert last["faults/teacher_restarts"] >= 1
+    if role == "pool":  # the two pooled teachers are swapped in and out of the one replica
+        assert sum(r.get("pool/shared/swaps", 0) for r in rows) >= 2
+        assert sum(r.get("pool/shared/swap_s", 0) for r in rows) > 0
+        for t in ("add_expert", "self"):
+            assert sum(r.get(f"pool/shared/rows/{t}/replica0", 0) for r in rows) > 0, t
     else:
         assert last["faults/rollout_retries"] >= 1
         assert all(r["rollout/staleness"] == 0 for r in rows)  # the restarted engine got current weights

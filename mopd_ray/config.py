@@ -101,9 +101,9 @@ class TeacherPoolConfig:
     num_gpus_per_shard: float = 0.0
     custom_resources: Dict[str, float] = field(default_factory=dict)
     kv_cache_memory_bytes: int = 268435456
-    # host memory per engine worker for the weights of the pool's teachers (each worker keeps its own
-    # tensor-parallel shard of every teacher it has served); a teacher that does not fit is re-read from
-    # its folder at every swap. 0: always from disk
+    # host memory per replica for the weights of the pool's teachers (one copy per replica, in its actor
+    # process, handed to the engine's workers bucket by bucket at a swap); a teacher that does not fit is
+    # re-read from its folder at every swap. 0: always from disk
     cache_gb: float = 16.0
 
 

@@ -318,17 +318,56 @@ class PooledTeacherWorker(TeacherWorker):
         self.swaps, self.swap_s = 0, 0.0
 
     def _use(self, teacher: str) -> None:
+        """Swap ``teacher``'s weights into the engine (no-op if it is loaded): bucket by bucket through one
+        layerwise-reload session in every engine worker (workers/vllm_ext.py), which re-runs vLLM's
+        post-load processing (a copy into the processed tensors would miss kernels' packed weights)."""
+        import os
+
+        from safetensors.torch import save
+
         if teacher not in self.members:
             raise ValueError(f"teacher pool '{self.pool}' does not serve teacher '{teacher}' "
                              f"(it serves {sorted(self.members)})")
         if teacher == self.name:
             return
         t0 = time.perf_counter()
-        self.llm.collective_rpc("mopd_pool_swap", args=(teacher, self.members[teacher], self.cache_bytes, 256 << 20))
+        # tensors pass as they are to workers in this process, as safetensors bytes to worker processes
+        local = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0" and self.cfg["tensor_parallel_size"] == 1
+        self.llm.collective_rpc("mopd_begin_load")
+        for named in self._weights(teacher, 256 << 20):
+            self.llm.collective_rpc("mopd_load_bucket", args=(named if local else save(dict(named)),))
+        self.llm.collective_rpc("mopd_finish_load")
         self.llm.reset_prefix_cache()  # cached prefixes hold the previous teacher's keys and values
         self.name, self.model_path = teacher, self.members[teacher]
         self.swaps += 1
         self.swap_s += time.perf_counter() - t0
+
+    def _weights(self, teacher: str, bucket_bytes: int):
+        """[(HF name, tensor)] buckets of a teacher's weights: from this replica's host cache (one copy per
+        replica, least recently used dropped first beyond ``cache_gb``), else read from its folder (and
+        cached when it fits)."""
+        from collections import OrderedDict
+        from pathlib import Path
+
+        cache = self.__dict__.setdefault("cache", OrderedDict())
+        if teacher not in cache:
+            size = sum(f.stat().st_size for f in Path(self.members[teacher]).glob("*.safetensors"))
+            if size > self.cache_bytes:
+                yield from _folder_buckets(self.members[teacher], bucket_bytes)
+                return
+            while cache and sum(_nbytes(v) for v in cache.values()) + size > self.cache_bytes:
+                cache.popitem(last=False)
+            cache[teacher] = [t for bucket in _folder_buckets(self.members[teacher], 1 << 62) for t in bucket]
+        cache.move_to_end(teacher)
+        bucket, size = [], 0
+        for name, t in cache[teacher]:
+            bucket.append((name, t))
+            size += t.numel() * t.element_size()
+            if size >= bucket_bytes:
+                yield bucket
+                bucket, size = [], 0
+        if bucket:
+            yield bucket
 
     def score_parts(self, teacher: str, rows_per_part: list, topk: int, hidden: bool, *batches: RolloutBatch) -> tuple:
         swaps, swap_s = self.swaps, self.swap_s
@@ -359,3 +398,27 @@ class PooledTeacherWorker(TeacherWorker):
 
     def pool_stats(self) -> dict:
         return {"swaps": self.swaps, "swap_s": self.swap_s, "serving": self.name}
+
+
+def _nbytes(named: list) -> int:
+    return sum(t.numel() * t.element_size() for _, t in named)
+
+
+def _folder_buckets(path: str, bucket_bytes: int):
+    """[(HF name, tensor)] buckets of a folder's safetensors, read one tensor at a time (memory-mapped)."""
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    bucket, size = [], 0
+    for f in sorted(Path(path).glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as st:
+            for name in st.keys():
+                t = st.get_tensor(name)
+                bucket.append((name, t))
+                size += t.numel() * t.element_size()
+                if size >= bucket_bytes:
+                    yield bucket
+                    bucket, size = [], 0
+    if bucket:
+        yield bucket

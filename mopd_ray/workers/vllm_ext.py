@@ -89,43 +89,6 @@ class WorkerExtension:
         self.mopd_finish_load()
         return {"buckets": buckets, "bytes": nbytes}
 
-    # ---------------------------------------------------------------- teacher pools: weights swapped in place
-    def mopd_pool_swap(self, key: str, path: str, cache_bytes: int, bucket_bytes: int) -> dict:
-        """Serve the teacher ``key`` (folder ``path``) from now on. From this worker's host cache when
-        the teacher was served before (a copy of exactly the tensors this worker holds: its TP shard,
-        after vLLM's post-load processing), else read from the folder's safetensors bucket by bucket
-        through one layerwise-reload session, then cached if it fits in ``cache_bytes`` (least recently
-        used teachers are dropped first). Returns where the weights came from and the bytes moved."""
-        from collections import OrderedDict
-
-        import torch
-
-        cache = self.__dict__.setdefault("mopd_pool_cache", OrderedDict())
-        live = _state_tensors(self.model_runner.get_model())
-        if key in cache:
-            cache.move_to_end(key)
-            with torch.no_grad():
-                for name, t in cache[key].items():
-                    live[name].copy_(t, non_blocking=True)
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            return {"source": "cache", "bytes": sum(t.numel() * t.element_size() for t in cache[key].values())}
-        nbytes = 0
-        self.mopd_begin_load()
-        for named in _folder_buckets(path, bucket_bytes):
-            nbytes += sum(t.numel() * t.element_size() for _, t in named)
-            self.mopd_load_bucket(named)
-        self.mopd_finish_load()
-        live = _state_tensors(self.model_runner.get_model())
-        size = sum(t.numel() * t.element_size() for t in live.values())
-        while cache and sum(_nbytes(v) for v in cache.values()) + size > cache_bytes:
-            cache.popitem(last=False)
-        if size <= cache_bytes:
-            pin = torch.cuda.is_available()
-            cache[key] = {n: (t.detach().to("cpu", copy=True).pin_memory() if pin else t.detach().clone())
-                          for n, t in live.items()}
-        return {"source": "disk", "bytes": nbytes}
-
     # ---------------------------------------------------------------- hidden states (teachers)
     def mopd_capture_start(self) -> bool:
         """Record the last-layer hidden state of every token computed until ``mopd_capture_stop``."""
@@ -171,50 +134,6 @@ class WorkerExtension:
             # the engine's request id is "<the caller's id>-<random suffix>"
             out[req.rsplit("-", 1)[0]] = (chunks[0][0], arr.shape[0], arr.shape[1], arr.tobytes())
         return out
-
-
-def _state_tensors(model) -> dict:
-    """Every tensor a model's forward reads: parameters, buffers and tensor attributes of its modules
-    (post-load processing may keep re-packed weights as plain attributes), by dotted name."""
-    import torch
-
-    out, seen = {}, set()
-    for mname, mod in model.named_modules():
-        items = list(mod._parameters.items()) + list(mod._buffers.items())
-        items += [(k, v) for k, v in vars(mod).items() if isinstance(v, torch.Tensor) and not k.startswith("_")]
-        for k, v in items:
-            if v is None:
-                continue
-            v = v.data if isinstance(v, torch.nn.Parameter) else v
-            ident = (v.data_ptr(), tuple(v.shape), v.dtype)  # tied weights: one storage, copied once
-            if ident not in seen:
-                seen.add(ident)
-                out[f"{mname}.{k}" if mname else k] = v
-    return out
-
-
-def _nbytes(state: dict) -> int:
-    return sum(t.numel() * t.element_size() for t in state.values())
-
-
-def _folder_buckets(path: str, bucket_bytes: int):
-    """[(HF name, tensor)] buckets of a folder's safetensors, read one tensor at a time (memory-mapped)."""
-    from pathlib import Path
-
-    from safetensors import safe_open
-
-    bucket, size = [], 0
-    for f in sorted(Path(path).glob("*.safetensors")):
-        with safe_open(str(f), framework="pt") as st:
-            for name in st.keys():
-                t = st.get_tensor(name)
-                bucket.append((name, t))
-                size += t.numel() * t.element_size()
-                if size >= bucket_bytes:
-                    yield bucket
-                    bucket, size = [], 0
-    if bucket:
-        yield bucket
 
 
 def decode_captured(entry, dtype: str) -> tuple:

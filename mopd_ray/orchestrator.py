@@ -156,6 +156,12 @@ class Orchestrator:
         demand = resource_demand(cfg)
         init_ray(cfg.cluster, demand["CPU"], gpu=demand["GPU"] > 0)
         self.roles = build_roles(cfg, tokenizer, self.pool.teacher_names)
+        # each teacher replica's process now: a call answered from another process later is a restart
+        self._teacher_pids = {}
+        for name, group in self.roles.teachers.items():
+            key = cfg.teachers.models[name].pool or name
+            for i, pid in enumerate(self._get(group.call_all("pid"), "teacher pids")):
+                self._teacher_pids[(key, i)] = pid
         placement = self.roles.placement()
         (Path(self.run_dir) / "placement.json").write_text(json.dumps(placement, indent=1))
         log.debug("placement (node ids by role): %s", {k: [n[:8] for n in v] for k, v in placement.items()})
@@ -372,7 +378,7 @@ class Orchestrator:
         """A replica that answers from a new process was restarted by Ray (its calls were retried)."""
         pids = self.__dict__.setdefault("_teacher_pids", {})
         for m in scores:
-            key = (m["teacher"], m["replica"])
+            key = (m.get("pool") or m["teacher"], m["replica"])  # a pool replica is one process for its teachers
             if key in pids and pids[key] != m["pid"]:
                 self.state.teacher_restarts += 1
             pids[key] = m["pid"]

@@ -64,6 +64,11 @@ class TeacherWorker:
     def ready(self) -> bool:
         return True
 
+    def pid(self) -> int:
+        import os
+
+        return os.getpid()
+
     # ``teacher`` names which teacher a call is for: this worker's own (a dedicated group), or one of the
     # teachers a pooled worker serves (PooledTeacherWorker swaps it in first)
     def fingerprint(self, teacher: Optional[str] = None) -> dict:

@@ -37,25 +37,27 @@ def _kill_at(orch, step, pick):
     return t
 
 
-# pool: add_expert and self share one vLLM replica (weights swapped in from disk, no cache), reverse_expert
-# has its own engine; the pool's replica is killed
+# teacher: add_expert and self share one pool replica (weights swapped in from disk, no cache) and
+# reverse_expert has its own engine; both kinds of teacher replica are killed, at different steps
 POOL = ["data.domains=[add,reverse,sort]", "teachers.pools.shared.replicas=1", "teachers.pools.shared.cache_gb=0",
         *[f"teachers.models.{t}.{k}" for t in ("add_expert", "self") for k in ("backend=auto", "pool=shared")]]
 
 
-@pytest.mark.parametrize("role", ["teacher", "rollout", "pool"])
+@pytest.mark.parametrize("role", ["teacher", "rollout"])
 def test_dead_replica_is_restarted_and_every_row_trained_once(local_ray, artifacts, tmp_path, role):
-    orch = _orchestrator(artifacts, tmp_path, "run.total_steps=5", *(POOL if role == "pool" else []))
-    pick = (lambda o: o.roles.teachers["add_expert"].actors[0]) if role in ("teacher", "pool") else \
-        (lambda o: o.roles.rollout.actors[0])
-    _kill_at(orch, 2, pick)
+    orch = _orchestrator(artifacts, tmp_path, "run.total_steps=5", *(POOL if role == "teacher" else []))
+    if role == "teacher":
+        _kill_at(orch, 1, lambda o: o.roles.teachers["reverse_expert"].actors[0])  # a dedicated group's replica
+        _kill_at(orch, 3, lambda o: o.roles.teachers["add_expert"].actors[0])  # the pool's replica
+    else:
+        _kill_at(orch, 2, lambda o: o.roles.rollout.actors[0])
     last = orch.run()
     rows = read_metrics(tmp_path)
     assert [r["step"] for r in rows] == list(range(5))
     assert last["rows_trained"] == 5 * 4 * 2  # every row of every step, once (the learners count them)
-    if role in ("teacher", "pool"):
-        assert last["faults/teacher_restarts"] >= 1
-    if role == "pool":  # the two pooled teachers are swapped in and out of the one replica
+    if role == "teacher":
+        assert last["faults/teacher_restarts"] >= 2  # the dedicated replica and the pool replica
+        # the two pooled teachers were swapped in and out of the one replica, before and after its restart
         assert sum(r.get("pool/shared/swaps", 0) for r in rows) >= 2
         assert sum(r.get("pool/shared/swap_s", 0) for r in rows) > 0
         for t in ("add_expert", "self"):
@@ -86,7 +88,8 @@ class _Sleeper:
 def test_hung_call_becomes_a_clear_error_at_its_deadline(local_ray):
     group = ActorGroup("sleeper", _Sleeper, 1, Bundle(0.1), call_timeout_s=2.0)
     try:
-        assert group.gather(group.call(0, "work", 0.1), "work") == 0.1
+        # the first call waits for the actor's process to start (seconds on a busy machine)
+        assert group.gather(group.call(0, "work", 0.1), "work", timeout_s=120) == 0.1
         t0 = time.time()
         with pytest.raises(RemoteCallError, match=r"sleeper.work did not finish within 2 s \(cluster.call_timeout_s\)"):
             group.gather(group.call(0, "work", 60), "work")

@@ -8,7 +8,7 @@ N and size, scores the same steps two ways on the real vLLM CPU engine:
 - pooled: one pool replica serving all N (``teachers.pools``), weights swapped in place between calls
   from the workers' host cache (and, as a third row, with the cache off: from disk every swap).
 A step is 32 rows (prompt 20 + response 32 tokens) routed to the N teachers at random, the calls issued
-as the orchestrator issues them (every teacher's call at once; the pool replica runs its own in turn).
+every teacher's call at once, in a fixed teacher order (so N swaps per step; the orchestrator puts a replica's previous teacher first, one swap fewer).
 Reported: seconds per step (mean of steps 2..), swaps and swap seconds per step, and the teachers'
 resident memory (sum of the RSS of their actor processes after the steps).
 

@@ -125,13 +125,13 @@ def recv_buckets(group, metas: list[ParamMeta], bucket_bytes: int, device="cpu")
         yield named
 
 
-def state_buckets(state: dict, bucket_bytes: int) -> Iterator[list]:
-    """Object-store side: {name: ndarray} (zero-copy views) as buckets of [(name, tensor)] of at most
-    ``bucket_bytes`` each (one tensor may exceed it); no copy is made."""
+def state_buckets(state, bucket_bytes: int) -> Iterator[list]:
+    """{name: ndarray or tensor} (object-store zero-copy views), or an iterable of (name, tensor) pairs,
+    as buckets of [(name, tensor)] of at most ``bucket_bytes`` each (one tensor may exceed it); no copy."""
     import warnings
 
     bucket, size = [], 0
-    for name, arr in state.items():
+    for name, arr in (state.items() if isinstance(state, dict) else state):
         with warnings.catch_warnings():  # read-only object-store views: vLLM copies them, never writes
             warnings.simplefilter("ignore", UserWarning)
             t = torch.from_numpy(arr) if isinstance(arr, np.ndarray) else arr

@@ -354,25 +354,19 @@ class PooledTeacherWorker(TeacherWorker):
         from collections import OrderedDict
         from pathlib import Path
 
+        from ..sync import state_buckets
+
         cache = self.__dict__.setdefault("cache", OrderedDict())
         if teacher not in cache:
             size = sum(f.stat().st_size for f in Path(self.members[teacher]).glob("*.safetensors"))
-            if size > self.cache_bytes:
-                yield from _folder_buckets(self.members[teacher], bucket_bytes)
+            if size > self.cache_bytes:  # streamed from disk, never held whole
+                yield from state_buckets(_folder_tensors(self.members[teacher]), bucket_bytes)
                 return
             while cache and sum(_nbytes(v) for v in cache.values()) + size > self.cache_bytes:
                 cache.popitem(last=False)
-            cache[teacher] = [t for bucket in _folder_buckets(self.members[teacher], 1 << 62) for t in bucket]
+            cache[teacher] = dict(_folder_tensors(self.members[teacher]))
         cache.move_to_end(teacher)
-        bucket, size = [], 0
-        for name, t in cache[teacher]:
-            bucket.append((name, t))
-            size += t.numel() * t.element_size()
-            if size >= bucket_bytes:
-                yield bucket
-                bucket, size = [], 0
-        if bucket:
-            yield bucket
+        yield from state_buckets(cache[teacher], bucket_bytes)
 
     def score_parts(self, teacher: str, rows_per_part: list, topk: int, hidden: bool, *batches: RolloutBatch) -> tuple:
         swaps, swap_s = self.swaps, self.swap_s
@@ -405,25 +399,17 @@ class PooledTeacherWorker(TeacherWorker):
         return {"swaps": self.swaps, "swap_s": self.swap_s, "serving": self.name}
 
 
-def _nbytes(named: list) -> int:
-    return sum(t.numel() * t.element_size() for _, t in named)
+def _nbytes(state: dict) -> int:
+    return sum(t.numel() * t.element_size() for t in state.values())
 
 
-def _folder_buckets(path: str, bucket_bytes: int):
-    """[(HF name, tensor)] buckets of a folder's safetensors, read one tensor at a time (memory-mapped)."""
+def _folder_tensors(path: str):
+    """(HF name, tensor) of a folder's safetensors, one tensor at a time (memory-mapped files)."""
     from pathlib import Path
 
     from safetensors import safe_open
 
-    bucket, size = [], 0
     for f in sorted(Path(path).glob("*.safetensors")):
         with safe_open(str(f), framework="pt") as st:
             for name in st.keys():
-                t = st.get_tensor(name)
-                bucket.append((name, t))
-                size += t.numel() * t.element_size()
-                if size >= bucket_bytes:
-                    yield bucket
-                    bucket, size = [], 0
-    if bucket:
-        yield bucket
+                yield name, st.get_tensor(name)

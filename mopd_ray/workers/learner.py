@@ -15,7 +15,7 @@ from typing import Optional
 
 import numpy as np
 
-from ..batch import RolloutBatch, TeacherScores, batch_nbytes
+from ..batch import RolloutBatch, batch_nbytes
 
 def lr_factor(step: int, total: int, warmup: int, schedule: str, min_ratio: float) -> float:
     if warmup and step < warmup:
@@ -127,30 +127,37 @@ class LearnerWorker:
         ``parts`` are exactly this rank's rows: [{"mini_batch": m, "batch": ref, "scores": [refs]}]
         (see mopd_ray.dispatch). What needs the whole batch (loss denominators, normalisation moments,
         per-teacher statistics) comes from small all-reduces, never from other ranks' payloads.
+        When nothing needs every row's teacher scores before the first backward (one mini-batch, no
+        advantage normalisation), training starts as soon as the first micro-batch's scores are in:
+        teachers still score later rollout shards while earlier ones train.
         """
         t0 = time.perf_counter()
-        g = self._fetch_rows(parts)
-        g["fetch_s"] = time.perf_counter() - t0  # waiting for rollouts / scores still in flight, and the copy
-        t = self._tensors(g)
         fused = self._fused_old_logprobs()
+        g = self._fetch_rows(parts, stream=fused)
+        g["t0"] = t0
+        t = self._tensors(g)
         old_lp = t["rollout_lp"].clone() if fused or not self.cfg["recompute_old_logprobs"] else self._old_logprobs(g, t)
         adv = None if fused else self._distill_advantages(t, old_lp)
         loop = self._optimize(g, t, old_lp, adv, step, fused)
+        self._await_rows(g, t, None)  # parts with no rows on this rank are still checked
+        _check_scored(g, self.teacher_names)
         return self._metrics(g, t, old_lp, loop, t0)
 
     # each named step of train_step below
 
-    def _fetch_rows(self, parts: list) -> dict:
-        """ray.get this rank's parts and their scores; local [n, L] arrays and each row's mini-batch."""
+    def _fetch_rows(self, parts: list, stream: bool = False) -> dict:
+        """ray.get this rank's rollout parts; local [n, L] arrays and each row's mini-batch; the parts'
+        teacher scores too unless ``stream`` (then ``_await_rows`` fetches them micro-batch by micro-batch)."""
         import ray
         import torch
         import torch.distributed as dist
 
+        t0 = time.perf_counter()
         batches: list[RolloutBatch] = ray.get([p["batch"] for p in parts])
-        scores: list[list[TeacherScores]] = [ray.get(list(p["scores"])) for p in parts]
-        g = _assemble(batches, scores, self.teacher_names)
+        g = _layout(batches, self.teacher_names)
+        g["score_refs"] = [list(p["scores"]) for p in parts]
+        g["fetched_bytes"] = sum(batch_nbytes(b) for b in batches)
         g["mini_B"] = np.concatenate([np.full(b.num_rows, p["mini_batch"], np.int64) for b, p in zip(batches, parts)])
-        g["fetched_bytes"] = sum(batch_nbytes(b) for b in batches) + sum(s.nbytes() for ss in scores for s in ss)
         n_mini = self.cfg["mini_batches_per_step"]
         mine = [np.nonzero(g["mini_B"] == m)[0] for m in range(n_mini)]
         if self.teacher_heads:  # group rows by teacher so one output head is used at a time
@@ -160,7 +167,29 @@ class LearnerWorker:
         totals = torch.tensor([[g["mask"][r].sum(), (g["mask"][r].sum(-1) > 0).sum()] for r in mine], dtype=torch.float64)
         dist.all_reduce(totals)
         g["totals"] = totals
+        g["fetch_s"] = time.perf_counter() - t0  # waiting for rollouts / scores still in flight, and the copy
+        if not stream:
+            self._await_rows(g, None, None)
         return g
+
+    def _await_rows(self, g: dict, t: Optional[dict], rows) -> None:
+        """Fetch and place the teacher scores of every part holding some of ``rows`` (None: all parts);
+        refresh the teacher tensors of ``t`` for those rows. The wait counts as fetch time."""
+        import ray
+
+        todo = [k for k in range(len(g["offsets"]) - 1) if k not in g["placed"] and (
+            rows is None or ((rows >= g["offsets"][k]) & (rows < g["offsets"][k + 1])).any())]
+        if not todo:
+            return
+        t0 = time.perf_counter()
+        got = ray.get([r for k in todo for r in g["score_refs"][k]])
+        g["fetch_s"] += time.perf_counter() - t0
+        for k in todo:
+            mine, got = got[:len(g["score_refs"][k])], got[len(g["score_refs"][k]):]
+            _place(g, k, mine, self.teacher_names)
+            g["fetched_bytes"] += sum(s.nbytes() for s in mine)
+            if t is not None:
+                self._teacher_tensors(g, t, np.arange(g["offsets"][k], g["offsets"][k + 1]))
 
     def _tensors(self, g: dict) -> dict:
         """Torch views of the local rows, each slot's teacher, signal and per-token coefficient, outcome
@@ -175,8 +204,10 @@ class LearnerWorker:
         t = {"tokens": torch.from_numpy(g["tokens"].astype(np.int64)).to(dev),
              "mask": torch.from_numpy(g["mask"].astype(np.float32)).to(dev),
              "attn": torch.from_numpy(g["attn"]).long().to(dev),
-             "rollout_lp": torch.from_numpy(g["rollout_lp"]).to(dev),
-             "teacher_lp": torch.from_numpy(np.stack([sl["lp"] for sl in g["slots"]])).to(dev), "tidx": tidx}
+             "rollout_lp": torch.from_numpy(g["rollout_lp"]).to(dev), "tidx": tidx}
+        S, (N, L) = len(g["slots"]), g["mask"].shape
+        t["teacher_lp"] = torch.zeros((S, N, L), dtype=torch.float32, device=dev)  # filled as scores arrive
+        t["coef"] = torch.zeros((S, N, L), dtype=torch.float32, device=dev)
         empty = tidx < 0
         safe = tidx.clamp(min=0)
         if self.teacher_names:
@@ -187,7 +218,9 @@ class LearnerWorker:
         else:  # reward-only (GRPO): no distillation term, the outcome advantage alone
             coef = torch.zeros(tidx.shape, dtype=torch.float32, device=dev)
             t["signal"] = torch.full(tidx.shape, -1, dtype=torch.long, device=dev)
-        t["coef"] = self._token_coefficients(coef, t["teacher_lp"])
+        t["coef_NS"] = coef
+        if len(g["placed"]) == len(g["offsets"]) - 1:
+            self._teacher_tensors(g, t, np.arange(N))
         a = self.algo
         t["outcome"] = torch.zeros_like(t["mask"])
         if a["alpha"] > 0 and g["has_reward"].any():  # groups never straddle ranks (dispatch plan)
@@ -196,6 +229,15 @@ class LearnerWorker:
                 rewards, torch.from_numpy(g["group_ids"]).to(dev), t["mask"]).float(), a["alpha"],
                 torch.from_numpy(g["has_reward"]).to(dev))
         return t
+
+    def _teacher_tensors(self, g: dict, t: dict, rows: np.ndarray) -> None:
+        """Teacher log-probs [S, n, L] and per-token coefficients of ``rows``, from their placed scores."""
+        import torch
+
+        r = torch.from_numpy(rows).to(self.device)
+        lp = torch.from_numpy(np.stack([sl["lp"][rows] for sl in g["slots"]])).to(self.device)
+        t["teacher_lp"][:, r] = lp
+        t["coef"][:, r] = self._token_coefficients(t["coef_NS"][r], lp)
 
     def _token_coefficients(self, coef_NS, teacher_lp_SNL):
         """[S, N, L] coefficient of each slot at each token. ``fixed``: the slot's weight everywhere;
@@ -284,16 +326,23 @@ class LearnerWorker:
         for m, rows in enumerate(g["rows_by_mini"]):
             den_global = float(g["totals"][m, 0 if agg == "token_mean" else 1])
             denominator = max(den_global, 1.0) / (self.world_size * self.grad_accum)
-            bad = self._nonfinite_inputs(g, rows, None if fused else old_lp)
-            if _any_rank(bad is not None):  # garbage in: skip this update on every rank, report why
-                loop["skipped"] += 1
-                loop["nonfinite"] = bad or loop["nonfinite"] or {"teachers": [], "stats": "non-finite on another rank"}
-                continue
+            before = {k: v for k, v in loop.items() if isinstance(v, (int, float))}
+            skipped_before = self.engine.skipped_steps
+            loop["poisoned"] = False
             done = True
             for s in range(0, len(rows), self.micro):
                 if not self._micro_step(g, t, old_lp, adv, rows, s, denominator, step, fused, loop):
-                    done = False
+                    done = False  # garbage in the first micro-batch: nothing was accumulated
                     break
+            if loop["poisoned"]:  # garbage after some micro-batches: DeepSpeed dropped the accumulated step
+                if self.engine.skipped_steps != skipped_before + 1:
+                    raise RuntimeError(
+                        f"step {step}: a non-finite loss in the middle of gradient accumulation was not skipped by "
+                        "DeepSpeed (the update may hold NaN); set learner.max_grad_norm > 0 or raise "
+                        "learner.micro_batch_size to the rows per rank")
+                loop.update({k: v for k, v in before.items() if k not in ("skipped",)})
+                loop["skipped"] += 1
+                done = False
             if done:
                 gn = self.engine.get_global_grad_norm()
                 loop["grad_norms"].append(float(gn) if gn is not None else float("nan"))
@@ -308,6 +357,9 @@ class LearnerWorker:
 
         a, dev = self.algo, self.device
         idx = rows[s: s + self.micro]
+        self._await_rows(g, t, idx)  # this micro-batch's teacher scores (streamed: later shards still scoring)
+        g.setdefault("start_s", time.perf_counter() - g["t0"])  # when training began
+        bad = self._nonfinite_inputs(g, idx, None if fused else old_lp)
         r = torch.from_numpy(idx).to(dev)
         logits = self._forward_logits(t["tokens"][r], t["attn"][r])
         if fused:  # pi_old == pi_theta now: take it from this forward instead of a second one
@@ -328,23 +380,30 @@ class LearnerWorker:
             outcome_advantages_bL=t["outcome"][r] if a["alpha"] > 0 else None)
         loss, mets = micro_batch_loss(logits, mb, a, denominator, self.teacher_heads, self.temperature,
                                       self.vocab_size)
-        if _any_rank(not bool(torch.isfinite(loss))):
-            if self.grad_accum > 1 and s > 0:
-                raise FloatingPointError(
-                    f"non-finite loss at step {step} in the middle of gradient accumulation; raise "
-                    "learner.micro_batch_size to the rows per rank so that such steps can be skipped")
-            loop["skipped"] += 1
-            loop["nonfinite"] = loop["nonfinite"] or {
-                "teachers": self._names(g["teacher_index"][rows]),
-                "stats": {"loss": float(loss), "rows": len(rows)}}
-            return False
+        # garbage in (non-finite teacher scores, log-probs) or a non-finite loss on any rank: this update
+        # is skipped on every rank (one all-reduce per micro-batch; ranks take the same branch)
+        if _any_rank(bad is not None or not bool(torch.isfinite(loss))):
+            if not loop["poisoned"]:
+                loop["nonfinite"] = bad or (None if bool(torch.isfinite(loss)) else {
+                    "teachers": self._names(g["teacher_index"][idx]), "stats": {"loss": float(loss), "rows": len(idx)}}) \
+                    or {"teachers": [], "stats": "non-finite on another rank"}
+            if s == 0:
+                loop["skipped"] += 1
+                return False
+            # mid-accumulation: gradients of earlier micro-batches are already reduced. Make the
+            # accumulated gradient non-finite on every rank, so DeepSpeed drops the step and clears them
+            # (its overflow path, checked in _optimize); the remaining micro-batches run to the boundary
+            loop["poisoned"] = True
+        if loop["poisoned"]:
+            loss = loss * float("nan")
         self.engine.backward(loss)
         self.engine.step()
-        loop["entropy_sum"] += float((entropy_from_logits(logits) * t["mask"][r]).sum())
-        loop["loss"] += loss.item() / (self.world_size * self.grad_accum)
-        for k, v in mets.items():
-            loop[k] = loop.get(k, 0.0) + v
-        loop["n_micro"] += 1
+        if not loop["poisoned"]:
+            loop["entropy_sum"] += float((entropy_from_logits(logits) * t["mask"][r]).sum())
+            loop["loss"] += loss.item() / (self.world_size * self.grad_accum)
+            for k, v in mets.items():
+                loop[k] = loop.get(k, 0.0) + v
+            loop["n_micro"] += 1
         return True
 
     def _metrics(self, g: dict, t: dict, old_lp, loop: dict, t0: float) -> dict:
@@ -377,7 +436,7 @@ class LearnerWorker:
                    "lr": self.scheduler.get_last_lr()[0], "learner_step_s": time.perf_counter() - t0,
                    "response_tokens": stats[0].item(), "rows": int(stats[7].item()), "skipped_minibatches": loop["skipped"],
                    "learner/fetched_bytes": g["fetched_bytes"], "learner/fetched_bytes_all_ranks": stats[8].item(),
-                   "learner/fetch_s": g["fetch_s"], "learner/compute_s": time.perf_counter() - t0 - g["fetch_s"]}
+                   "learner/fetch_s": g["fetch_s"], "learner/start_s": g.get("start_s", float("nan")), "learner/compute_s": time.perf_counter() - t0 - g["fetch_s"]}
         if loop["nonfinite"]:
             metrics["nonfinite"] = loop["nonfinite"]
         if any(s != "sampled" for s in self.teacher_signals):
@@ -548,10 +607,15 @@ def _assemble(shards: list, scores: list, teacher_names: list) -> dict:
     ``slots[s]`` holds slot s of every row: ``lp`` [N, L], and ``topk_ids`` / ``topk_lp`` [N, L, K] and
     ``hidden`` [N, L, H] where some teacher of that slot serves those signals (else None).
     """
-    import torch
+    out = _layout(shards, teacher_names)
+    for k, s_list in enumerate(scores):
+        _place(out, k, s_list, teacher_names)
+    _check_scored(out, teacher_names)
+    return out
 
-    from .teacher import expand_hidden
 
+def _layout(shards: list, teacher_names: list) -> dict:
+    """The rollout side of ``_assemble``: [N, L] arrays of the shards' rows, empty teacher slots."""
     L = max(b.tokens_BL.shape[1] for b in shards)
     N = sum(b.num_rows for b in shards)
 
@@ -577,42 +641,59 @@ def _assemble(shards: list, scores: list, teacher_names: list) -> dict:
     out["group_ids"] = np.concatenate([b.group_ids_B for b in shards])
     out["rewards"] = np.concatenate([b.rewards_B for b in shards])
     out["has_reward"] = np.concatenate([b.has_reward_B for b in shards])
-    slots = [{"lp": np.zeros((N, L), np.float32), "topk_ids": None, "topk_lp": None, "hidden": None} for _ in range(S)]
-    scored = np.zeros((N, S), np.int32)
-    offset = 0
-    for b, s_list in zip(shards, scores):
-        for sc in s_list:
-            rows = offset + sc.rows_R.astype(np.int64)
-            hit = tidx[rows] == teacher_names.index(sc.teacher)
-            if not hit.any(-1).all():
-                raise RuntimeError(f"teacher '{sc.teacher}' scored rows {rows[~hit.any(-1)][:8].tolist()} that are "
-                                   "not routed to it")
-            slot_R = hit.argmax(-1)
-            scored[rows, slot_R] += 1
-            r, pos, ok = sc.positions(L)
-            ok = ok & (np.arange(pos.shape[1])[None, :] < b.response_lens_B[sc.rows_R][:, None])
-            for s in np.unique(slot_R):
-                sel = ok & (slot_R == s)[:, None]
-                rr, pp = rows[r[sel]], pos[sel]
-                sl = slots[s]
-                sl["lp"][rr, pp] = sc.teacher_logprobs_RT[sel]
-                if sc.topk_ids_RTK is not None:
-                    if sl["topk_ids"] is None:
-                        K = sc.topk_ids_RTK.shape[-1]
-                        sl["topk_ids"] = np.zeros((N, L, K), np.int32)
-                        sl["topk_lp"] = np.full((N, L, K), -1e4, np.float32)
-                    sl["topk_ids"][rr, pp] = sc.topk_ids_RTK[sel]
-                    sl["topk_lp"][rr, pp] = np.maximum(sc.topk_logprobs_RTK[sel], -1e4)
-                if sc.hidden_RTH is not None:
-                    h = expand_hidden(sc.hidden_RTH, sc.hidden_dtype)
-                    if sl["hidden"] is None:
-                        sl["hidden"] = torch.zeros((N, L, h.shape[-1]), dtype=h.dtype)
-                    sl["hidden"][torch.from_numpy(rr), torch.from_numpy(pp)] = h[torch.from_numpy(sel)]
-        offset += b.num_rows
+    out["slots"] = [{"lp": np.zeros((N, L), np.float32), "topk_ids": None, "topk_lp": None, "hidden": None}
+                    for _ in range(S)]
+    out["scored"] = np.zeros((N, S), np.int32)
+    out["offsets"] = np.cumsum([0] + [b.num_rows for b in shards])
+    out["response_lens"] = [b.response_lens_B for b in shards]
+    out["placed"] = set()
+    return out
+
+
+def _place(out: dict, k: int, s_list: list, teacher_names: list) -> None:
+    """Place the TeacherScores of shard ``k`` in its rows' slots (``out`` from ``_layout``)."""
+    import torch
+
+    from .teacher import expand_hidden
+
+    tidx, slots, scored = out["teacher_index"], out["slots"], out["scored"]
+    N, L = out["mask"].shape
+    offset, resp_lens = out["offsets"][k], out["response_lens"][k]
+    for sc in s_list:
+        rows = offset + sc.rows_R.astype(np.int64)
+        hit = tidx[rows] == teacher_names.index(sc.teacher)
+        if not hit.any(-1).all():
+            raise RuntimeError(f"teacher '{sc.teacher}' scored rows {rows[~hit.any(-1)][:8].tolist()} that are "
+                               "not routed to it")
+        slot_R = hit.argmax(-1)
+        scored[rows, slot_R] += 1
+        r, pos, ok = sc.positions(L)
+        ok = ok & (np.arange(pos.shape[1])[None, :] < resp_lens[sc.rows_R][:, None])
+        for s in np.unique(slot_R):
+            sel = ok & (slot_R == s)[:, None]
+            rr, pp = rows[r[sel]], pos[sel]
+            sl = slots[s]
+            sl["lp"][rr, pp] = sc.teacher_logprobs_RT[sel]
+            if sc.topk_ids_RTK is not None:
+                if sl["topk_ids"] is None:
+                    K = sc.topk_ids_RTK.shape[-1]
+                    sl["topk_ids"] = np.zeros((N, L, K), np.int32)
+                    sl["topk_lp"] = np.full((N, L, K), -1e4, np.float32)
+                sl["topk_ids"][rr, pp] = sc.topk_ids_RTK[sel]
+                sl["topk_lp"][rr, pp] = np.maximum(sc.topk_logprobs_RTK[sel], -1e4)
+            if sc.hidden_RTH is not None:
+                h = expand_hidden(sc.hidden_RTH, sc.hidden_dtype)
+                if sl["hidden"] is None:
+                    sl["hidden"] = torch.zeros((N, L, h.shape[-1]), dtype=h.dtype)
+                sl["hidden"][torch.from_numpy(rr), torch.from_numpy(pp)] = h[torch.from_numpy(sel)]
+    out["placed"].add(k)
+
+
+def _check_scored(out: dict, teacher_names: list) -> None:
+    """Every (row, teacher slot) was scored exactly once."""
+    tidx, scored = out["teacher_index"], out["scored"]
     want = (tidx >= 0).astype(np.int32)
     if teacher_names and not (scored == want).all():
         bad = np.nonzero((scored != want).any(-1))[0][:8]
         raise RuntimeError(f"rows {bad.tolist()} were scored {scored[bad].tolist()} times per teacher slot "
                            f"(teachers {tidx[bad].tolist()}); every teacher of a row scores it exactly once")
-    out["slots"] = slots
-    return out

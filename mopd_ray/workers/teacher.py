@@ -44,6 +44,7 @@ class TeacherWorker:
                 model_path, dtype=teacher_cfg["dtype"], max_model_len=teacher_cfg["max_model_len"], seed=0,
                 max_logprobs=teacher_cfg["max_logprobs"], tensor_parallel_size=teacher_cfg["tensor_parallel_size"],
                 kv_cache_memory_bytes=teacher_cfg["kv_cache_memory_bytes"], trust_remote_code=trust_remote_code,
+                enforce_eager=teacher_cfg.get("enforce_eager", True),
                 worker_extension_cls="mopd_ray.workers.vllm_ext.WorkerExtension")  # hidden-state capture
         else:
             import torch

@@ -168,3 +168,80 @@ def test_several_teachers_per_row_equal_across_world_sizes_with_exact_per_teache
         assert m1[f"teacher/{name}/reverse_kl"] == pytest.approx(kl / tokens, rel=1e-5), name
     # self scores half the rows on top of their domain teacher: shares add up to more than 1
     assert sum(m1[f"teacher/{n}/token_share"] for n in names) > 1.2
+
+
+@ray.remote(num_cpus=0)
+def _later(scores, delay_s: float):
+    """Scores that arrive ``delay_s`` after they were asked for (a teacher still scoring a shard)."""
+    import time
+
+    time.sleep(delay_s)
+    return scores
+
+
+def _two_shards(batch, scores, world: int, delay_s: float) -> list:
+    """[rank] -> two parts (the two halves of the batch, as two rollout shards); the second half's scores
+    arrive ``delay_s`` late."""
+    from dataclasses import replace
+
+    from mopd_ray.dispatch import split_batch
+
+    half = batch.num_rows // 2
+    per_rank = [[] for _ in range(world)]
+    for h, rows in enumerate((np.arange(half), np.arange(half, batch.num_rows))):
+        part_scores = [replace(s.take(s.rows_R[np.isin(s.rows_R, rows)]),
+                               rows_R=(s.rows_R[np.isin(s.rows_R, rows)] - rows[0]).astype(np.int32)) for s in scores]
+        for rank, parts in enumerate(split_batch(batch.take(rows), part_scores, world, 1)):
+            for p in parts:
+                refs = [ray.put(s) if h == 0 else _later.remote(s, delay_s) for s in p["scores"]]
+                per_rank[rank].append({"mini_batch": 0, "batch": ray.put(p["batch"]), "scores": refs})
+    return per_rank
+
+
+def test_streamed_scores_train_early_and_a_midaccumulation_nan_skips_on_every_rank(local_ray, artifacts):
+    """Learners start on the micro-batches whose scores are in (the second shard's arrive 3 s late) and
+    make the same update as with every score in hand; a NaN teacher score in a later micro-batch of one
+    rank drops that whole accumulated update on both ranks (DeepSpeed's overflow path) and leaves the
+    optimizer as it was: the next clean step lands where it lands without the bad step."""
+    from dataclasses import replace
+
+    cfg = compose_cfg(f"run.artifacts_dir={artifacts}", "learner.world_size=2", f"data.prompts_per_step={PROMPTS}",
+                      f"rollout.n_samples_per_prompt={N}", "learner.micro_batch_size=2", "learner.lr=1e-2")
+    names = sorted(cfg.teachers.models)
+    clean, clean_scores = _batch(0, names)
+    bad = [replace(s, teacher_logprobs_RT=np.where(np.arange(len(s.rows_R))[:, None] == len(s.rows_R) - 1, np.nan,
+                                                   s.teacher_logprobs_RT).astype(np.float32)) if i == 0 else s
+           for i, s in enumerate(clean_scores)]  # the last row of the first teacher: one rank's 4th micro-batch
+    final, final_scores = _batch(1, names)
+    runs = {}
+    for mode in ("streamed", "in_hand"):
+        learners = make_learner_group(cfg, names)
+        try:
+            setup_learners(cfg, learners)
+            parts = _two_shards(clean, clean_scores, 2, 3.0 if mode == "streamed" else 0.0)
+            if mode == "in_hand":
+                ray.get([r for ps in parts for p in ps for r in p["scores"]])
+            first = learners.gather([learners.call(r, "train_step", parts[r], 0) for r in range(2)])
+            w0 = learners.gather(learners.call(0, "compute_logprobs", SEQS))
+            skipped = None
+            if mode == "streamed":
+                skipped = learners.gather([learners.call(r, "train_step", p, 1)
+                                           for r, p in enumerate(_two_shards(clean, bad, 2, 0.0))])
+                w1 = learners.gather(learners.call(0, "compute_logprobs", SEQS))
+                for a, b in zip(w1, w0):  # nothing of the poisoned accumulation reached the weights
+                    np.testing.assert_array_equal(a, b)
+            last = learners.gather(train_on(learners, final, final_scores, 2))
+            runs[mode] = (first, skipped, last, learners.gather(learners.call(0, "compute_logprobs", SEQS)))
+        finally:
+            learners.shutdown()
+    (s_first, skipped, s_last, s_after), (h_first, _, h_last, h_after) = runs["streamed"], runs["in_hand"]
+    # streamed: training began before the late scores arrived, and waited for them later
+    assert s_first[0]["learner/start_s"] < 2.0 and s_first[0]["learner/fetch_s"] > 2.5
+    assert h_first[0]["learner/fetch_s"] < 2.0
+    for key in ("loss", "reverse_kl", "grad_norm", "entropy"):
+        assert s_first[0][key] == pytest.approx(h_first[0][key], rel=1e-5, abs=1e-7), key
+    assert [m["skipped_minibatches"] for m in skipped] == [1, 1]
+    assert any("add_expert" in str(m) or names[0] in str(m) for m in skipped)
+    assert s_last[0]["grad_norm"] == pytest.approx(h_last[0]["grad_norm"], rel=1e-5)
+    for a, b in zip(s_after, h_after):
+        np.testing.assert_allclose(a, b, atol=1e-6)

@@ -254,7 +254,11 @@ class ClusterConfig:
     include_dashboard: bool = True
     placement_timeout_s: float = 120.0
     call_timeout_s: float = 600.0  # deadline of every remote wait: a hung engine is an error, not a hang
-    max_restarts: int = 3  # restarts of a dead rollout or teacher replica (learner ranks fail fast)
+    max_restarts: int = 3  # restarts of a dead rollout or teacher replica
+    # in-job restarts of the learner group after a rank died (process killed, node lost): the group is
+    # rebuilt, loads the newest complete checkpoint (step 0 without one), re-syncs the engines and goes on
+    # with the same rows after it; 0: stop with the checkpoint to resume from (run.resume=auto)
+    learner_restarts: int = 2
     object_store_memory: Optional[int] = None
 
 

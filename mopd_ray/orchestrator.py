@@ -21,12 +21,13 @@ import ray
 from omegaconf import OmegaConf
 
 from . import checkpoint as ckpt
-from .cluster import RemoteCallError, gather_fail_fast, get_with_deadline, init_ray
+from .cluster import RemoteCallError, WorkerDiedError, gather_fail_fast, get_with_deadline, init_ray
 from .config import resolved_signal
 from .data.prompts import build_prompt_pool, make_sampler
 from .dispatch import parts_by_rank, plan_step
 from .metrics import MetricsLogger
-from .roles import build_roles, init_broadcast_group, pool_replica, sync_weights
+from .roles import (build_roles, init_broadcast_group, make_learner_group, pool_replica, setup_learners,
+                    share_teacher_heads, sync_weights)
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +89,8 @@ class Orchestrator:
         self.last_checkpoint = None
         self.first_metrics: dict = {}  # of the first step this launch trained (the closing summary's "before")
         self.wall_s = 0.0
+        self.learner_restarts = 0  # in this job (not in RunState: a restart restores RunState)
+        self.steps_redone = 0
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> dict:
@@ -112,13 +115,14 @@ class Orchestrator:
                 while len(queue) < cfg.algorithm.max_staleness and launched < stop_at:
                     queue.append(self._launch_rollout(launched))  # overlaps this update
                     launched += 1
-                metrics = gather_fail_fast(
-                    [self.roles.learners.call(r, "train_step", learner_inputs[r], step)
-                     for r in range(len(self.roles.learners))],
-                    [f"learner rank {i}" for i in range(len(self.roles.learners))], "learner.train_step",
-                    cfg.cluster.call_timeout_s, hint=self._resume_hint())[0]
-                self._count_nonfinite(step, metrics)
-                metrics["weight_sync_s"] = self._sync_weights()
+                try:
+                    metrics = self._train(step, learner_inputs)
+                except (WorkerDiedError, RemoteCallError) as e:
+                    # a learner rank died: rebuild the group from the newest checkpoint, redo the rows after it
+                    self._recover_learners(e, step)
+                    queue = deque([self._launch_rollout(self.state.step)])
+                    launched = self.state.step + 1
+                    continue
                 self.state.step += 1
                 self.state.rows_trained += int(metrics.pop("rows"))
                 metrics["rows_trained"] = self.state.rows_trained
@@ -126,7 +130,13 @@ class Orchestrator:
                 self.logger.log(step, metrics)
                 last = metrics
                 self.first_metrics = self.first_metrics or metrics
-                self._maybe_checkpoint(queue[0] if queue else None)
+                try:
+                    self._maybe_checkpoint(queue[0] if queue else None)
+                except (WorkerDiedError, RemoteCallError) as e:  # the incomplete checkpoint is never used
+                    self._recover_learners(e, step)
+                    queue = deque([self._launch_rollout(self.state.step)])
+                    launched = self.state.step + 1
+                    continue
                 if not queue and launched < stop_at:  # on-policy: the next rollout after the update
                     queue.append(self._launch_rollout(launched))
                     launched += 1
@@ -138,6 +148,68 @@ class Orchestrator:
             self.roles.shutdown()
             self.wall_s = time.perf_counter() - t_start
         return last
+
+    def _train(self, step: int, learner_inputs: list) -> dict:
+        """train_step on every rank, then the weight sync: the step's metrics (rank 0's)."""
+        cfg = self.cfg
+        self._phase = "train"
+        metrics = gather_fail_fast(
+            [self.roles.learners.call(r, "train_step", learner_inputs[r], step) for r in range(len(self.roles.learners))],
+            [f"learner rank {i}" for i in range(len(self.roles.learners))], "learner.train_step",
+            cfg.cluster.call_timeout_s, hint=self._resume_hint())[0]
+        self._count_nonfinite(step, metrics)
+        self._phase = "sync"
+        metrics["weight_sync_s"] = self._sync_weights()
+        self._phase = "train"
+        return metrics
+
+    def _recover_learners(self, err: Exception, step: int) -> None:
+        """A learner rank died (``err`` surfaced on a call to the learners): tear the group down, start it
+        again, load the newest complete checkpoint (the initial student at step 0 without one), re-sync
+        the engines (restarted too if the rank died while streaming weights into them) and continue from
+        that step with the sampler and RNG of the checkpoint, so the rows after it are the same rows.
+        Anything but a dead rank, or more than ``cluster.learner_restarts`` restarts, is raised."""
+        cfg, roles = self.cfg, self.roles
+        if not (isinstance(err, WorkerDiedError) or _peer_lost(err)):
+            raise err  # a failing or hung call, not a lost rank: restarting would not help
+        if self.learner_restarts >= cfg.cluster.learner_restarts:
+            raise WorkerDiedError(f"{err} [in-job learner restarts used: {self.learner_restarts} of "
+                                  f"cluster.learner_restarts={cfg.cluster.learner_restarts}]") from None
+        self.learner_restarts += 1
+        t0 = time.perf_counter()
+        in_sync = getattr(self, "_phase", "train") == "sync"
+        log.warning("a learner rank died at step %d (%s); restarting the learner group (%d of %d)%s", step,
+                    str(err).split(". ")[0], self.learner_restarts, cfg.cluster.learner_restarts,
+                    ", and the rollout engines (the rank died while streaming weights into them)" if in_sync else "")
+        roles.learners.shutdown()
+        roles.learners = make_learner_group(cfg, roles.teacher_names)
+        setup_learners(cfg, roles.learners)
+        share_teacher_heads(cfg, roles)
+        if in_sync:  # the engines may hold half-loaded weights or sit in a receive from the dead sender
+            for a in roles.rollout.actors:
+                ray.kill(a, no_restart=False)
+            for i, a in enumerate(roles.rollout.actors):
+                deadline = time.monotonic() + cfg.cluster.call_timeout_s
+                while not _alive(a, timeout_s=max(1.0, deadline - time.monotonic())):
+                    if time.monotonic() > deadline:
+                        raise RemoteCallError(f"rollout replica {i} did not come back within "
+                                              f"{cfg.cluster.call_timeout_s:g} s after the learner restart")
+                    time.sleep(1.0)
+        if cfg.rollout.weight_sync == "broadcast":
+            init_broadcast_group(cfg, roles.learners, roles.rollout)  # a new group with the new rank 0
+        path = ckpt.resolve_resume("auto", cfg.run.checkpoint_dir)
+        failed_at = self.state.step
+        if path is not None:
+            self._resume(path)
+        else:  # no checkpoint yet: from the initial student, the first batch again
+            self.state = RunState()
+            self.sampler = make_sampler(self.pool, cfg)
+            random.seed(cfg.run.seed)
+            np.random.seed(cfg.run.seed)
+            sync_weights(cfg, roles.learners, roles.rollout, self.state.weight_version)
+        self.steps_redone += failed_at - self.state.step
+        log.warning("learner group restarted in %.1f s from %s: continuing at step %d (%d step(s) redone)",
+                    time.perf_counter() - t0, path or "the initial student", self.state.step, failed_at - self.state.step)
 
     # ------------------------------------------------------------------ start and resume
     def _start(self) -> None:
@@ -404,7 +476,8 @@ class Orchestrator:
                "rollout/staleness": self.state.weight_version - 1 - min(m["weight_version"] for m in gen),
                "data/epoch": self.sampler.epoch, "data/consumed": self.sampler.consumed,
                "data/dropped_too_long": self.pool.dropped_too_long, "faults/rollout_retries": self.state.rollout_retries,
-               "faults/skipped_steps": self.state.skipped_steps,
+               "faults/skipped_steps": self.state.skipped_steps, "faults/learner_restarts": self.learner_restarts,
+               "faults/steps_redone": self.steps_redone,
                "faults/teacher_restarts": self._count_teacher_restarts(scores)}
         sums, counts = {}, {}
         for m in gen:

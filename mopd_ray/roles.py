@@ -178,7 +178,7 @@ def build_roles(cfg, tokenizer, teacher_names: list | None = None) -> Roles:
                      + (f", pool '{cfg.teachers.models[name].pool}')" if cfg.teachers.models[name].pool else ")"))
         log.debug("learners ready: %s", setup_learners(cfg, learners)[0])
         log.info("%s", preflight.run(cfg, roles, student_fingerprint(tokenizer, cfg.model.path), tokenizer))
-        _share_teacher_heads(cfg, roles)
+        share_teacher_heads(cfg, roles)
         if cfg.rollout.weight_sync == "broadcast":
             init_broadcast_group(cfg, learners, rollout)
     except BaseException:
@@ -191,7 +191,7 @@ def build_roles(cfg, tokenizer, teacher_names: list | None = None) -> Roles:
     return roles
 
 
-def _share_teacher_heads(cfg, roles: Roles) -> None:
+def share_teacher_heads(cfg, roles: Roles) -> None:
     """Full-vocabulary teachers hand their frozen output heads to the learners (refs only via the driver)."""
     heads = {}
     for i, name in enumerate(roles.teacher_names):

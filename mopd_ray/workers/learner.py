@@ -50,6 +50,11 @@ class LearnerWorker:
 
         return ray.get_runtime_context().get_node_id()
 
+    def pid(self) -> int:
+        import os
+
+        return os.getpid()
+
     def master_address(self, single_node: bool = False) -> tuple:
         """Where the other members rendezvous with this rank: a fresh file on one node (local mode: no
         listening socket; torch's TCPStore binds every interface), else this node's address and a port."""

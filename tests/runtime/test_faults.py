@@ -1,7 +1,10 @@
 """Faults on the real runtime: dead replicas are restarted and their work redone (every row trained
-once), a dead learner rank fails fast with the checkpoint to resume from, hung calls hit a deadline,
+once), a dead learner rank restarts the learner group from the newest checkpoint inside the job (and
+past the limit fails fast with the checkpoint to resume from), hung calls hit a deadline,
 non-finite steps are skipped and then stop the run with the teacher and batch named."""
 
+import os
+import signal
 import threading
 import time
 
@@ -26,12 +29,17 @@ def _orchestrator(artifacts, run_dir, *overrides):
     return Orchestrator(cfg, str(run_dir))
 
 
-def _kill_at(orch, step, pick):
-    """Kill the actor ``pick(orch)`` once the run has finished ``step`` steps (from another thread)."""
+def _kill_at(orch, step, pick, sigkill: bool = False):
+    """Kill the actor ``pick(orch)`` once the run has finished ``step`` steps (from another thread):
+    ``ray.kill``, or SIGKILL of its process (as the kernel's OOM killer or a lost node would)."""
     def watch():
         while getattr(orch, "roles", None) is None or orch.state.step < step:
             time.sleep(0.05)
-        ray.kill(pick(orch), no_restart=False)
+        actor = pick(orch)
+        if sigkill:
+            os.kill(ray.get(actor.pid.remote()), signal.SIGKILL)
+        else:
+            ray.kill(actor, no_restart=False)
     t = threading.Thread(target=watch, daemon=True)
     t.start()
     return t
@@ -67,16 +75,30 @@ def test_dead_replica_is_restarted_and_every_row_trained_once(local_ray, artifac
         assert all(r["rollout/staleness"] == 0 for r in rows)  # the restarted engine got current weights
 
 
-def test_dead_learner_rank_fails_fast_naming_rank_and_checkpoint(local_ray, artifacts, tmp_path):
-    orch = _orchestrator(artifacts, tmp_path, "run.total_steps=8", "run.save_every=2",
-                         "cluster.call_timeout_s=300")
-    _kill_at(orch, 3, lambda o: o.roles.learners.actors[1])
+def test_dead_learner_rank_is_restarted_in_the_job_then_fails_fast_past_the_limit(local_ray, artifacts, tmp_path):
+    """Rank 1's process is SIGKILLed during step 3: the group is rebuilt from step_000002 and steps 2-3
+    are redone with the same rows (the redone step 2 has the first attempt's loss). A second death, past
+    cluster.learner_restarts=1, stops the run naming the rank and the checkpoint to resume from."""
+    orch = _orchestrator(artifacts, tmp_path, "run.total_steps=8", "run.save_every=2", "cluster.call_timeout_s=300",
+                         "cluster.learner_restarts=1")
+    _kill_at(orch, 3, lambda o: o.roles.learners.actors[1], sigkill=True)
+    _kill_at(orch, 7, lambda o: o.roles.learners.actors[0])  # of the new group; step_000006 is complete by then
     t0 = time.time()
     with pytest.raises(WorkerDiedError) as e:
         orch.run()
-    assert time.time() - t0 < 240
+    assert time.time() - t0 < 300
     msg = str(e.value)
-    assert "learner rank 1 died" in msg and "run.resume=auto" in msg and "step_000002" in msg
+    assert "learner rank 0 died" in msg and "run.resume=auto" in msg and "step_000006" in msg, msg
+    assert "learner restarts used: 1 of cluster.learner_restarts=1" in msg
+    rows = read_metrics(tmp_path)
+    steps = [r["step"] for r in rows]
+    assert steps[:3] == [0, 1, 2] and steps[-5:] == [2, 3, 4, 5, 6], steps
+    first, redone = [r for r in rows if r["step"] == 2]
+    assert redone["loss"] == pytest.approx(first["loss"], rel=1e-6, abs=1e-9)  # the same rows, the same weights
+    assert redone["rows_trained"] == first["rows_trained"]
+    assert redone["faults/learner_restarts"] == 1 and first["faults/learner_restarts"] == 0
+    assert redone["faults/steps_redone"] == 1
+    assert rows[-1]["rows_trained"] == 7 * 4 * 2  # steps 0-6, every row once after the restart point
 
 
 class _Sleeper:

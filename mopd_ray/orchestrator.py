@@ -199,6 +199,8 @@ class Orchestrator:
             init_broadcast_group(cfg, roles.learners, roles.rollout)  # a new group with the new rank 0
         path = ckpt.resolve_resume("auto", cfg.run.checkpoint_dir)
         failed_at = self.state.step
+        # replica restarts so far happened in this job: they stay counted (and spent) past the rollback
+        replica_faults = {"rollout_retries": self.state.rollout_retries, "teacher_restarts": self.state.teacher_restarts}
         if path is not None:
             self._resume(path)
         else:  # no checkpoint yet: from the initial student, the first batch again
@@ -207,6 +209,8 @@ class Orchestrator:
             random.seed(cfg.run.seed)
             np.random.seed(cfg.run.seed)
             sync_weights(cfg, roles.learners, roles.rollout, self.state.weight_version)
+        for k, v in replica_faults.items():
+            setattr(self.state, k, max(v, getattr(self.state, k)))
         self.steps_redone += failed_at - self.state.step
         log.warning("learner group restarted in %.1f s from %s: continuing at step %d (%d step(s) redone)",
                     time.perf_counter() - t0, path or "the initial student", self.state.step, failed_at - self.state.step)

@@ -46,6 +46,11 @@ class RolloutWorker:
     def ready(self) -> bool:
         return True
 
+    def pid(self) -> int:
+        import os
+
+        return os.getpid()
+
     def generate(self, prompts: list[dict], step: int, seed: int, parts: Optional[list] = None) -> tuple:
         """Sample ``n_samples_per_prompt`` responses for each prompt (token ids rendered by the driver).
 

@@ -259,6 +259,10 @@ class ClusterConfig:
     # rebuilt, loads the newest complete checkpoint (step 0 without one), re-syncs the engines and goes on
     # with the same rows after it; 0: stop with the checkpoint to resume from (run.resume=auto)
     learner_restarts: int = 2
+    # chaos testing: the weight version during whose sync rollout replica 0's process exits after the
+    # first bucket (once per run: a marker file in run.checkpoint_dir), deterministically inside
+    # receive_weights. null: never (the default; not for production runs)
+    fault_exit_in_sync_version: Optional[int] = None
     object_store_memory: Optional[int] = None
 
 

@@ -408,7 +408,7 @@ class Orchestrator:
             dead = [i for i, a in enumerate(self.roles.rollout.actors) if not _alive(a, timeout_s=5.0)]
             # An engine killed mid-broadcast may surface on the sender's side (learner rank 0: "connection
             # closed by peer") and be restarted by Ray before we look: rebuild the group and resend then too.
-            if not dead and not (isinstance(e, ray.exceptions.RayTaskError) and _peer_lost(e)):
+            if not dead and not _peer_lost(e):
                 raise
             self.state.weight_version = version  # the learners' weights are this version now
             self._recover_rollout(dead[0] if dead else 0, e)

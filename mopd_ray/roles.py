@@ -75,11 +75,15 @@ def _common(cfg) -> dict:
 def make_rollout_group(cfg) -> ActorGroup:
     ro = cfg.rollout
     max_len = cfg.data.max_prompt_len + ro.max_new_tokens
+    spec = _plain(ro)
+    if cfg.cluster.fault_exit_in_sync_version is not None:  # chaos testing (cluster.fault_exit_in_sync_version)
+        spec["fault_exit"] = {"version": int(cfg.cluster.fault_exit_in_sync_version),
+                              "marker": os.path.join(os.path.abspath(cfg.run.checkpoint_dir), "fault_exit_in_sync.done")}
     return ActorGroup(
         "rollout", RolloutWorker, ro.replicas,
         Bundle(ro.num_cpus_per_shard * ro.tensor_parallel_size, ro.num_gpus_per_shard * ro.tensor_parallel_size,
                dict(ro.custom_resources) or None),
-        init_args=lambda i: ((cfg.model.path, _plain(ro), max_len, i, cfg.model.trust_remote_code),
+        init_args=lambda i: ((cfg.model.path, spec, max_len, i, cfg.model.trust_remote_code),
                              {"rewards": rewards_spec(cfg)}),
         # a restarted engine comes back with the initial weights: the driver re-syncs, then retries
         max_restarts=cfg.cluster.max_restarts, max_task_retries=0, runtime_env={"env_vars": ROLLOUT_ENV},

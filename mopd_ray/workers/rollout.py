@@ -166,8 +166,17 @@ class RolloutWorker:
                                        args=(host, port, rank_base, world_size, plain, bucket_bytes, timeout_s))
 
     def receive_weights(self, version: int) -> float:
+        import os
+
         t0 = time.perf_counter()
-        self.llm.collective_rpc("mopd_receive_weights")
+        fault = self.cfg.get("fault_exit")  # chaos testing: exit inside this receive, once per run
+        exit_now = bool(fault and fault["version"] == version and self.replica_index == 0
+                        and not os.path.exists(fault["marker"]))
+        if exit_now:
+            os.makedirs(os.path.dirname(fault["marker"]), exist_ok=True)
+            with open(fault["marker"], "w") as f:
+                f.write(f"rollout replica 0 exits inside the receive of weight version {version}\n")
+        self.llm.collective_rpc("mopd_receive_weights", args=(exit_now,))
         self._loaded(version)
         return time.perf_counter() - t0
 

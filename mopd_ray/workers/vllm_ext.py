@@ -73,8 +73,9 @@ class WorkerExtension:
         self.mopd_sync_bucket_bytes = bucket_bytes
         return rank
 
-    def mopd_receive_weights(self) -> dict:
-        """Receive every broadcast bucket and load it as it arrives. Returns buckets and bytes received."""
+    def mopd_receive_weights(self, exit_after_first_bucket: bool = False) -> dict:
+        """Receive every broadcast bucket and load it as it arrives. Returns buckets and bytes received.
+        ``exit_after_first_bucket`` (chaos testing): the process dies here, mid-receive and half-loaded."""
         import torch
 
         from ..sync import recv_buckets
@@ -86,6 +87,10 @@ class WorkerExtension:
             nbytes += sum(t.numel() * t.element_size() for _, t in named)
             self.mopd_load_bucket(named)  # a fresh buffer per bucket: the session may hold it until its layer is whole
             buckets += 1
+            if exit_after_first_bucket:
+                import os
+
+                os._exit(137)
         self.mopd_finish_load()
         return {"buckets": buckets, "bytes": nbytes}
 

@@ -70,12 +70,14 @@ def test_dead_teacher_replicas_are_restarted_and_every_row_trained_once(local_ra
 def test_dead_rollout_and_learner_are_restarted_in_the_job_then_fails_fast_past_the_limit(local_ray, artifacts,
                                                                                           tmp_path):
     """The rollout replica's process is SIGKILLed after step 1: Ray restarts it, the driver re-syncs the
-    current weights and regenerates the shard. Learner rank 1's process is SIGKILLed during step 3: the
+    current weights and regenerates the shard; it exits again, deterministically, inside the weight sync
+    of version 5 (cluster.fault_exit_in_sync_version). Learner rank 1's process is SIGKILLed during step 3: the
     group is rebuilt from step_000002 and steps 2-3 are redone with the same rows (the redone step 2 has
     the first attempt's loss). A second learner death, past cluster.learner_restarts=1, stops the run
     naming the rank and the checkpoint to resume from. (benchmarks/bench_chaos.py: the long version.)"""
     orch = _orchestrator(artifacts, tmp_path, "run.total_steps=8", "run.save_every=2", "cluster.call_timeout_s=300",
-                         "cluster.learner_restarts=1")
+                         "cluster.learner_restarts=1", "cluster.fault_exit_in_sync_version=5",
+                         "rollout.weight_sync_bucket_mb=0")  # one tensor per bucket: the exit is mid-stream
     _kill_at(orch, 1, lambda o: o.roles.rollout.actors[0], sigkill=True)
     _kill_at(orch, 3, lambda o: o.roles.learners.actors[1], sigkill=True)
     _kill_at(orch, 7, lambda o: o.roles.learners.actors[0])  # of the new group; step_000006 is complete by then
@@ -96,7 +98,10 @@ def test_dead_rollout_and_learner_are_restarted_in_the_job_then_fails_fast_past_
     assert redone["faults/steps_redone"] == 1
     assert rows[-1]["rows_trained"] == 7 * 4 * 2  # steps 0-6, every row once after the restart point
     assert max(r["faults/rollout_retries"] for r in rows[:3]) >= 1  # the engine died before step 2 was logged
-    assert rows[-1]["faults/rollout_retries"] >= 1  # still counted after the learner restart's rollback
+    # the engine's process exited inside receive_weights of version 5 (after step 4), after its first
+    # tensor, with the learner still sending: restarted, re-synced, and the run went on
+    assert (tmp_path / "ck" / "fault_exit_in_sync.done").exists()
+    assert rows[-1]["faults/rollout_retries"] >= 2  # both engine deaths, counted past the learner restart
     assert all(r["rollout/staleness"] == 0 for r in rows)  # the restarted engine got current weights
 
 

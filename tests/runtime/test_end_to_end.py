@@ -151,23 +151,45 @@ def test_ray_job_submit_to_a_loopback_head(artifacts, tmp_path):
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         _wait_for_port(dash, 180)
-        run = tmp_path / "job_run"
-        # a teacher added from the command line, a reward function from a module shipped with the job
+        first, run, ck = tmp_path / "job_killed", tmp_path / "job_run", tmp_path / "ck"
+        # a teacher added from the command line, a reward function from a module shipped with the job;
+        # checkpoints on storage that outlives a job (the job's working directory does not)
         submit = ["bash", str(ROOT / "launch" / "submit.sh"), "experiment=local_smoke",
-                  f"run.artifacts_dir={artifacts}", f"hydra.run.dir={run}", "run.total_steps=2",
+                  f"run.artifacts_dir={artifacts}", "run.total_steps=24", "run.save_every=4",
+                  f"run.checkpoint_dir={ck}", "run.resume=auto",
                   "algorithm=full_vocab", "learner=zero3", "data.domains=[add]", *FAST,  # only cli_add starts
                   f"teachers.models.cli_add.model_path={artifacts}/tiny/teacher_add", "teachers.routing.add=cli_add",
                   "~teachers.models.add_expert",
                   *[f"data.rewards.{d}=tests.rewards_fixture:half_if_nonempty" for d in ("add", "reverse", "sort")]]
+        # 1. the driver is killed (`ray job stop`) once step_000004 is complete
         for _ in range(12):  # the head's job agent registers a little after its dashboard opens
-            proc = subprocess.run(submit, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+            proc = subprocess.run(submit + [f"hydra.run.dir={first}"], cwd=ROOT, env={**env, "NO_WAIT": "1",
+                                  "JOB_ID": "mopd_killed"}, capture_output=True, text=True, timeout=600)
             if "No available agent" not in proc.stdout + proc.stderr:
                 break
             time.sleep(5)
         assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+        deadline = time.time() + 400
+        while not (ck / "step_000004" / "COMPLETE").exists():
+            assert time.time() < deadline, "the first job wrote no checkpoint"
+            time.sleep(0.5)
+        subprocess.run([ray_cli, "job", "stop", "--address", env["RAY_ADDRESS"], "mopd_killed"], env=env,
+                       capture_output=True, text=True, timeout=120, check=True)
+        killed = read_metrics(first)
+        assert 4 <= len(killed) < 24  # stopped mid-run
+        # 2. resubmitted as it was: run.resume=auto continues from the newest complete checkpoint
+        proc = subprocess.run(submit + [f"hydra.run.dir={run}"], cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=600)
+        assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
         assert "succeeded" in proc.stdout.lower()
         rows = read_metrics(run)
-        assert len(rows) == 2 and rows[-1]["weight_version"] == 2
+        start = rows[0]["step"]
+        assert start >= 4 and start % 4 == 0 and [r["step"] for r in rows] == list(range(start, 24))
+        assert f"resuming from checkpoint {ck / f'step_{start:06d}'}" in (run / "main.log").read_text()
+        assert rows[-1]["weight_version"] == 24 and rows[-1]["rows_trained"] == 24 * 4 * 2  # every row once
+        if len(killed) > start:  # the same step from the same checkpoint: the same rows, the same loss
+            assert rows[0]["loss"] == pytest.approx(killed[start]["loss"], rel=1e-6)
+        rows = rows[:2]
         assert all(r["distill_loss"] > 0 for r in rows)  # exact full-vocabulary KL, under ZeRO-3
         assert all("teacher/cli_add/score_latency_s" in r and "teacher/add_expert/score_latency_s" not in r
                    for r in rows)

@@ -45,7 +45,9 @@ def ensure_local_ray():
     from mopd_ray.cluster import WORKER_ENV
 
     if not ray.is_initialized():
-        ray.init(num_cpus=8, include_dashboard=False, _node_ip_address="127.0.0.1",
+        # address="local": always a new instance, never one found on this machine (a `ray start` head of
+        # the job-submit test, or its stale address file, would otherwise be joined)
+        ray.init(address="local", num_cpus=8, include_dashboard=False, _node_ip_address="127.0.0.1",
                  runtime_env={"env_vars": dict(WORKER_ENV)}, log_to_driver=False)
     return ray
 

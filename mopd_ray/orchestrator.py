@@ -119,9 +119,7 @@ class Orchestrator:
                     metrics = self._train(step, learner_inputs)
                 except (WorkerDiedError, RemoteCallError) as e:
                     # a learner rank died: rebuild the group from the newest checkpoint, redo the rows after it
-                    self._recover_learners(e, step)
-                    queue = deque([self._launch_rollout(self.state.step)])
-                    launched = self.state.step + 1
+                    queue, launched = self._recover_learners(e, step)
                     continue
                 self.state.step += 1
                 self.state.rows_trained += int(metrics.pop("rows"))
@@ -133,9 +131,7 @@ class Orchestrator:
                 try:
                     self._maybe_checkpoint(queue[0] if queue else None)
                 except (WorkerDiedError, RemoteCallError) as e:  # the incomplete checkpoint is never used
-                    self._recover_learners(e, step)
-                    queue = deque([self._launch_rollout(self.state.step)])
-                    launched = self.state.step + 1
+                    queue, launched = self._recover_learners(e, step)
                     continue
                 if not queue and launched < stop_at:  # on-policy: the next rollout after the update
                     queue.append(self._launch_rollout(launched))
@@ -163,12 +159,13 @@ class Orchestrator:
         self._phase = "train"
         return metrics
 
-    def _recover_learners(self, err: Exception, step: int) -> None:
+    def _recover_learners(self, err: Exception, step: int) -> tuple:
         """A learner rank died (``err`` surfaced on a call to the learners): tear the group down, start it
         again, load the newest complete checkpoint (the initial student at step 0 without one), re-sync
         the engines (restarted too if the rank died while streaming weights into them) and continue from
         that step with the sampler and RNG of the checkpoint, so the rows after it are the same rows.
-        Anything but a dead rank, or more than ``cluster.learner_restarts`` restarts, is raised."""
+        Anything but a dead rank, or more than ``cluster.learner_restarts`` restarts, is raised. Returns the
+        new rollout queue (the restart step's batch, launched) and the next step to launch."""
         cfg, roles = self.cfg, self.roles
         if not (isinstance(err, WorkerDiedError) or _peer_lost(err)):
             raise err  # a failing or hung call, not a lost rank: restarting would not help
@@ -188,13 +185,8 @@ class Orchestrator:
         if in_sync:  # the engines may hold half-loaded weights or sit in a receive from the dead sender
             for a in roles.rollout.actors:
                 ray.kill(a, no_restart=False)
-            for i, a in enumerate(roles.rollout.actors):
-                deadline = time.monotonic() + cfg.cluster.call_timeout_s
-                while not _alive(a, timeout_s=max(1.0, deadline - time.monotonic())):
-                    if time.monotonic() > deadline:
-                        raise RemoteCallError(f"rollout replica {i} did not come back within "
-                                              f"{cfg.cluster.call_timeout_s:g} s after the learner restart")
-                    time.sleep(1.0)
+            for i in range(len(roles.rollout)):
+                self._wait_for_rollout(i)
         if cfg.rollout.weight_sync == "broadcast":
             init_broadcast_group(cfg, roles.learners, roles.rollout)  # a new group with the new rank 0
         path = ckpt.resolve_resume("auto", cfg.run.checkpoint_dir)
@@ -214,6 +206,7 @@ class Orchestrator:
         self.steps_redone += failed_at - self.state.step
         log.warning("learner group restarted in %.1f s from %s: continuing at step %d (%d step(s) redone)",
                     time.perf_counter() - t0, path or "the initial student", self.state.step, failed_at - self.state.step)
+        return deque([self._launch_rollout(self.state.step)]), self.state.step + 1
 
     # ------------------------------------------------------------------ start and resume
     def _start(self) -> None:
@@ -391,14 +384,19 @@ class Orchestrator:
         log.warning("rollout replica %d died or restarted (%s); waiting for it, re-syncing weights, retrying",
                     i, err)
         rollout = self.roles.rollout
-        deadline = time.monotonic() + self.cfg.cluster.call_timeout_s
-        while not _alive(rollout.actors[i], timeout_s=max(1.0, deadline - time.monotonic())):
-            if time.monotonic() > deadline:
-                raise RemoteCallError(f"rollout replica {i} did not come back within {self.cfg.cluster.call_timeout_s:g} s")
-            time.sleep(1.0)
+        self._wait_for_rollout(i)
         if self.cfg.rollout.weight_sync == "broadcast":
             init_broadcast_group(self.cfg, self.roles.learners, rollout)  # the group had the dead member
         sync_weights(self.cfg, self.roles.learners, rollout, self.state.weight_version)
+
+    def _wait_for_rollout(self, i: int) -> None:
+        """Until rollout replica ``i`` (restarted by Ray) answers, within ``cluster.call_timeout_s``."""
+        timeout = self.cfg.cluster.call_timeout_s
+        deadline = time.monotonic() + timeout
+        while not _alive(self.roles.rollout.actors[i], timeout_s=max(1.0, deadline - time.monotonic())):
+            if time.monotonic() > deadline:
+                raise RemoteCallError(f"rollout replica {i} did not come back within {timeout:g} s")
+            time.sleep(1.0)
 
     def _sync_weights(self) -> float:
         version = self.state.weight_version + 1

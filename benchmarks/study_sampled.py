@@ -57,20 +57,21 @@ STUDY = [
 ]
 
 
-def main() -> None:
+def run_study(study: list, doc: str, default_out: str, script: str) -> None:
+    """The command line of a study: run (or with --report only assemble) the runs of ``study``."""
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", default="", help="comma-separated run names (default: all)")
-    ap.add_argument("--out", default="outputs/study_sampled")
+    ap.add_argument("--out", default=default_out)
     ap.add_argument("--report", action="store_true", help="only assemble the table and plot of finished runs")
     ap.add_argument("overrides", nargs="*", help="Hydra overrides for every run (e.g. run.total_steps=800)")
     args = ap.parse_args()
-    names = [n for n, _ in STUDY]
+    names = [n for n, _ in study]
     only = [n for n in args.only.split(",") if n]
     unknown = sorted(set(only) - set(names))
     if unknown:
         ap.error(f"--only names unknown runs {unknown}; the study's runs are {names}")
-    todo = [(n, o) for n, o in STUDY if not only or n in only]
+    todo = [(n, o) for n, o in study if not only or n in only]
     overrides = [f"run.output_dir={args.out}", *args.overrides]
     if args.report:  # assemble the finished runs found in --out; run nothing
         from mopd_ray.bootstrap import demo_dir
@@ -83,8 +84,8 @@ def main() -> None:
         cfg, out, manifest = prepare(overrides)
         runs = run_variants(overrides, todo, out)
     write_report(out, manifest, runs, list(cfg.data.domains), cfg.run.total_steps, cfg.demo.seed,
-                 "benchmarks/study_sampled.py " + " ".join(sys.argv[1:]), cfg.run.seed)
+                 f"{script} " + " ".join(sys.argv[1:]), cfg.run.seed)
 
 
 if __name__ == "__main__":
-    main()
+    run_study(STUDY, __doc__, "outputs/study_sampled", "benchmarks/study_sampled.py")

@@ -105,11 +105,36 @@ def recipe_of(cfg) -> dict:
             "tokenizer_seed": cfg.model.tokenizer_seed, "eval_max_new_tokens": cfg.rollout.max_new_tokens}
 
 
+def held_out_accuracy(cfg, paths: dict, evals: list | None = None) -> dict:
+    """Greedy accuracy per domain of each model folder in ``paths`` (name -> folder) on the held-out split
+    of the synthetic domains (``evals``: its rows, else generated from cfg.data), each in its own engine."""
+    from transformers import AutoTokenizer
+
+    from .data.domains import generate_split
+    from .data.prompts import render
+    from .evaluate import evaluate_model_dir
+    from .rewards import rewards_from_cfg
+
+    if evals is None:
+        evals = generate_split(list(cfg.data.domains), cfg.data.num_eval_per_domain, cfg.data.seed, "eval")
+    tok = AutoTokenizer.from_pretrained(next(iter(paths.values())))
+    eval_rows = [{**r, "prompt_ids": render(tok, r["prompt"])} for r in evals]
+    accuracy = {}
+    rewards = rewards_from_cfg(cfg)
+    try:
+        for name, p in paths.items():
+            res = evaluate_model_dir(p, eval_rows, rewards, k=0, max_new_tokens=cfg.rollout.max_new_tokens)
+            accuracy[name] = {dom: r["accuracy"] for dom, r in res.items()}
+            log.info("%s accuracy %s", name, accuracy[name])
+    finally:
+        rewards.close()
+    return accuracy
+
+
 def _bootstrap_locked(cfg, out: Path, recipe: dict) -> dict:
     from .cluster import init_ray
     from .config import resource_demand
     from .data.domains import generate_split
-    from .evaluate import evaluate_model_dir
     from .models.tiny import build_tiny_model
 
     d = cfg.demo
@@ -137,23 +162,7 @@ def _bootstrap_locked(cfg, out: Path, recipe: dict) -> dict:
         losses[f"teacher_{dom}"] = sft(cfg, str(base), str(p), rows, d.teacher_steps, d.teacher_lr, d.batch,
                                        d.seed + 1 + i)
         paths[f"teacher_{dom}"] = str(p)
-    from transformers import AutoTokenizer
-
-    from .data.prompts import render
-
-    tok = AutoTokenizer.from_pretrained(base)
-    eval_rows = [{**r, "prompt_ids": render(tok, r["prompt"])} for r in evals]
-    from .rewards import rewards_from_cfg
-
-    accuracy = {}
-    rewards = rewards_from_cfg(cfg)
-    try:
-        for name, p in paths.items():
-            res = evaluate_model_dir(p, eval_rows, rewards, k=0, max_new_tokens=cfg.rollout.max_new_tokens)
-            accuracy[name] = {dom: r["accuracy"] for dom, r in res.items()}
-            log.info("bootstrap: %s accuracy %s", name, accuracy[name])
-    finally:
-        rewards.close()
+    accuracy = held_out_accuracy(cfg, paths, evals)
     manifest = {"recipe": recipe, "paths": paths, "accuracy": accuracy, "final_sft_loss":
                 {k: v[-1] for k, v in losses.items()}, "seconds": time.time() - t0}
     manifest_path.write_text(json.dumps(manifest, indent=1))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -50,30 +51,77 @@ def _read_jsonl(path: Path) -> list:
     return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
 
 
+def merge_seeds(runs_by_seed: dict) -> dict:
+    """One entry per run name from {seed: {name: run}}: the eval curve averaged over seeds (step by
+    step), mean step time, total wall time, and ``seeds``: each seed's final eval."""
+    merged: dict = {}
+    for seed, runs in runs_by_seed.items():
+        for name, r in runs.items():
+            m = merged.setdefault(name, {"curves": [], "step_s": [], "wall_s": 0.0, "seeds": {},
+                                         "overrides": r.get("overrides")})
+            m["curves"].append(r["eval"])
+            m["step_s"].append(r["step_s"])
+            m["wall_s"] += r["wall_s"]
+            m["seeds"][seed] = r["eval"][-1] if r["eval"] else {}
+    for m in merged.values():
+        curves = m.pop("curves")
+        steps = sorted(set.intersection(*[{e["step"] for e in c} for c in curves])) if curves else []
+        m["eval"] = []
+        for st in steps:
+            at = [next(e for e in c if e["step"] == st) for c in curves]
+            keys = set.intersection(*[{k for k, v in e.items() if isinstance(v, (int, float))} for e in at])
+            m["eval"].append({k: (st if k == "step" else statistics.mean(e[k] for e in at)) for k in keys})
+        m["step_s"] = statistics.mean(m["step_s"])
+    return merged
+
+
+def spread(values: list) -> tuple:
+    """(mean, half the min-max range, n) of the values that are not None; (None, None, 0) if none are."""
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return None, None, 0
+    return statistics.mean(vals), (max(vals) - min(vals)) / 2 if len(vals) > 1 else 0.0, len(vals)
+
+
+def cell(mean, half, n) -> str:
+    """A table cell in percent: the mean, and +- half the range over seeds when there are several."""
+    if mean is None:
+        return "-"
+    return f"{100 * mean:.1f}" + (f" +- {100 * half:.1f}" if n > 1 else "")
+
+
 def summarize(manifest: dict, runs: dict, domains: list) -> dict:
-    """Final per-domain accuracy of every run, the teachers, the base student; MOPD vs teachers."""
+    """Final per-domain accuracy of every run (the mean over seeds for merged runs), the teachers, the
+    base student; MOPD vs teachers; ``spread``: half the min-max range over seeds and their number."""
     teacher_acc = {dom: manifest["accuracy"][f"teacher_{dom}"][dom] for dom in domains}
     table = {f"teacher_{dom}": manifest["accuracy"][f"teacher_{dom}"] for dom in domains}
     table["student_before"] = manifest["accuracy"]["student_base"]
+    spreads = {}
     for name, r in runs.items():
-        last = r["eval"][-1] if r["eval"] else {}
-        table[name] = {dom: last.get(f"eval/{dom}/accuracy") for dom in domains}
+        finals = list(r["seeds"].values()) if "seeds" in r else [r["eval"][-1] if r["eval"] else {}]
+        stats = {dom: spread([f.get(f"eval/{dom}/accuracy") for f in finals]) for dom in domains}
+        table[name] = {dom: stats[dom][0] for dom in domains}
+        spreads[name] = {dom: {"pm": stats[dom][1], "n": stats[dom][2]} for dom in domains}
     reached = {name: {dom: (table[name][dom] or 0.0) / max(teacher_acc[dom], 1e-9) for dom in domains}
                for name in runs}
     return {"teacher_on_own_domain": teacher_acc, "final_accuracy": table, "fraction_of_teacher": reached,
-            "step_s": {name: r["step_s"] for name, r in runs.items()},
+            "spread": spreads, "step_s": {name: r["step_s"] for name, r in runs.items()},
             "wall_s": {name: r["wall_s"] for name, r in runs.items()}}
 
 
-def markdown_table(summary: dict, domains: list, steps: int, seed: int, run_seed: int = 0) -> str:
-    head = (f"| model ({steps} steps, bootstrap seed {seed}, run seed {run_seed}) | " + " | ".join(domains)
+def markdown_table(summary: dict, domains: list, steps: int, seed: int, run_seed="0") -> str:
+    many = isinstance(run_seed, str) and "," in run_seed
+    head = (f"| model ({steps} steps, bootstrap seed {seed}, run seed{'s' if many else ''} {run_seed}"
+            + (", mean +- half the range" if many else "") + ") | " + " | ".join(domains)
             + " | mean | step time |")
     lines = [head, "|" + "---|" * (len(domains) + 3)]
     for name, accs in summary["final_accuracy"].items():
         vals = [accs.get(d) for d in domains]
         mean = sum(v or 0.0 for v in vals) / len(vals)
         st = summary["step_s"].get(name)
-        lines.append(f"| {name} | " + " | ".join("-" if v is None else f"{100 * v:.1f}" for v in vals)
+        sp = summary.get("spread", {}).get(name, {})
+        lines.append(f"| {name} | " + " | ".join(cell(v, sp.get(d, {}).get("pm"), sp.get(d, {}).get("n", 1))
+                                                for d, v in zip(domains, vals))
                      + f" | {100 * mean:.1f} | " + ("-" if st is None else f"{st:.2f} s") + " |")
     return "\n".join(lines)
 
@@ -109,12 +157,13 @@ _PRESENTATION = {"logging": ("progress_bar", "wandb_mode", "project", "entity"),
 
 
 def run_identity(vcfg) -> dict:
-    """The resolved config of one run minus the demo section (which runs to compare, not how one runs)
+    """The resolved config of one run minus the demo and cascade sections (which runs to compare, not how one runs)
     and presentation settings: two runs with equal identities compute the same thing."""
     from .config import to_container
 
     c = to_container(vcfg)
     c.pop("demo", None)
+    c.pop("cascade", None)
     for section, keys in _PRESENTATION.items():
         for k in keys:
             c.get(section, {}).pop(k, None)
@@ -171,7 +220,7 @@ def run_variants(overrides: list, runs_to_do: list, out: Path) -> dict:
 
 
 def write_report(out: Path, manifest: dict, runs: dict, domains: list, steps: int, seed: int,
-                 command: str, run_seed: int = 0) -> dict:
+                 command: str, run_seed="0") -> dict:
     summary = summarize(manifest, runs, domains)
     summary["command"] = command
     summary["bootstrap_s"] = manifest["seconds"]
@@ -188,8 +237,9 @@ def write_report(out: Path, manifest: dict, runs: dict, domains: list, steps: in
     return summary
 
 
-def prepare(overrides: list):
-    """Compose and validate the demo config, start Ray, bootstrap (cached); returns (cfg, out, manifest)."""
+def prepare(overrides: list, cpus: float | None = None):
+    """Compose and validate the demo config, start Ray (with ``cpus``, else what this config's roles ask
+    for), bootstrap (cached); returns (cfg, out, manifest)."""
     from .bootstrap import bootstrap
     from .cluster import init_ray
     from .config import resource_demand
@@ -198,15 +248,21 @@ def prepare(overrides: list):
     validate(cfg)
     out = Path(cfg.run.output_dir if cfg.run.output_dir != "." else f"outputs/demo/{time.strftime('%Y-%m-%d_%H-%M-%S')}")
     out.mkdir(parents=True, exist_ok=True)
-    init_ray(cfg.cluster, resource_demand(cfg)["CPU"])
+    init_ray(cfg.cluster, max(cpus or 0.0, resource_demand(cfg)["CPU"]))
     return cfg, out, bootstrap(cfg)
 
 
 def run_demo(overrides: list) -> dict:
     cfg, out, manifest = prepare(overrides)
-    runs = run_variants(overrides, variants(cfg), out)
+    seeds = list(cfg.demo.run_seeds)
+    if seeds:
+        runs = merge_seeds({s: run_variants([*overrides, f"run.seed={s}"], variants(cfg), out / f"seed{s}")
+                            for s in seeds})
+    else:
+        runs = run_variants(overrides, variants(cfg), out)
     return write_report(out, manifest, runs, list(cfg.data.domains), cfg.run.total_steps, cfg.demo.seed,
-                        "python -m mopd_ray.demo " + " ".join(overrides), cfg.run.seed)
+                        "python -m mopd_ray.demo " + " ".join(overrides),
+                        ", ".join(map(str, seeds)) if seeds else cfg.run.seed)
 
 
 def main() -> None:

@@ -123,6 +123,26 @@ def test_bootstrap_and_every_run_of_the_demo(tmp_path):
         assert p.exists() and (p.stat().st_mtime_ns == t) == (p.parent.name != "grpo_rewards_only"), p
 
 
+def test_runs_over_seeds_merge_into_mean_and_spread():
+    from mopd_ray.demo import merge_seeds
+
+    ev = (lambda a: [{"step": 0, "eval/add/accuracy": 0.0}, {"step": 10, "eval/add/accuracy": a}])
+    by_seed = {0: {"mopd_topk": {"eval": ev(0.9), "step_s": 1.0, "wall_s": 5.0}},
+               1: {"mopd_topk": {"eval": ev(0.5), "step_s": 3.0, "wall_s": 7.0}},
+               2: {"mopd_topk": {"eval": ev(0.7), "step_s": 2.0, "wall_s": 6.0}}}
+    runs = merge_seeds(by_seed)
+    r = runs["mopd_topk"]
+    assert r["eval"][-1] == {"step": 10, "eval/add/accuracy": pytest.approx(0.7)} and r["step_s"] == 2.0
+    assert r["wall_s"] == 18.0 and set(r["seeds"]) == {0, 1, 2}
+    manifest = {"accuracy": {"student_base": {"add": 0.0}, "teacher_add": {"add": 1.0}}}
+    s = summarize(manifest, runs, ["add"])
+    assert s["final_accuracy"]["mopd_topk"]["add"] == pytest.approx(0.7)
+    assert s["spread"]["mopd_topk"]["add"] == {"pm": pytest.approx(0.2), "n": 3}
+    table = markdown_table(s, ["add"], 10, 0, "0, 1, 2")
+    assert "run seeds 0, 1, 2, mean +- half the range" in table and "| mopd_topk | 70.0 +- 20.0 | 70.0 | 2.00 s |" in table
+    assert "| teacher_add | 100.0 |" in table  # one value: no spread
+
+
 def test_bootstrap_recipe_ignores_comparison_settings():
     """Changing which runs the demo compares must not rebuild the teachers; changing their recipe must."""
     from mopd_ray.bootstrap import recipe_of

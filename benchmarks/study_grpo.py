@@ -27,20 +27,20 @@ G4 = ["data.prompts_per_step=16", "rollout.n_samples_per_prompt=4"]
 G16 = ["data.prompts_per_step=4", "rollout.n_samples_per_prompt=16"]
 LR = (lambda lr: [f"learner.lr={lr}", f"learner.min_lr={lr / 10}"])
 STUDY = [
-    # the demonstration's baseline
+    # the demonstration's baseline as it ran before algorithm.skip_signal_free_steps (an optimizer step
+    # on every batch, also those where no group has a reward: Adam's momentum still moves the weights)
+    ("grpo_every_step", GRPO + G4 + LR(1e-4) + ["algorithm.skip_signal_free_steps=false"]),
+    # the baseline now: no step without a learning signal
     ("grpo", GRPO + G4 + LR(1e-4)),
-    # more samples per prompt: more groups with at least one success (the rest carry no signal)
-    ("grpo_n16", GRPO + G16 + LR(1e-4)),
     # sample (and learn) at a lower temperature: a weak student's samples at temperature 1 are mostly noise
     ("grpo_temp0.7", GRPO + G4 + LR(1e-4) + ["rollout.temperature=0.7"]),
-    # Dr. GRPO: the group mean as baseline, no division by the group's std (no up-weighting of rare wins)
-    ("grpo_no_std", GRPO + G4 + LR(1e-4) + ["algorithm.outcome_estimator=grpo_no_std"]),
-    # a smaller step
-    ("grpo_lr1e-5", GRPO + G4 + LR(1e-5)),
-    # the knobs together
+    # more samples per prompt: more groups with at least one success (the rest carry no signal)
     ("grpo_n16_temp0.7", GRPO + G16 + LR(1e-4) + ["rollout.temperature=0.7"]),
-    ("grpo_n16_temp0.7_no_std", GRPO + G16 + LR(1e-4) + ["rollout.temperature=0.7",
-                                                          "algorithm.outcome_estimator=grpo_no_std"]),
+    # Dr. GRPO: the group mean as baseline, no division by the group's std (no up-weighting of rare wins)
+    ("grpo_no_std_temp0.7", GRPO + G4 + LR(1e-4) + ["rollout.temperature=0.7",
+                                                     "algorithm.outcome_estimator=grpo_no_std"]),
+    # a smaller step
+    ("grpo_lr1e-5_temp0.7", GRPO + G4 + LR(1e-5) + ["rollout.temperature=0.7"]),
 ]
 
 if __name__ == "__main__":

@@ -205,6 +205,10 @@ class AlgorithmConfig:
     normalize_advantages: str = "none"
     alpha: float = 0.0  # weight of the GRPO outcome advantage mixed into the distillation advantage
     outcome_estimator: str = "grpo"  # grpo | grpo_no_std
+    # reward-only GRPO: a mini-batch in which every group's rewards are equal (no advantage anywhere)
+    # takes no optimizer step (Adam would still move the weights by its momentum); counted in
+    # signal_free_minibatches
+    skip_signal_free_steps: bool = True
     policy_loss: str = "ppo_clip"
     clip_low: float = 0.2
     clip_high: float = 0.28

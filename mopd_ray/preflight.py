@@ -62,7 +62,7 @@ def run(cfg, roles, student_fp: dict, tokenizer) -> str:
     on = cfg.teachers.preflight.enabled
     # every engine call at once (they answer in parallel), then each check in turn
     student_refs = (roles.rollout.call_all("score_logprobs", probes),
-                    roles.learners.call_all("compute_logprobs", probes)) if on else None
+                    roles.learners.call_all("compute_logprobs", probes, 1.0)) if on else None
     found = check_teachers(cfg, roles.teachers, student_fp, probes)
     groups = list({id(g): g for g in roles.teachers.values()}.values())  # a pool counted once
     line = (f"pre-flight: {len(roles.teachers)} teacher(s), {sum(len(g) for g in groups)} "

@@ -326,9 +326,12 @@ class LearnerWorker:
         """``mini_batches_per_step`` optimizer steps over this rank's rows, micro-batch by micro-batch."""
         loop = {"loss": 0.0, "is_clip_fraction": 0.0, "pg_clip_fraction": 0.0, "approx_kl": 0.0,
                 "distill_loss": 0.0, "entropy_sum": 0.0, "n_micro": 0, "grad_norms": [], "skipped": 0,
-                "nonfinite": None}
+                "nonfinite": None, "signal_free": 0}
         agg = self.algo["loss_agg"]
         for m, rows in enumerate(g["rows_by_mini"]):
+            if self._signal_free(t, rows):
+                loop["signal_free"] += 1
+                continue
             den_global = float(g["totals"][m, 0 if agg == "token_mean" else 1])
             denominator = max(den_global, 1.0) / (self.world_size * self.grad_accum)
             before = {k: v for k, v in loop.items() if isinstance(v, (int, float))}
@@ -353,6 +356,17 @@ class LearnerWorker:
                 loop["grad_norms"].append(float(gn) if gn is not None else float("nan"))
                 self.optimizer_steps += 1
         return loop
+
+    def _signal_free(self, t: dict, rows: np.ndarray) -> bool:
+        """Reward-only GRPO: True when no row of this mini-batch on any rank has a non-zero advantage (every
+        group's rewards equal). Its step is skipped: Adam would still move the weights by its momentum
+        (several learning-rate-sized steps after each rare rewarded batch), with nothing learned."""
+        import torch
+
+        if self.teacher_names or not self.algo.get("skip_signal_free_steps", True):
+            return False
+        r = torch.from_numpy(rows).to(self.device)
+        return not _any_rank(bool((t["outcome"][r] != 0).any()) if len(rows) else False)
 
     def _micro_step(self, g, t, old_lp, adv, rows, s, denominator, step, fused, loop) -> bool:
         """Forward, loss, backward of one micro-batch; False (nothing stepped) on a non-finite loss."""
@@ -440,6 +454,7 @@ class LearnerWorker:
                    "grad_norm": float(np.mean(loop["grad_norms"])) if loop["grad_norms"] else float("nan"),
                    "lr": self.scheduler.get_last_lr()[0], "learner_step_s": time.perf_counter() - t0,
                    "response_tokens": stats[0].item(), "rows": int(stats[7].item()), "skipped_minibatches": loop["skipped"],
+                   "signal_free_minibatches": loop["signal_free"],
                    "learner/fetched_bytes": g["fetched_bytes"], "learner/fetched_bytes_all_ranks": stats[8].item(),
                    "learner/fetch_s": g["fetch_s"], "learner/start_s": g.get("start_s", float("nan")), "learner/compute_s": time.perf_counter() - t0 - g["fetch_s"]}
         if loop["nonfinite"]:
@@ -525,8 +540,9 @@ class LearnerWorker:
         return sorted({self.teacher_names[i] for i in np.asarray(tidx).ravel().tolist() if i >= 0})
 
     # ------------------------------------------------------------------ weights
-    def compute_logprobs(self, sequences: list) -> list:
-        """Log-probs of given token ids under the current weights (collective under ZeRO-3: call on all ranks)."""
+    def compute_logprobs(self, sequences: list, temperature: Optional[float] = None) -> list:
+        """Log-probs of given token ids under the current weights, at ``temperature`` (default: the run's
+        sampling temperature; collective under ZeRO-3: call on all ranks)."""
         import torch
 
         from ..batch import pad_sequences
@@ -537,7 +553,8 @@ class LearnerWorker:
         attn = (torch.arange(tokens.shape[1])[None] < lens[:, None]).long().to(self.device)
         self.engine.eval()
         with torch.no_grad():
-            lp = token_logprobs_from_logits(self._forward_logits(tokens, attn), tokens, self.temperature)
+            lp = token_logprobs_from_logits(self._forward_logits(tokens, attn), tokens,
+                                            self.temperature if temperature is None else temperature)
         self.engine.train()
         return [lp[i, : len(s)].cpu().numpy() for i, s in enumerate(sequences)]
 

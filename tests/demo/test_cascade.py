@@ -77,26 +77,20 @@ def test_cascade_summary_spread_over_seeds():
     assert "| after_stage_reverse | 50.0 | 100.0 | 0.0 | 50.0 |" in table and "add 90.0 -> 20.0" in table
 
 
-@pytest.mark.slow
-def test_a_miniature_cascade_end_to_end_and_resumed(tmp_path):
-    """Bootstrap (few SFT steps), a distilled stage then a GRPO stage, each measured on every domain;
-    recovery with the stage checkpoints (and `self`) as teachers over two seeds; a second launch reuses
-    every finished run."""
+def check_a_miniature_cascade(tmp_path, demo_overrides: list) -> None:
+    """Run by the demonstration's slow test, on its bootstrap: a distilled stage then a GRPO stage, each
+    measured on every domain; recovery with the stage checkpoints (and `self`) as teachers over two
+    seeds; a second launch reuses every finished run and reruns the one that did not finish."""
     from mopd_ray.cascade import run_cascade
 
-    overrides = [f"run.artifacts_dir={tmp_path}/art", f"run.output_dir={tmp_path}/out", "demo.base_steps=3",
-                 "demo.teacher_steps=4", "demo.batch=8", "demo.model.hidden_size=64", "demo.model.num_layers=1",
-                 "demo.model.num_heads=2", "demo.model.num_kv_heads=1", "demo.model.intermediate_size=64",
-                 "data.num_train_per_domain=50", "data.num_eval_per_domain=6", "data.prompts_per_step=4",
-                 "rollout.n_samples_per_prompt=2", "learner.micro_batch_size=4", "learner.world_size=1",
-                 "run.eval_every=2", "run.eval_pass_k=0", "cluster.include_dashboard=false",
-                 "logging.wandb_mode=disabled", "logging.progress_bar=false",
+    out = tmp_path / "cascade"
+    overrides = [*[o for o in demo_overrides if not o.startswith(("run.output_dir=", "run.eval_pass_k="))],
+                 f"run.output_dir={out}", "run.eval_pass_k=0",
                  "cascade.stages=[{name: first, domains: [add, reverse], teacher: add_expert, steps: 2},"
                  "{name: second, domains: [sort], steps: 2}]",
                  "cascade.signals=[sampled]", "cascade.self_weights=[0.5]", "cascade.recovery_steps=2",
                  "cascade.run_seeds=[0,1]", "cascade.grpo_baseline=false"]
     summary = run_cascade(overrides)
-    out = tmp_path / "out"
     cfg_of = (lambda d: json.loads((out / d / "run.json").read_text())["config"])  # the run's resolved config
     first, second = cfg_of("stages/first"), cfg_of("stages/second")
     assert first["model"]["path"].endswith("art/demo/seed0/student_base") and first["data"]["domains"] == ["add", "reverse"]
@@ -114,8 +108,11 @@ def test_a_miniature_cascade_end_to_end_and_resumed(tmp_path):
     r = summary["recovery"]["recover_sampled_self0.5"]
     assert set(r["seeds"]) == {0, 1} and r["domains"]["add"]["n"] == 2
     assert "recover_sampled_self0.5" in (out / "results.md").read_text() and (out / "accuracy.png").exists()
-    # a second launch reuses every stage, the stage measurements and every recovery run
+    # a second launch reuses every stage, the stage measurements and every finished recovery run, and
+    # reruns the one that did not finish
     stamps = {p: p.stat().st_mtime_ns for p in [*out.glob("*/*/run.json"), out / "stages/accuracy.json"]}
     assert len(stamps) == 5
+    unfinished = out / "seed1/recover_sampled_self0.5/run.json"
+    unfinished.unlink()
     run_cascade(overrides)
-    assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())
+    assert unfinished.exists() and all(p.stat().st_mtime_ns == t for p, t in stamps.items() if p != unfinished)

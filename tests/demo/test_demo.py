@@ -71,9 +71,10 @@ def test_summary_table_and_plot(tmp_path):
 
 
 @pytest.mark.slow
-def test_bootstrap_and_every_run_of_the_demo(tmp_path):
+def test_bootstrap_and_every_run_of_the_demo_and_the_cascade(tmp_path):
     """A miniature demonstration end to end: bootstrap (few SFT steps), then MOPD (top-k here; the other
-    signals run end to end in tests/runtime) and both baselines."""
+    signals run end to end in tests/runtime) and both baselines; then a miniature cascade from the same
+    bootstrap (tests/demo/test_cascade.py)."""
     from mopd_ray.demo import run_demo
 
     overrides = [f"run.artifacts_dir={tmp_path}/art", f"run.output_dir={tmp_path}/out", "demo.base_steps=3",
@@ -113,34 +114,10 @@ def test_bootstrap_and_every_run_of_the_demo(tmp_path):
     train = generate_split(list(cfg.data.domains), cfg.data.num_train_per_domain, cfg.data.seed, "train")
     sft(cfg, str(seed0 / "init"), str(tmp_path / "again"), train, d.base_steps, d.base_lr, d.batch, d.seed)
     assert (tmp_path / "again/model.safetensors").read_bytes() == (seed0 / "student_base/model.safetensors").read_bytes()
-    # a second demonstration reuses every finished run (an interrupted one continues where it stopped)
-    records = {p: p.stat().st_mtime_ns for p in (tmp_path / "out").glob("*/run.json")}
-    assert len(records) == 3
-    (tmp_path / "out/grpo_rewards_only/run.json").unlink()  # as if interrupted before it finished
-    again = run_demo(overrides)
-    assert again["final_accuracy"]["mopd_topk"] == summary["final_accuracy"]["mopd_topk"]
-    for p, t in records.items():
-        assert p.exists() and (p.stat().st_mtime_ns == t) == (p.parent.name != "grpo_rewards_only"), p
+    # the cascade from the same bootstrap: its stages, recovery runs over seeds, and resume
+    from .test_cascade import check_a_miniature_cascade
 
-
-def test_runs_over_seeds_merge_into_mean_and_spread():
-    from mopd_ray.demo import merge_seeds
-
-    ev = (lambda a: [{"step": 0, "eval/add/accuracy": 0.0}, {"step": 10, "eval/add/accuracy": a}])
-    by_seed = {0: {"mopd_topk": {"eval": ev(0.9), "step_s": 1.0, "wall_s": 5.0}},
-               1: {"mopd_topk": {"eval": ev(0.5), "step_s": 3.0, "wall_s": 7.0}},
-               2: {"mopd_topk": {"eval": ev(0.7), "step_s": 2.0, "wall_s": 6.0}}}
-    runs = merge_seeds(by_seed)
-    r = runs["mopd_topk"]
-    assert r["eval"][-1] == {"step": 10, "eval/add/accuracy": pytest.approx(0.7)} and r["step_s"] == 2.0
-    assert r["wall_s"] == 18.0 and set(r["seeds"]) == {0, 1, 2}
-    manifest = {"accuracy": {"student_base": {"add": 0.0}, "teacher_add": {"add": 1.0}}}
-    s = summarize(manifest, runs, ["add"])
-    assert s["final_accuracy"]["mopd_topk"]["add"] == pytest.approx(0.7)
-    assert s["spread"]["mopd_topk"]["add"] == {"pm": pytest.approx(0.2), "n": 3}
-    table = markdown_table(s, ["add"], 10, 0, "0, 1, 2")
-    assert "run seeds 0, 1, 2, mean +- half the range" in table and "| mopd_topk | 70.0 +- 20.0 | 70.0 | 2.00 s |" in table
-    assert "| teacher_add | 100.0 |" in table  # one value: no spread
+    check_a_miniature_cascade(tmp_path, overrides)
 
 
 def test_bootstrap_recipe_ignores_comparison_settings():

@@ -254,17 +254,21 @@ def test_roles_on_different_nodes_of_a_multi_node_cluster(artifacts, tmp_path):
 
 def test_async_rollouts_up_to_max_staleness_and_every_row_once(local_ray, artifacts, tmp_path):
     """max_staleness=2: two rollouts run ahead of each update (3 shards per replica, parts per rank);
-    the add domain is scored by two teachers (its expert, and self at weight 0.2)."""
+    the add domain is scored by two teachers (its expert, and self at weight 0.2); sampling at
+    temperature 0.7 (the pre-flight compares engine and learner at temperature 1, as vLLM scores prompts;
+    the rollout log-probs are of the tempered distribution, as the learner's)."""
     from mopd_ray.orchestrator import Orchestrator
 
     cfg = compose_cfg("experiment=local_smoke", f"run.artifacts_dir={artifacts}", "run.total_steps=5",
                       "algorithm.max_staleness=2", "rollout.shards_per_replica=3", "logging.wandb_mode=disabled",
+                      "rollout.temperature=0.7",
                       "teachers.routing.add=[{teacher: add_expert}, {teacher: self, weight: 0.2}]",
                       "logging.progress_bar=false", *[f"teachers.models.{t}.backend=hf" for t in
                                                       ("add_expert", "reverse_expert", "self")])
     last = Orchestrator(cfg, str(tmp_path)).run()
     rows = read_metrics(tmp_path)
     assert [r["rollout/staleness"] for r in rows] == [0, 1, 2, 2, 2]
+    assert rows[0]["train_rollout_logprob_gap"] < 1e-3  # step 0 is on-policy: same tempered log-probs
     assert last["rows_trained"] == 5 * 4 * 2 and last["weight_version"] == 5
     assert all(0 < r["learner/fetched_bytes"] < r["learner/fetched_bytes_all_ranks"] for r in rows)
     # self scored the sort rows and, beside add_expert, the add rows: every token but the reverse ones

@@ -21,12 +21,11 @@ from __future__ import annotations
 import json
 import logging
 import statistics
-import sys
 import time
 from pathlib import Path
 
 from .config import check_cascade, compose_config, to_container
-from .demo import cell, run_identity, run_variants, spread
+from .demo import cell, command_line, run_identity, run_variants, spread
 
 log = logging.getLogger("mopd_ray.cascade")
 
@@ -236,15 +235,7 @@ def run_cascade(overrides: list) -> dict:
 
 
 def main() -> None:
-    from .config import ConfigError
-    from .console import configure
-
-    configure(any(o.strip() in ("logging.verbose=true", "logging.verbose=True") for o in sys.argv[1:]))
-    try:
-        run_cascade(sys.argv[1:])
-    except ConfigError as e:
-        log.error("%s", e)
-        sys.exit(2)
+    command_line(run_cascade)
 
 
 if __name__ == "__main__":

@@ -265,16 +265,22 @@ def run_demo(overrides: list) -> dict:
                         ", ".join(map(str, seeds)) if seeds else cfg.run.seed)
 
 
-def main() -> None:
+def command_line(run) -> None:
+    """``run(sys.argv[1:])`` with the quiet console (unless logging.verbose=true); a configuration
+    error is logged and exits 2."""
     from .config import ConfigError
     from .console import configure
 
     configure(any(o.strip() in ("logging.verbose=true", "logging.verbose=True") for o in sys.argv[1:]))
     try:
-        run_demo(sys.argv[1:])
+        run(sys.argv[1:])
     except ConfigError as e:
         log.error("%s", e)
         sys.exit(2)
+
+
+def main() -> None:
+    command_line(run_demo)
 
 
 if __name__ == "__main__":

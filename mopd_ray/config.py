@@ -242,6 +242,9 @@ class DataConfig:
     # domain -> reward: exact | numeric | math_verify | package.module:function (mopd_ray/rewards.py); the
     # synthetic domains use exact. Used by GRPO mixing (algorithm.alpha) and the evaluation
     rewards: Dict[str, str] = field(default_factory=lambda: _open_dict())
+    # domain -> reward for training only (the rollouts' rewards), e.g. similarity (partial credit) where exact
+    # matches are too rare for GRPO to learn from; the evaluation still judges by data.rewards
+    train_rewards: Dict[str, str] = field(default_factory=lambda: _open_dict())
     reward_timeout_s: float = 10.0  # per call of math_verify or a user function; a call over it scores 0
 
 
@@ -679,20 +682,21 @@ def validate(cfg: Union[DictConfig, MOPDConfig]) -> None:
 
 
 def validate_rewards(cfg) -> None:
-    """Every data.rewards entry names a built-in reward or a function that imports from here."""
+    """Every data.rewards and data.train_rewards entry names a built-in reward or a function that imports from here."""
     from .rewards import BUILTIN_REWARDS, RewardError, resolve
 
     _check_positive("data.reward_timeout_s", cfg.data.reward_timeout_s)
-    for domain, name in cfg.data.rewards.items():
-        if name in BUILTIN_REWARDS:
-            continue
-        if ":" not in str(name):
-            _fail(f"data.rewards.{domain}", f"{name!r} is not a reward: use one of {', '.join(BUILTIN_REWARDS)} or "
-                  "a function given as package.module:function")
-        try:
-            resolve(name)
-        except RewardError as e:
-            _fail(f"data.rewards.{domain}", str(e))
+    for key in ("rewards", "train_rewards"):
+        for domain, name in cfg.data[key].items():
+            if name in BUILTIN_REWARDS:
+                continue
+            if ":" not in str(name):
+                _fail(f"data.{key}.{domain}", f"{name!r} is not a reward: use one of {', '.join(BUILTIN_REWARDS)} "
+                      "or a function given as package.module:function")
+            try:
+                resolve(name)
+            except RewardError as e:
+                _fail(f"data.{key}.{domain}", str(e))
 
 
 def _check_demo(cfg) -> None:

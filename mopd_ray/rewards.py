@@ -5,10 +5,15 @@ NAME is one of
 - ``numeric``: the last number in the response equals the answer as a number (``0.5`` = ``1/2`` = ``.50``);
 - ``math_verify``: the math-verify package's LaTeX / expression equivalence (``\\frac{1}{2}`` = ``0.5``,
   ``\\boxed{...}`` answers), the checker GPU math recipes use;
+- ``similarity``: partial credit, 1 - (character edit distance) / (length of the longer of response and
+  answer); 1.0 only for an exact match. A training reward for GRPO where exact matches are too rare to
+  learn from (``data.train_rewards``), not a judge;
 - ``package.module:function``: a user function ``f(response: str, answer) -> float`` (1.0 = correct).
 
 The built-in synthetic domains (add, reverse, sort) use ``exact`` unless configured otherwise; any other
-domain without an entry has no reward (NaN: GRPO and the evaluation skip it). Rewards run where the
+domain without an entry has no reward (NaN: GRPO and the evaluation skip it). ``data.train_rewards.DOMAIN=NAME``
+replaces a domain's reward for training only (the rollouts GRPO learns from); the evaluation keeps judging
+by ``data.rewards``. Rewards run where the
 responses are (the rollout engines' actors). ``math_verify`` and user functions run in a child process,
 one call at a time under ``data.reward_timeout_s`` each: a call that takes longer scores 0 and is
 counted (``reward/timeouts``), a call that raises stops the run with a ``RewardError`` naming the
@@ -31,8 +36,8 @@ from typing import Any, Callable, Optional
 
 log = logging.getLogger(__name__)
 END_MARKER_PREFIX = "<|"  # special tokens such as <|im_end|> start with this; nothing after it is the answer
-BUILTIN_REWARDS = ("exact", "numeric", "math_verify")
-IN_PROCESS = ("exact", "numeric")  # cheap and bounded: no child process needed
+BUILTIN_REWARDS = ("exact", "numeric", "math_verify", "similarity")
+IN_PROCESS = ("exact", "numeric", "similarity")  # cheap and bounded: no child process needed
 _NUMBER = re.compile(r"[-+]?(?:\d[\d,]*\.?\d*|\.\d+)(?:[eE][-+]?\d+)?(?:\s*/\s*\d+)?")
 
 
@@ -73,6 +78,26 @@ def numeric_match(response: str, answer: Any) -> float:
     return 1.0 if abs(float(pred) - float(gold)) <= 1e-6 * max(1.0, abs(float(gold))) else 0.0
 
 
+def edit_distance(a: str, b: str) -> int:
+    """Levenshtein distance (insertions, deletions, substitutions of characters), O(len(a) * len(b))."""
+    if len(a) < len(b):
+        a, b = b, a
+    prev = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        cur = [i]
+        for j, cb in enumerate(b, 1):
+            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
+        prev = cur
+    return prev[-1]
+
+
+def similarity(response: str, answer: Any) -> float:
+    """Partial credit in [0, 1]: 1 - edit distance / longer length (1.0 only for an exact match)."""
+    pred, gold = answer_text(response), str(answer).strip()
+    longer = max(len(pred), len(gold))
+    return 1.0 if longer == 0 else 1.0 - edit_distance(pred, gold) / longer
+
+
 def math_verify_match(response: str, answer: Any) -> float:
     """math-verify equivalence of the response's final answer and the gold answer (LaTeX or plain)."""
     from math_verify import parse, verify
@@ -85,7 +110,7 @@ def math_verify_match(response: str, answer: Any) -> float:
 
 
 _FUNCTIONS: dict[str, Callable[[str, Any], float]] = {"exact": exact_match, "numeric": numeric_match,
-                                                      "math_verify": math_verify_match}
+                                                      "math_verify": math_verify_match, "similarity": similarity}
 
 
 def resolve(name: str) -> Callable[[str, Any], float]:
@@ -190,11 +215,13 @@ class Rewards:
             self._sandbox = None
 
 
-def rewards_spec(cfg) -> dict:
-    """The keyword arguments of Rewards for a run's config (sent to the rollout actors)."""
+def rewards_spec(cfg, train: bool = False) -> dict:
+    """The keyword arguments of Rewards for a run's config (sent to the rollout actors): the judge
+    (data.rewards), or with ``train`` the rewards the rollouts are trained on (data.train_rewards on top)."""
     from .data.domains import DOMAINS
 
-    return {"by_domain": dict(cfg.data.rewards), "timeout_s": float(cfg.data.reward_timeout_s),
+    by_domain = {**dict(cfg.data.rewards), **(dict(cfg.data.train_rewards) if train else {})}
+    return {"by_domain": by_domain, "timeout_s": float(cfg.data.reward_timeout_s),
             "builtin_domains": sorted(DOMAINS), "search_path": [os.getcwd()]}
 
 

@@ -84,7 +84,7 @@ def make_rollout_group(cfg) -> ActorGroup:
         Bundle(ro.num_cpus_per_shard * ro.tensor_parallel_size, ro.num_gpus_per_shard * ro.tensor_parallel_size,
                dict(ro.custom_resources) or None),
         init_args=lambda i: ((cfg.model.path, spec, max_len, i, cfg.model.trust_remote_code),
-                             {"rewards": rewards_spec(cfg)}),
+                             {"rewards": rewards_spec(cfg), "train_rewards": rewards_spec(cfg, train=True)}),
         # a restarted engine comes back with the initial weights: the driver re-syncs, then retries
         max_restarts=cfg.cluster.max_restarts, max_task_retries=0, runtime_env={"env_vars": ROLLOUT_ENV},
         **_common(cfg))

@@ -84,6 +84,9 @@ def test_rewards_are_checked():
         validate(_compose(["data.rewards.math=math_verfy"]))
     with pytest.raises(ConfigError, match="data.rewards.code.*tests.rewards_fixture:nope.*cannot be loaded"):
         validate(_compose(["data.rewards.code=tests.rewards_fixture:nope"]))
+    validate(_compose(["data.train_rewards.sort=similarity"]))
+    with pytest.raises(ConfigError, match="data.train_rewards.sort.*'similar' is not a reward"):
+        validate(_compose(["data.train_rewards.sort=similar"]))
 
 
 def test_typo_in_a_key_fails_with_the_key_named():

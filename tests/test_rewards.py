@@ -4,7 +4,7 @@ import textwrap
 
 import pytest
 
-from mopd_ray.rewards import RewardError, Rewards, exact_match, math_verify_match, numeric_match
+from mopd_ray.rewards import RewardError, Rewards, edit_distance, exact_match, math_verify_match, numeric_match, similarity
 
 # (response, gold answer, equal?) - math answers written out, as users' data holds them
 MATH_CASES = [
@@ -35,6 +35,28 @@ def test_numeric_and_exact_rewards():
         numeric_match("4", "four")
     assert exact_match(" 42 <|im_end|>tail", "42") == 1.0
     assert exact_match("42!", "42") == 0.0
+
+
+def test_similarity_gives_partial_credit_and_full_credit_only_for_an_exact_match():
+    assert [edit_distance(a, b) for a, b in [("", ""), ("abc", ""), ("kitten", "sitting"), ("1 2 3", "1 3 2")]] == \
+        [0, 3, 3, 2]
+    assert similarity(" 1 2 3 <|im_end|>junk", "1 2 3") == 1.0
+    assert similarity("1 2 4", "1 2 3") == pytest.approx(0.8)  # one of five characters wrong
+    assert similarity("3 2 1", "1 2 3") == pytest.approx(0.6)
+    assert similarity("", "123") == 0.0 and similarity("", "") == 1.0
+    assert 0.0 < similarity("1 2 3 4 5 6", "1 2 3") < similarity("1 2 3 4", "1 2 3") < 1.0  # longer is worse
+    r = Rewards({"sort": "similarity"}, builtin_domains=("sort",))
+    assert r.score([("sort", "9 1", "1 9"), ("sort", "1 9", "1 9")]) == [pytest.approx(1 / 3), 1.0]
+
+
+def test_train_rewards_replace_the_judge_for_training_only():
+    from mopd_ray.config import compose_config
+    from mopd_ray.rewards import rewards_spec
+
+    cfg = compose_config(["data.rewards.math=numeric", "data.train_rewards.sort=similarity",
+                          "data.train_rewards.math=similarity"])
+    assert rewards_spec(cfg)["by_domain"] == {"math": "numeric"}
+    assert rewards_spec(cfg, train=True)["by_domain"] == {"math": "similarity", "sort": "similarity"}
 
 
 @pytest.fixture

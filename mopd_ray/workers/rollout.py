@@ -14,7 +14,8 @@ class RolloutWorker:
     """A Ray actor. ``generate`` returns a RolloutBatch (the caller gets an ObjectRef of it)."""
 
     def __init__(self, model_path: str, rollout_cfg: dict, max_model_len: int, replica_index: int = 0,
-                 trust_remote_code: bool = False, rewards: Optional[dict] = None):
+                 trust_remote_code: bool = False, rewards: Optional[dict] = None,
+                 train_rewards: Optional[dict] = None):
         from transformers import AutoTokenizer
 
         from ..console import quiet_worker
@@ -24,6 +25,9 @@ class RolloutWorker:
         quiet_worker()
         self.cfg = rollout_cfg
         self.rewards = Rewards(**(rewards or {"by_domain": {}}))  # data.rewards: scored here, beside the responses
+        # the rollouts' rewards (data.train_rewards on top of data.rewards); the evaluation uses self.rewards
+        same = not train_rewards or train_rewards["by_domain"] == (rewards or {}).get("by_domain")
+        self.train_rewards = self.rewards if same else Rewards(**train_rewards)
         self.replica_index = replica_index
         self.tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
@@ -77,9 +81,9 @@ class RolloutWorker:
                                     use_tqdm=False)
         gen_s = time.perf_counter() - t0
         per_prompt = [self._rows_of(p, out) for p, out in zip(prompts, outputs)]
-        timeouts_before = self.rewards.timeouts
+        timeouts_before = self.train_rewards.timeouts
         flat = [(p, row) for p, rows in zip(prompts, per_prompt) for row in rows]
-        scores = self.rewards.score([(p["domain"], row.pop("text"), p.get("answer")) for p, row in flat])
+        scores = self.train_rewards.score([(p["domain"], row.pop("text"), p.get("answer")) for p, row in flat])
         for (_, row), r in zip(flat, scores):
             row["reward"] = np.nan if r is None else r
         batches = [self._batch([row for i in idx for row in per_prompt[i]]) for idx in parts]
@@ -95,7 +99,7 @@ class RolloutWorker:
                 "finished": int(sum(int(b.finished_B.sum()) for b in batches)),
                 "reward_sum_by_domain": {d: float(sum(v)) for d, v in by_domain.items()},
                 "reward_count_by_domain": {d: len(v) for d, v in by_domain.items()},
-                "reward_timeouts": self.rewards.timeouts - timeouts_before}
+                "reward_timeouts": self.train_rewards.timeouts - timeouts_before}
         return (*batches, meta)
 
     def _rows_of(self, prompt: dict, out) -> list:

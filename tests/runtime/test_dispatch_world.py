@@ -245,3 +245,56 @@ def test_streamed_scores_train_early_and_a_midaccumulation_nan_skips_on_every_ra
     assert s_last[0]["grad_norm"] == pytest.approx(h_last[0]["grad_norm"], rel=1e-5)
     for a, b in zip(s_after, h_after):
         np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def _rewarded(seed: int, rewarded_prompts: tuple):
+    """A reward-only GRPO batch (no teacher): the prompts in ``rewarded_prompts`` have one sample right and
+    one wrong, every other prompt's samples are all wrong (equal rewards: no learning signal)."""
+    from dataclasses import replace
+
+    batch, _ = _batch(seed, ["none"])
+    rewards = np.zeros(batch.num_rows, np.float32)
+    for p in rewarded_prompts:
+        rewards[p * N] = 1.0
+    return replace(batch, teacher_index_BS=np.full(batch.num_rows, -1, np.int32), route_weight_BS=None,
+                   rewards_B=rewards)
+
+
+def test_reward_only_steps_without_a_learning_signal_leave_weights_and_adam_state_alone(local_ray, artifacts):
+    """Reward-only GRPO at world 2. One rewarded group, on one rank only: both ranks step. A batch whose
+    groups all have equal rewards: skipped on both ranks, weights unchanged, and the next rewarded step lands
+    where it lands without that batch (Adam's moments untouched). With the option off the same batch moves
+    the weights (Adam's momentum from the earlier step): the defect the option fixes."""
+    first, free, last = _rewarded(0, (PROMPTS - 1,)), _rewarded(1, ()), _rewarded(2, (0, 3))
+    runs = {}
+    for name, skip, batches in (("skip", True, (first, free, last)), ("off", False, (first, free)),
+                                ("without_free", True, (first, last))):
+        cfg = compose_cfg(f"run.artifacts_dir={artifacts}", "learner.world_size=2", f"data.prompts_per_step={PROMPTS}",
+                          f"rollout.n_samples_per_prompt={N}", "learner.micro_batch_size=2", "learner.lr=1e-2",
+                          "algorithm.signal=none", "algorithm.alpha=1.0",
+                          f"algorithm.skip_signal_free_steps={str(skip).lower()}")
+        learners = make_learner_group(cfg, [])
+        try:
+            setup_learners(cfg, learners)
+            out = []
+            for step, batch in enumerate(batches):
+                metrics = learners.gather(train_on(learners, batch, [], step))
+                out.append((metrics, learners.gather(learners.call(0, "compute_logprobs", SEQS))))
+            runs[name] = out
+        finally:
+            learners.shutdown()
+    skip, off, without = runs["skip"], runs["off"], runs["without_free"]
+    (m_first, w_first), (m_free, w_free), (_, w_last) = skip
+    assert [m["signal_free_minibatches"] for m in m_first] == [0, 0]  # the rank without a rewarded group steps too
+    assert m_first[0]["grad_norm"] > 0
+    assert [m["signal_free_minibatches"] for m in m_free] == [1, 1]
+    for a, b in zip(w_free, w_first):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(w_last, without[1][1]):  # as if the reward-free batch had never come
+        np.testing.assert_allclose(a, b, atol=1e-6)
+    assert any(not np.allclose(a, b, atol=1e-6) for a, b in zip(w_last, w_free))  # the last step did learn
+    (_, w_off_first), (m_off_free, w_off_free) = off
+    for a, b in zip(w_off_first, w_first):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+    assert [m["signal_free_minibatches"] for m in m_off_free] == [0, 0]
+    assert max(float(np.abs(np.asarray(a) - np.asarray(b)).max()) for a, b in zip(w_off_free, w_off_first)) > 1e-4

@@ -44,7 +44,9 @@ def train_on(learners, batch, scores, step: int = 0, n_mini: int = 1) -> list:
 
 @pytest.fixture(scope="module")
 def rollout(local_ray, artifacts):
-    cfg = compose_cfg(f"run.artifacts_dir={artifacts}", "rollout.max_new_tokens=8")
+    # the rollouts of add are trained on a reward of the user's (always 1), its evaluation judged by exact match
+    cfg = compose_cfg(f"run.artifacts_dir={artifacts}", "rollout.max_new_tokens=8",
+                      "data.train_rewards.add=tests.rewards_fixture:always_one")
     group = make_rollout_group(cfg)
     group.gather(group.call_all("ready"))
     yield group
@@ -84,3 +86,18 @@ def test_rollout_matches_learner_after_sync(rollout, artifacts, stage, transport
     finally:
         learners.shutdown()
 
+
+
+def test_rollouts_are_rewarded_by_train_rewards_and_evaluated_by_the_judge(rollout):
+    """data.train_rewards.add replaces add's reward in the rollouts only; sort keeps exact match; the
+    evaluation judges add by exact match (an answer no response gives: 0)."""
+    prompts = [{"prompt_ids": SEQS[i % 2][:9], "domain": dom, "answer": "no such answer", "group_id": i,
+                "teacher_index": [-1]} for i, dom in enumerate(["add", "add", "sort", "sort"])]
+    *batches, meta = rollout.gather(rollout.call(0, "generate", prompts, 0, 0))
+    (batch,) = batches
+    by_domain = {d: batch.rewards_B[[i for i, x in enumerate(batch.domains) if x == d]] for d in ("add", "sort")}
+    assert by_domain["add"].tolist() == [1.0] * len(by_domain["add"]) and len(by_domain["add"]) >= 2
+    assert by_domain["sort"].tolist() == [0.0] * len(by_domain["sort"])
+    assert meta["reward_sum_by_domain"]["add"] == len(by_domain["add"])
+    acc = rollout.gather(rollout.call(0, "evaluate", prompts, 0, 0))
+    assert acc["add"]["accuracy"] == 0.0 and acc["sort"]["accuracy"] == 0.0

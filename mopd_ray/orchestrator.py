@@ -122,6 +122,9 @@ class Orchestrator:
                     queue, launched = self._recover_learners(e, step)
                     continue
                 self.state.step += 1
+                if not queue and launched < stop_at:  # on-policy: the next rollout as soon as the weights are synced,
+                    queue.append(self._launch_rollout(launched))  # generating while this step's metrics are logged
+                    launched += 1
                 self.state.rows_trained += int(metrics.pop("rows"))
                 metrics["rows_trained"] = self.state.rows_trained
                 metrics.update(self._side_metrics(current, score_meta_refs, time.perf_counter() - t0))
@@ -133,9 +136,6 @@ class Orchestrator:
                 except (WorkerDiedError, RemoteCallError) as e:  # the incomplete checkpoint is never used
                     queue, launched = self._recover_learners(e, step)
                     continue
-                if not queue and launched < stop_at:  # on-policy: the next rollout after the update
-                    queue.append(self._launch_rollout(launched))
-                    launched += 1
                 self._maybe_evaluate(force=self.state.step == stop_at)
             self._get(self.roles.learners.call_all("save_pretrained", f"{self.run_dir}/student_final"),
                       "export student")
@@ -347,7 +347,10 @@ class Orchestrator:
         return inputs, score_meta_refs
 
     def _score_shard(self, pending: PendingRollout, s: int, out: list) -> list:
-        """One call per teacher with rows in shard ``s``: it scores all of them and returns one ref per part."""
+        """Calls to each teacher with rows in shard ``s``, each returning one ref per part it scored.
+
+        A dedicated teacher group with more replicas than the step has shards splits each shard's rows
+        among its replicas (every replica scores at once); otherwise one replica per shard, in turn."""
         metas = []
         names = self.roles.teacher_names
         # a pool replica runs its calls in order: its teacher of the previous call first (no swap for it)
@@ -362,19 +365,23 @@ class Orchestrator:
                 continue
             group = self.roles.teachers[name]
             replica = slot[name][1]
-            if replica is None:  # a dedicated group: its replicas in turn
+            if replica is None:  # a dedicated group: its replicas in turn, a shard split among several
+                chunks = min(-(-len(group) // len(pending.plan)), max(len(r) for r in rows))
                 k = self.state.teacher_rr.get(name, 0)
-                self.state.teacher_rr[name] = k + 1
-                replica = k % len(group)
+                self.state.teacher_rr[name] = k + chunks
+                calls = [((k + c) % len(group), [np.array_split(r, chunks)[c] for r in rows]) for c in range(chunks)]
             else:
                 last[slot[name]] = name
+                calls = [(replica, rows)]
             signal = resolved_signal(self.cfg, name)
-            *refs, meta_ref = group.actors[replica].score_parts.options(num_returns=len(which) + 1).remote(
-                name, [rows[j] for j in which], self.cfg.algorithm.topk if signal == "topk" else 0,
-                signal == "full_vocab", *[pending.part_refs[s][j] for j in which])
-            for j, ref in zip(which, refs):
-                out[j].append(ref)
-            metas.append(meta_ref)
+            for replica, sub in calls:
+                which = [j for j, r in enumerate(sub) if len(r)]
+                *refs, meta_ref = group.actors[replica].score_parts.options(num_returns=len(which) + 1).remote(
+                    name, [sub[j] for j in which], self.cfg.algorithm.topk if signal == "topk" else 0,
+                    signal == "full_vocab", *[pending.part_refs[s][j] for j in which])
+                for j, ref in zip(which, refs):
+                    out[j].append(ref)
+                metas.append(meta_ref)
         return metas
 
     def _recover_rollout(self, i: int, err: Exception) -> None:
@@ -499,6 +506,7 @@ class Orchestrator:
             if lat:
                 out[f"teacher/{name}/score_latency_s"] = float(np.mean(lat))
                 out[f"teacher/{name}/payload_bytes"] = sum(m["bytes"] for m in scores if m["teacher"] == name)
+                out[f"teacher/{name}/replicas_busy"] = len({m["replica"] for m in scores if m["teacher"] == name})
             else:
                 log.warning("teacher '%s' got no rows at step %d", name, pending.step)
         for m in scores:  # teacher pools: swaps, their seconds, and rows per teacher per replica

@@ -138,10 +138,13 @@ class LearnerWorker:
         """
         t0 = time.perf_counter()
         fused = self._fused_old_logprobs()
-        g = self._fetch_rows(parts, stream=fused)
+        g = self._fetch_rows(parts)  # rollout rows now; teacher scores as they arrive (_await_rows)
         g["t0"] = t0
         t = self._tensors(g)
+        # pi_old needs no teacher score: its forward runs while teachers still score
         old_lp = t["rollout_lp"].clone() if fused or not self.cfg["recompute_old_logprobs"] else self._old_logprobs(g, t)
+        if not fused:  # the advantages' normalisation (or several mini-batches) needs every row's scores first
+            self._await_rows(g, t, None)
         adv = None if fused else self._distill_advantages(t, old_lp)
         loop = self._optimize(g, t, old_lp, adv, step, fused)
         self._await_rows(g, t, None)  # parts with no rows on this rank are still checked
@@ -150,9 +153,9 @@ class LearnerWorker:
 
     # each named step of train_step below
 
-    def _fetch_rows(self, parts: list, stream: bool = False) -> dict:
-        """ray.get this rank's rollout parts; local [n, L] arrays and each row's mini-batch; the parts'
-        teacher scores too unless ``stream`` (then ``_await_rows`` fetches them micro-batch by micro-batch)."""
+    def _fetch_rows(self, parts: list) -> dict:
+        """ray.get this rank's rollout parts: local [n, L] arrays and each row's mini-batch. Their teacher
+        scores are fetched later by ``_await_rows`` (all at once, or micro-batch by micro-batch)."""
         import ray
         import torch
         import torch.distributed as dist
@@ -173,8 +176,6 @@ class LearnerWorker:
         dist.all_reduce(totals)
         g["totals"] = totals
         g["fetch_s"] = time.perf_counter() - t0  # waiting for rollouts / scores still in flight, and the copy
-        if not stream:
-            self._await_rows(g, None, None)
         return g
 
     def _await_rows(self, g: dict, t: Optional[dict], rows) -> None:
@@ -376,11 +377,12 @@ class LearnerWorker:
 
         a, dev = self.algo, self.device
         idx = rows[s: s + self.micro]
-        self._await_rows(g, t, idx)  # this micro-batch's teacher scores (streamed: later shards still scoring)
         g.setdefault("start_s", time.perf_counter() - g["t0"])  # when training began
-        bad = self._nonfinite_inputs(g, idx, None if fused else old_lp)
         r = torch.from_numpy(idx).to(dev)
+        # the student's forward needs no teacher score: it runs while later shards are still being scored
         logits = self._forward_logits(t["tokens"][r], t["attn"][r])
+        self._await_rows(g, t, idx)  # this micro-batch's teacher scores (streamed: later shards still scoring)
+        bad = self._nonfinite_inputs(g, idx, None if fused else old_lp)
         if fused:  # pi_old == pi_theta now: take it from this forward instead of a second one
             old_lp[r] = token_logprobs_from_logits(logits.detach(), t["tokens"][r], self.temperature)
             distill = self._sampled_advantage(t, old_lp, r).sum(0)

@@ -275,3 +275,25 @@ def test_async_rollouts_up_to_max_staleness_and_every_row_once(local_ray, artifa
     for r in rows:
         assert r["teacher/self/tokens"] == r["response_tokens"] - r["teacher/reverse_expert/tokens"]
     assert sum(r["teacher/add_expert/tokens"] for r in rows) > 0 and all(r["loss"] == r["loss"] for r in rows)
+
+
+def test_a_shard_split_among_teacher_replicas_trains_as_one_replica(local_ray, artifacts, tmp_path):
+    """One rollout shard a step and a teacher with two replicas: the shard's rows are split between them
+    (both score every step), every row is scored exactly once (the learner checks) and the update equals
+    the one with a single replica scoring everything."""
+    from mopd_ray.orchestrator import Orchestrator
+
+    runs = {}
+    for replicas in (1, 2):
+        cfg = compose_cfg("experiment=local_smoke", f"run.artifacts_dir={artifacts}", "run.total_steps=2",
+                          "logging.wandb_mode=disabled", "logging.progress_bar=false", "run.eval_every=0",
+                          f"teachers.models.add_expert.replicas={replicas}",
+                          *[f"teachers.models.{t}.backend=hf" for t in ("add_expert", "reverse_expert")])
+        Orchestrator(cfg, str(tmp_path / f"r{replicas}")).run()
+        runs[replicas] = read_metrics(tmp_path / f"r{replicas}")
+    assert [r["teacher/add_expert/replicas_busy"] for r in runs[2]] == [2, 2]
+    assert [r["teacher/add_expert/replicas_busy"] for r in runs[1]] == [1, 1]
+    for one, two in zip(runs[1], runs[2]):
+        assert one["rows_trained"] == two["rows_trained"]
+        assert one["teacher/add_expert/tokens"] == two["teacher/add_expert/tokens"] > 0
+        assert abs(one["loss"] - two["loss"]) < 1e-5 and abs(one["grad_norm"] - two["grad_norm"]) < 1e-4

@@ -37,6 +37,9 @@ OURS = {  # label -> overrides of experiment=bench_trl_shapes
     # machinery costs more than the teacher's arithmetic
     "on-policy, hf teacher": ["teachers.models.expert.backend=hf"],
     "max_staleness=1, hf teacher": ["algorithm.max_staleness=1", "teachers.models.expert.backend=hf"],
+    # two teacher replicas: each step's one shard split between them (both cores score at once)
+    "on-policy, 2 teacher replicas": ["teachers.models.expert.replicas=2"],
+    "max_staleness=1, 2 teacher replicas": ["algorithm.max_staleness=1", "teachers.models.expert.replicas=2"],
 }
 
 

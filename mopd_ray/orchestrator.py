@@ -76,6 +76,7 @@ class PendingRollout:
     meta_refs: list  # per shard: the small meta
     part_teachers: list  # per shard, per part: [rows, slots] teacher indices (small, known from the prompts)
     weight_version: int = 0  # weights the engines must hold when they generate this batch
+    sampler_after: dict = field(default_factory=dict)  # and after it (this batch's data/epoch, data/consumed)
 
 
 class Orchestrator:
@@ -295,7 +296,7 @@ class Orchestrator:
                                              np.int32).reshape(len(part.prompts), -1), n, axis=0)
                           for part in sh.parts] for sh in plan]
         pending = PendingRollout(step, before, plan, shard_items, [None] * len(plan), [None] * len(plan),
-                                 part_teachers, self.state.weight_version)
+                                 part_teachers, self.state.weight_version, self.sampler.state_dict())
         for sh in plan:
             self._submit_shard(pending, sh.index)
         return pending
@@ -483,7 +484,8 @@ class Orchestrator:
                "weight_version": self.state.weight_version,
                # how many updates behind the learner the trained rollouts were (0 on-policy, 1 with overlap)
                "rollout/staleness": self.state.weight_version - 1 - min(m["weight_version"] for m in gen),
-               "data/epoch": self.sampler.epoch, "data/consumed": self.sampler.consumed,
+               # of the batch trained (the sampler itself may be ahead: a next rollout already launched)
+               "data/epoch": pending.sampler_after["epoch"], "data/consumed": pending.sampler_after["consumed"],
                "data/dropped_too_long": self.pool.dropped_too_long, "faults/rollout_retries": self.state.rollout_retries,
                "faults/skipped_steps": self.state.skipped_steps, "faults/learner_restarts": self.learner_restarts,
                "faults/steps_redone": self.steps_redone,

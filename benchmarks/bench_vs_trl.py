@@ -33,8 +33,8 @@ OURS = {  # label -> overrides of experiment=bench_trl_shapes
     "on-policy, 2 shards": ["rollout.shards_per_replica=2"],
     "max_staleness=1": ["algorithm.max_staleness=1"],
     "max_staleness=1, 2 shards": ["algorithm.max_staleness=1", "rollout.shards_per_replica=2"],
-    # the teacher as a plain HF forward in its actor (as TRL's teacher): at these sizes vLLM's per-request
-    # machinery costs more than the teacher's arithmetic
+    # the teacher as a plain HF forward in its actor (as TRL's teacher); measured 2026-12-02: no faster at
+    # these sizes (the scoring is the forward's arithmetic, not vLLM's per-request machinery)
     "on-policy, hf teacher": ["teachers.models.expert.backend=hf"],
     "max_staleness=1, hf teacher": ["algorithm.max_staleness=1", "teachers.models.expert.backend=hf"],
     # two teacher replicas: each step's one shard split between them (both cores score at once)

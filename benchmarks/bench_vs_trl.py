@@ -40,6 +40,11 @@ OURS = {  # label -> overrides of experiment=bench_trl_shapes
     # two teacher replicas: each step's one shard split between them (both cores score at once)
     "on-policy, 2 teacher replicas": ["teachers.models.expert.replicas=2"],
     "max_staleness=1, 2 teacher replicas": ["algorithm.max_staleness=1", "teachers.models.expert.replicas=2"],
+    # every role on both cores as data parallelism (TRL puts 2 threads on each stage): 2 rollout engines
+    # generating half the prompts each, 2 teacher replicas, 2 learner ranks
+    "on-policy, 2 of each role": ["rollout.replicas=2", "teachers.models.expert.replicas=2", "learner.world_size=2"],
+    "max_staleness=1, 2 of each role": ["algorithm.max_staleness=1", "rollout.replicas=2",
+                                        "teachers.models.expert.replicas=2", "learner.world_size=2"],
 }
 
 

@@ -32,6 +32,10 @@ OURS = {  # label -> overrides of experiment=bench_trl_shapes
     "on-policy": [],
     "on-policy, 2 shards": ["rollout.shards_per_replica=2"],
     "max_staleness=1": ["algorithm.max_staleness=1"],
+    # TRL's math: no importance correction of the rollout engine against the trainer, so vLLM is not asked
+    # for the sampled tokens' log-probs (TRL does not ask either)
+    "on-policy, no IS correction": ["algorithm.is_correction=none"],
+    "max_staleness=1, no IS correction": ["algorithm.max_staleness=1", "algorithm.is_correction=none"],
     "max_staleness=1, 2 shards": ["algorithm.max_staleness=1", "rollout.shards_per_replica=2"],
     # the teacher as a plain HF forward in its actor (as TRL's teacher); measured 2026-12-02: no faster at
     # these sizes (the scoring is the forward's arithmetic, not vLLM's per-request machinery)

@@ -370,7 +370,8 @@ class Orchestrator:
                 chunks = min(-(-len(group) // len(pending.plan)), max(len(r) for r in rows))
                 k = self.state.teacher_rr.get(name, 0)
                 self.state.teacher_rr[name] = k + chunks
-                calls = [((k + c) % len(group), [np.array_split(r, chunks)[c] for r in rows]) for c in range(chunks)]
+                split = [np.array_split(r, chunks) for r in rows]  # per part, one piece per replica
+                calls = [((k + c) % len(group), [pieces[c] for pieces in split]) for c in range(chunks)]
             else:
                 last[slot[name]] = name
                 calls = [(replica, rows)]

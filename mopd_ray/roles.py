@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from omegaconf import OmegaConf
 
 from .cluster import ActorGroup, Bundle, get_with_deadline
-from .config import SELF_TEACHER, resolved_backend, resolved_signal
+from .config import SELF_TEACHER, needs_rollout_logprobs, resolved_backend, resolved_signal
 from .models.compat import tokenizer_fingerprint
 from .rewards import rewards_spec
 from .workers.learner import LearnerWorker
@@ -72,15 +72,16 @@ def _common(cfg) -> dict:
     return dict(placement_timeout_s=cfg.cluster.placement_timeout_s, call_timeout_s=cfg.cluster.call_timeout_s)
 
 
-def make_rollout_group(cfg) -> ActorGroup:
+def make_rollout_group(cfg, name: str = "rollout") -> ActorGroup:
+    """The vLLM rollout engines; ``name`` names the placement group (unique in the Ray namespace)."""
     ro = cfg.rollout
     max_len = cfg.data.max_prompt_len + ro.max_new_tokens
-    spec = _plain(ro)
+    spec = {**_plain(ro), "logprobs": needs_rollout_logprobs(cfg)}
     if cfg.cluster.fault_exit_in_sync_version is not None:  # chaos testing (cluster.fault_exit_in_sync_version)
         spec["fault_exit"] = {"version": int(cfg.cluster.fault_exit_in_sync_version),
                               "marker": os.path.join(os.path.abspath(cfg.run.checkpoint_dir), "fault_exit_in_sync.done")}
     return ActorGroup(
-        "rollout", RolloutWorker, ro.replicas,
+        name, RolloutWorker, ro.replicas,
         Bundle(ro.num_cpus_per_shard * ro.tensor_parallel_size, ro.num_gpus_per_shard * ro.tensor_parallel_size,
                dict(ro.custom_resources) or None),
         init_args=lambda i: ((cfg.model.path, spec, max_len, i, cfg.model.trust_remote_code),

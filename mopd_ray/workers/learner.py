@@ -178,17 +178,20 @@ class LearnerWorker:
         g["fetch_s"] = time.perf_counter() - t0  # waiting for rollouts / scores still in flight, and the copy
         return g
 
-    def _await_rows(self, g: dict, t: Optional[dict], rows) -> None:
+    def _await_rows(self, g: dict, t: Optional[dict], rows) -> int:
         """Fetch and place the teacher scores of every part holding some of ``rows`` (None: all parts);
-        refresh the teacher tensors of ``t`` for those rows. The wait counts as fetch time."""
+        refresh the teacher tensors of ``t`` for those rows. The wait counts as fetch time. Returns how many
+        of those scores were still being computed when called (0: all were in)."""
         import ray
 
         todo = [k for k in range(len(g["offsets"]) - 1) if k not in g["placed"] and (
             rows is None or ((rows >= g["offsets"][k]) & (rows < g["offsets"][k + 1])).any())]
         if not todo:
-            return
+            return 0
         t0 = time.perf_counter()
-        got = ray.get([r for k in todo for r in g["score_refs"][k]])
+        refs = [r for k in todo for r in g["score_refs"][k]]
+        pending = len(refs) - len(ray.wait(refs, num_returns=len(refs), timeout=0)[0])
+        got = ray.get(refs)
         g["fetch_s"] += time.perf_counter() - t0
         for k in todo:
             mine, got = got[:len(g["score_refs"][k])], got[len(g["score_refs"][k]):]
@@ -196,6 +199,7 @@ class LearnerWorker:
             g["fetched_bytes"] += sum(s.nbytes() for s in mine)
             if t is not None:
                 self._teacher_tensors(g, t, np.arange(g["offsets"][k], g["offsets"][k + 1]))
+        return pending
 
     def _tensors(self, g: dict) -> dict:
         """Torch views of the local rows, each slot's teacher, signal and per-token coefficient, outcome
@@ -381,7 +385,8 @@ class LearnerWorker:
         r = torch.from_numpy(idx).to(dev)
         # the student's forward needs no teacher score: it runs while later shards are still being scored
         logits = self._forward_logits(t["tokens"][r], t["attn"][r])
-        self._await_rows(g, t, idx)  # this micro-batch's teacher scores (streamed: later shards still scoring)
+        if self._await_rows(g, t, idx):  # this micro-batch's scores (streamed: later shards still scoring)
+            g["forwards_ahead"] = g.get("forwards_ahead", 0) + 1  # its forward ran while they were computed
         bad = self._nonfinite_inputs(g, idx, None if fused else old_lp)
         if fused:  # pi_old == pi_theta now: take it from this forward instead of a second one
             old_lp[r] = token_logprobs_from_logits(logits.detach(), t["tokens"][r], self.temperature)
@@ -458,7 +463,10 @@ class LearnerWorker:
                    "response_tokens": stats[0].item(), "rows": int(stats[7].item()), "skipped_minibatches": loop["skipped"],
                    "signal_free_minibatches": loop["signal_free"],
                    "learner/fetched_bytes": g["fetched_bytes"], "learner/fetched_bytes_all_ranks": stats[8].item(),
-                   "learner/fetch_s": g["fetch_s"], "learner/start_s": g.get("start_s", float("nan")), "learner/compute_s": time.perf_counter() - t0 - g["fetch_s"]}
+                   "learner/fetch_s": g["fetch_s"], "learner/start_s": g.get("start_s", float("nan")),
+                   "learner/forwards_ahead_of_scores": g.get("forwards_ahead", 0), "learner/compute_s": time.perf_counter() - t0 - g["fetch_s"]}
+        if self.algo["is_correction"] == "none" and self.cfg["recompute_old_logprobs"]:
+            del metrics["train_rollout_logprob_gap"]  # the rollout was not asked for its log-probs
         if loop["nonfinite"]:
             metrics["nonfinite"] = loop["nonfinite"]
         if any(s != "sampled" for s in self.teacher_signals):

@@ -70,7 +70,8 @@ class RolloutWorker:
         n = self.cfg["n_samples_per_prompt"]
         parts = [list(range(len(prompts)))] if parts is None else parts
         params = [SamplingParams(n=n, temperature=self.cfg["temperature"], top_p=self.cfg["top_p"],
-                                 max_tokens=self.cfg["max_new_tokens"], logprobs=0,
+                                 max_tokens=self.cfg["max_new_tokens"],
+                                 logprobs=0 if self.cfg.get("logprobs", True) else None,
                                  # text is decoded once below for rewards; vLLM's detokenizing of every
                                  # sampled token and its log-prob entry cost ~20% of the generate time
                                  detokenize=False,
@@ -110,7 +111,9 @@ class RolloutWorker:
             resp = list(o.token_ids)
             text = self.tokenizer.decode(resp, skip_special_tokens=True)
             rows.append({"seq": list(prompt["prompt_ids"]) + resp, "plen": plen, "rlen": len(resp),
-                         "lp": [0.0] * plen + [d[t].logprob for d, t in zip(o.logprobs, resp)],
+                         # zeros when not asked for (nothing consumes them: config.needs_rollout_logprobs)
+                         "lp": [0.0] * plen + ([d[t].logprob for d, t in zip(o.logprobs, resp)] if o.logprobs
+                                               else [0.0] * len(resp)),
                          "group": prompt["group_id"], "teacher": prompt["teacher_index"],
                          "route_weight": prompt.get("route_weight"),
                          "text": text, "finished": o.finish_reason == "stop",

@@ -238,6 +238,9 @@ def test_streamed_scores_train_early_and_a_midaccumulation_nan_skips_on_every_ra
     # streamed: training began before the late scores arrived, and waited for them later
     assert s_first[0]["learner/start_s"] < 2.0 and s_first[0]["learner/fetch_s"] > 2.5
     assert h_first[0]["learner/fetch_s"] < 2.0
+    # the micro-batch of the late shard ran its forward before its scores were in; in hand, none did
+    assert all(m["learner/forwards_ahead_of_scores"] >= 1 for m in s_first)
+    assert all(m["learner/forwards_ahead_of_scores"] == 0 for m in h_first)
     for key in ("loss", "reverse_kl", "grad_norm", "entropy"):
         assert s_first[0][key] == pytest.approx(h_first[0][key], rel=1e-5, abs=1e-7), key
     assert [m["skipped_minibatches"] for m in skipped] == [1, 1]

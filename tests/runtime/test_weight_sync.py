@@ -101,3 +101,24 @@ def test_rollouts_are_rewarded_by_train_rewards_and_evaluated_by_the_judge(rollo
     assert meta["reward_sum_by_domain"]["add"] == len(by_domain["add"])
     acc = rollout.gather(rollout.call(0, "evaluate", prompts, 0, 0))
     assert acc["add"]["accuracy"] == 0.0 and acc["sort"]["accuracy"] == 0.0
+
+
+def test_rollout_logprobs_are_asked_for_only_when_something_consumes_them(rollout, artifacts):
+    """With no importance correction and pi_old recomputed by the learner, vLLM is not asked for the
+    sampled tokens' log-probs (zeros in the batch); otherwise they are there at every response token."""
+    from mopd_ray.config import needs_rollout_logprobs
+
+    prompts = [{"prompt_ids": SEQS[i % 2][:9], "domain": "add", "answer": "1", "group_id": i,
+                "teacher_index": [-1]} for i in range(4)]
+    cfg = compose_cfg(f"run.artifacts_dir={artifacts}", "rollout.max_new_tokens=8", "algorithm.is_correction=none")
+    assert not needs_rollout_logprobs(cfg)
+    assert needs_rollout_logprobs(compose_cfg("algorithm.is_correction=none", "learner.recompute_old_logprobs=false"))
+    bare = make_rollout_group(cfg, name="rollout:no-logprobs")
+    try:
+        (without, _), (with_lp, _) = [g.gather(g.call(0, "generate", prompts, 3, 0)) for g in (bare, rollout)]
+    finally:
+        bare.shutdown()
+    assert without.response_lens_B.sum() >= 8
+    resp = with_lp.response_mask_BL().astype(bool)
+    assert resp.sum() >= 8 and (with_lp.rollout_logprobs_BL[resp] < 0).all()
+    assert (without.rollout_logprobs_BL == 0).all()

@@ -147,9 +147,14 @@ def _single_node(cfg) -> bool:
     return cfg.cluster.mode == "local" and not os.environ.get("RAY_ADDRESS")
 
 
-def setup_learners(cfg, learners: ActorGroup) -> list:
+def start_learner_setup(cfg, learners: ActorGroup) -> list:
+    """Start every rank's DeepSpeed init (refs; gather them with ``learners.gather``)."""
     addr, port = learners.gather(learners.call(0, "master_address", _single_node(cfg)), "master_address")
-    return learners.gather(learners.call_all("setup", addr, port, cfg.cluster.call_timeout_s), "setup (DeepSpeed init)")
+    return learners.call_all("setup", addr, port, cfg.cluster.call_timeout_s)
+
+
+def setup_learners(cfg, learners: ActorGroup) -> list:
+    return learners.gather(start_learner_setup(cfg, learners), "setup (DeepSpeed init)")
 
 
 def build_roles(cfg, tokenizer, teacher_names: list | None = None) -> Roles:
@@ -176,12 +181,14 @@ def build_roles(cfg, tokenizer, teacher_names: list | None = None) -> Roles:
         learners = make_learner_group(cfg, teacher_names)
         groups.append(learners)
         roles = Roles(rollout, teachers, learners, teacher_names)
-        # Engines load in parallel; a failure (bad model folder, OOM) surfaces here with its role named.
+        # Engines load and learners initialise DeepSpeed in parallel; a failure (bad model folder, OOM)
+        # surfaces here with its role named.
+        learners_up = start_learner_setup(cfg, learners)
         rollout.gather(rollout.call_all("ready"), "start (loading the student in vLLM)")
         for name, g in teachers.items():
             g.gather(g.call_all("ready"), f"start (loading teacher '{name}'"
                      + (f", pool '{cfg.teachers.models[name].pool}')" if cfg.teachers.models[name].pool else ")"))
-        log.debug("learners ready: %s", setup_learners(cfg, learners)[0])
+        log.debug("learners ready: %s", learners.gather(learners_up, "setup (DeepSpeed init)")[0])
         log.info("%s", preflight.run(cfg, roles, student_fingerprint(tokenizer, cfg.model.path), tokenizer))
         share_teacher_heads(cfg, roles)
         if cfg.rollout.weight_sync == "broadcast":

@@ -17,6 +17,11 @@ def cpu_engine_env(omp_bind: str | None = None) -> dict[str, str]:
         "VLLM_ENABLE_V1_MULTIPROCESSING": "0",  # in-process: 2.5 s start, ~1 GB, faster on few cores
         "OMP_NUM_THREADS": "1",
         "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
+        # vLLM wraps two small sampler ops in torch.compile (the rank of each scored token, the random
+        # sample); on CPU their first call costs ~4 s of inductor compiling per engine process (measured:
+        # a first prompt-log-prob request 4.08 s, 0.045 s without), paid at every start. Eager instead
+        # (the rank count holds one [tokens, vocab] bool more, a quarter of the log-prob tensor it reads).
+        "TORCHDYNAMO_DISABLE": "1",
     }
     if omp_bind is not None:
         env["VLLM_CPU_OMP_THREADS_BIND"] = omp_bind

@@ -11,20 +11,44 @@ def on_gpu() -> bool:
     return torch.cuda.is_available()
 
 
-def cpu_engine_env(omp_bind: str | None = None) -> dict[str, str]:
-    """Environment for a vLLM CPU engine: in-process engine core, one thread, explicit core binding."""
+def cpu_engine_env(omp_bind: str | None = None, enforce_eager: bool = True) -> dict[str, str]:
+    """Environment for a vLLM CPU engine: in-process engine core, one thread, explicit core binding;
+    eager engines compile nothing (see TORCHDYNAMO_DISABLE below)."""
     env = {
         "VLLM_ENABLE_V1_MULTIPROCESSING": "0",  # in-process: 2.5 s start, ~1 GB, faster on few cores
         "OMP_NUM_THREADS": "1",
         "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
-        # vLLM wraps two small sampler ops in torch.compile (the rank of each scored token, the random
-        # sample); on CPU their first call costs ~4 s of inductor compiling per engine process (measured:
-        # a first prompt-log-prob request 4.08 s, 0.045 s without), paid at every start. Eager instead
-        # (the rank count holds one [tokens, vocab] bool more, a quarter of the log-prob tensor it reads).
-        "TORCHDYNAMO_DISABLE": "1",
     }
+    if enforce_eager:
+        # vLLM wraps two small sampler ops in torch.compile even in eager mode (the rank of each scored
+        # token, the random sample); on CPU their first call costs ~4 s of inductor compiling per engine
+        # process (measured: a first prompt-log-prob request 4.08 s, 0.045 s without), paid at every start.
+        # An eager engine runs them eager too (the rank count holds one [tokens, vocab] bool more, a quarter
+        # of the log-prob tensor it reads). A compiled engine (enforce_eager=false) compiles them as well.
+        env["TORCHDYNAMO_DISABLE"] = "1"
     if omp_bind is not None:
         env["VLLM_CPU_OMP_THREADS_BIND"] = omp_bind
+    return env
+
+
+_dynamo_off_by_us = False  # whether this process's TORCHDYNAMO_DISABLE=1 came from cpu_engine_env
+
+
+def apply_cpu_engine_env(omp_bind: str | None, enforce_eager: bool, tensor_parallel_size: int) -> dict:
+    """Set a CPU engine's environment in this process (before vLLM is imported; TP workers inherit it).
+    A compiled engine made after an eager one in the same process compiles again (unless the user
+    disabled dynamo themselves)."""
+    global _dynamo_off_by_us
+    env = cpu_engine_env(omp_bind, enforce_eager)
+    if tensor_parallel_size > 1:
+        env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"
+        env.setdefault("VLLM_CPU_OMP_THREADS_BIND", "|".join(str(i) for i in range(tensor_parallel_size)))
+    if "TORCHDYNAMO_DISABLE" in env:
+        _dynamo_off_by_us = _dynamo_off_by_us or os.environ.get("TORCHDYNAMO_DISABLE") != "1"
+    elif _dynamo_off_by_us:
+        os.environ.pop("TORCHDYNAMO_DISABLE", None)
+        _dynamo_off_by_us = False
+    os.environ.update(env)
     return env
 
 
@@ -35,11 +59,7 @@ def make_llm(model_path: str, *, dtype: str = "float32", max_model_len: int = 25
     """An ``LLM`` for ``model_path``. On CPU: in-process, KV cache sized in bytes, eager mode."""
     gpu = on_gpu()
     if not gpu:
-        env = cpu_engine_env(omp_bind)
-        if tensor_parallel_size > 1:
-            env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"
-            env.setdefault("VLLM_CPU_OMP_THREADS_BIND", "|".join(str(i) for i in range(tensor_parallel_size)))
-        os.environ.update(env)
+        apply_cpu_engine_env(omp_bind, enforce_eager, tensor_parallel_size)
     from vllm import LLM
 
     kwargs = dict(model=model_path, dtype=dtype, max_model_len=max_model_len, seed=seed, max_logprobs=max_logprobs,

@@ -1,0 +1,31 @@
+"""The CPU engine's environment: eager engines compile nothing, compiled ones compile again after them."""
+
+import os
+
+import pytest
+
+from mopd_ray.workers import vllm_engine
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    monkeypatch.delenv("TORCHDYNAMO_DISABLE", raising=False)
+    monkeypatch.setattr(vllm_engine, "_dynamo_off_by_us", False)
+    for k in ("VLLM_ENABLE_V1_MULTIPROCESSING", "OMP_NUM_THREADS", "VLLM_CPU_NUM_OF_RESERVED_CPU",
+              "VLLM_CPU_OMP_THREADS_BIND"):
+        monkeypatch.delenv(k, raising=False)
+
+
+def test_eager_then_compiled_engine_in_one_process(clean_env):
+    vllm_engine.apply_cpu_engine_env(None, True, 1)
+    assert os.environ["TORCHDYNAMO_DISABLE"] == "1" and os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
+    env = vllm_engine.apply_cpu_engine_env(None, False, 2)  # compiled, TP=2: worker processes, bound cores
+    assert "TORCHDYNAMO_DISABLE" not in os.environ and "TORCHDYNAMO_DISABLE" not in env
+    assert os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "1" and os.environ["VLLM_CPU_OMP_THREADS_BIND"] == "0|1"
+
+
+def test_a_users_own_dynamo_switch_is_left_alone(clean_env, monkeypatch):
+    monkeypatch.setenv("TORCHDYNAMO_DISABLE", "1")
+    vllm_engine.apply_cpu_engine_env(None, True, 1)
+    vllm_engine.apply_cpu_engine_env(None, False, 1)
+    assert os.environ["TORCHDYNAMO_DISABLE"] == "1"

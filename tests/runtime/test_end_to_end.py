@@ -287,8 +287,8 @@ def test_a_shard_split_among_teacher_replicas_trains_as_one_replica(local_ray, a
     for replicas in (1, 2):
         cfg = compose_cfg("experiment=local_smoke", f"run.artifacts_dir={artifacts}", "run.total_steps=2",
                           "logging.wandb_mode=disabled", "logging.progress_bar=false", "run.eval_every=0",
-                          f"teachers.models.add_expert.replicas={replicas}",
-                          *[f"teachers.models.{t}.backend=hf" for t in ("add_expert", "reverse_expert")])
+                          f"teachers.models.add_expert.replicas={replicas}", "teachers.models.add_expert.backend=hf",
+                          "data.domains=[add]")  # only the teacher under test starts
         Orchestrator(cfg, str(tmp_path / f"r{replicas}")).run()
         runs[replicas] = read_metrics(tmp_path / f"r{replicas}")
     assert [r["teacher/add_expert/replicas_busy"] for r in runs[2]] == [2, 2]

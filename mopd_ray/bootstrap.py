@@ -36,26 +36,37 @@ def _sft_rows(tokenizer, rows: list, max_prompt_len: int) -> tuple[list, list]:
     return seqs, plens
 
 
-def sft(cfg, init_path: str, out_path: str, rows: list, steps: int, lr: float, batch: int, seed: int) -> list:
-    """Supervised fine-tuning with the learner group; writes a transformers folder. Returns losses."""
+def sft_config(cfg, init_path: str, steps: int, lr: float, batch: int, seed: int):
+    """The config of one SFT: the bootstrap's own optimizer settings, whatever the runs that follow use
+    (recipe_of keys the rest)."""
+    return OmegaConf.merge(cfg, {"model": {"path": init_path}, "learner": {"lr": lr, "min_lr": lr / 10,
+                                                                         "micro_batch_size": batch, "warmup_steps": 0,
+                                                                         "mini_batches_per_step": 1,
+                                                                         "lr_schedule": "cosine"},
+                                 "data": {"prompts_per_step": batch}, "rollout": {"n_samples_per_prompt": 1},
+                                 "run": {"total_steps": steps, "seed": seed}})
+
+
+def sft(cfg, init_path: str, out_path: str, rows: list, steps: int, lr: float, batch: int, seed: int,
+        learners=None) -> list:
+    """Supervised fine-tuning with the learner group; writes a transformers folder. Returns losses.
+    ``learners``: a group already set up (kept; its ranks reload ``init_path``), else one made here."""
     from transformers import AutoTokenizer
 
-    from .roles import make_learner_group, setup_learners
+    from .roles import _plain, make_learner_group, setup_learners
 
     tokenizer = AutoTokenizer.from_pretrained(init_path)
     seqs, plens = _sft_rows(tokenizer, rows, cfg.data.max_prompt_len)
-    # the bootstrap's own optimizer settings, whatever the runs that follow use (recipe_of keys the rest)
-    c = OmegaConf.merge(cfg, {"model": {"path": init_path}, "learner": {"lr": lr, "min_lr": lr / 10,
-                                                                          "micro_batch_size": batch, "warmup_steps": 0,
-                                                                          "mini_batches_per_step": 1,
-                                                                          "lr_schedule": "cosine"},
-                              "data": {"prompts_per_step": batch}, "rollout": {"n_samples_per_prompt": 1},
-                              "run": {"total_steps": steps, "seed": seed}})
-    learners = make_learner_group(c, [])
+    c = sft_config(cfg, init_path, steps, lr, batch, seed)
+    own = learners is None
     rng = np.random.default_rng(seed)
     losses = []
     try:
-        setup_learners(c, learners)
+        if own:
+            learners = make_learner_group(c, [])
+            setup_learners(c, learners)
+        else:
+            learners.gather(learners.call_all("reload", init_path, _plain(c.learner), steps, batch, seed), "reload")
         for step in range(steps):
             idx = rng.choice(len(seqs), size=batch, replace=False)
             out = learners.gather(learners.call_all("sft_step", [seqs[i] for i in idx], [plens[i] for i in idx]),
@@ -69,7 +80,8 @@ def sft(cfg, init_path: str, out_path: str, rows: list, steps: int, lr: float, b
             shutil.rmtree(out_path)
         Path(tmp).rename(out_path)
     finally:
-        learners.shutdown()
+        if own and learners is not None:
+            learners.shutdown()
     return losses
 
 
@@ -154,14 +166,24 @@ def _bootstrap_locked(cfg, out: Path, recipe: dict) -> dict:
     train = generate_split(domains, cfg.data.num_train_per_domain, cfg.data.seed, "train")
     evals = generate_split(domains, cfg.data.num_eval_per_domain, cfg.data.seed, "eval")
     base = out / "student_base"
-    losses = {"student_base": sft(cfg, str(init), str(base), train, d.base_steps, d.base_lr, d.batch, d.seed)}
-    paths = {"student_base": str(base)}
-    for i, dom in enumerate(domains):
-        rows = [r for r in train if r["domain"] == dom]
-        p = out / f"teacher_{dom}"
-        losses[f"teacher_{dom}"] = sft(cfg, str(base), str(p), rows, d.teacher_steps, d.teacher_lr, d.batch,
-                                       d.seed + 1 + i)
-        paths[f"teacher_{dom}"] = str(p)
+    # one learner group trains every model in turn (a group's start costs ~10 s of imports per rank)
+    from .roles import make_learner_group, setup_learners
+
+    first = sft_config(cfg, str(init), d.base_steps, d.base_lr, d.batch, d.seed)
+    learners = make_learner_group(first, [])
+    try:
+        setup_learners(first, learners)
+        losses = {"student_base": sft(cfg, str(init), str(base), train, d.base_steps, d.base_lr, d.batch, d.seed,
+                                      learners)}
+        paths = {"student_base": str(base)}
+        for i, dom in enumerate(domains):
+            rows = [r for r in train if r["domain"] == dom]
+            p = out / f"teacher_{dom}"
+            losses[f"teacher_{dom}"] = sft(cfg, str(base), str(p), rows, d.teacher_steps, d.teacher_lr, d.batch,
+                                           d.seed + 1 + i, learners)
+            paths[f"teacher_{dom}"] = str(p)
+    finally:
+        learners.shutdown()
     accuracy = held_out_accuracy(cfg, paths, evals)
     manifest = {"recipe": recipe, "paths": paths, "accuracy": accuracy, "final_sft_loss":
                 {k: v[-1] for k, v in losses.items()}, "seconds": time.time() - t0}

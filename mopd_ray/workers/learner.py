@@ -68,11 +68,8 @@ class LearnerWorker:
         return ip, free_port(ip)
 
     def setup(self, master_addr: str, master_port: int, timeout_s: float = 600.0) -> dict:
-        import deepspeed
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        from .deepspeed_env import init_distributed, set_dist_env, zero_config
+        """Join the ranks' process group, then build the model, optimizer and DeepSpeed engine."""
+        from .deepspeed_env import init_distributed, set_dist_env
 
         if master_addr.startswith("file://"):
             set_dist_env(self.rank, self.world_size, "127.0.0.1", 0)
@@ -80,6 +77,27 @@ class LearnerWorker:
         else:
             set_dist_env(self.rank, self.world_size, master_addr, master_port)
             init_distributed(timeout_s)
+        return self._build_engine()
+
+    def reload(self, model_path: str, learner_cfg: dict, total_steps: int, rows_per_step: int, seed: int) -> dict:
+        """Another model and optimizer in the same ranks (their process group kept): one learner group
+        trains several models in turn (the demonstration's bootstrap), each as a fresh group would."""
+        import gc
+
+        self.engine = self.optimizer = self.scheduler = None
+        gc.collect()
+        self.model_path, self.cfg, self.total_steps, self.rows_per_step, self.seed = (
+            model_path, learner_cfg, total_steps, rows_per_step, seed)
+        self.optimizer_steps = 0
+        return self._build_engine()
+
+    def _build_engine(self) -> dict:
+        import deepspeed
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from .deepspeed_env import zero_config
+
         torch.manual_seed(self.seed)
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
         c = self.cfg

@@ -103,8 +103,8 @@ def test_bootstrap_and_every_run_of_the_demo_and_the_cascade(tmp_path):
 
     bootstrap(_compose(overrides))
     assert (tmp_path / "art/demo/seed0/manifest.json").stat().st_mtime_ns == stamp
-    # the base student trained again from the same initial weights and seed (another folder, another
-    # learner group) is byte-identical: every bootstrap model comes from this sft()
+    # the last teacher trained again from the same base and seed, in a fresh learner group, is
+    # byte-identical to the bootstrap's, which came fourth out of one group reloaded for each model
     from mopd_ray.bootstrap import sft
     from mopd_ray.data.domains import generate_split
 
@@ -114,9 +114,13 @@ def test_bootstrap_and_every_run_of_the_demo_and_the_cascade(tmp_path):
     cfg = _compose(overrides)
     init_ray(cfg.cluster, resource_demand(cfg)["CPU"])
     d, seed0 = cfg.demo, tmp_path / "art/demo/seed0"
-    train = generate_split(list(cfg.data.domains), cfg.data.num_train_per_domain, cfg.data.seed, "train")
-    sft(cfg, str(seed0 / "init"), str(tmp_path / "again"), train, d.base_steps, d.base_lr, d.batch, d.seed)
-    assert (tmp_path / "again/model.safetensors").read_bytes() == (seed0 / "student_base/model.safetensors").read_bytes()
+    domains = list(cfg.data.domains)
+    rows = [r for r in generate_split(domains, cfg.data.num_train_per_domain, cfg.data.seed, "train")
+            if r["domain"] == domains[-1]]
+    sft(cfg, str(seed0 / "student_base"), str(tmp_path / "again"), rows, d.teacher_steps, d.teacher_lr, d.batch,
+        d.seed + len(domains))
+    assert (tmp_path / "again/model.safetensors").read_bytes() == \
+        (seed0 / f"teacher_{domains[-1]}/model.safetensors").read_bytes()
     # the cascade from the same bootstrap: its stages, recovery runs over seeds, and resume
     from .test_cascade import check_a_miniature_cascade
 

@@ -76,7 +76,8 @@ def make_rollout_group(cfg, name: str = "rollout") -> ActorGroup:
     """The vLLM rollout engines; ``name`` names the placement group (unique in the Ray namespace)."""
     ro = cfg.rollout
     max_len = cfg.data.max_prompt_len + ro.max_new_tokens
-    spec = {**_plain(ro), "logprobs": needs_rollout_logprobs(cfg)}
+    logprobs = needs_rollout_logprobs(cfg.algorithm.is_correction, cfg.learner.recompute_old_logprobs)
+    spec = {**_plain(ro), "logprobs": logprobs}
     if cfg.cluster.fault_exit_in_sync_version is not None:  # chaos testing (cluster.fault_exit_in_sync_version)
         spec["fault_exit"] = {"version": int(cfg.cluster.fault_exit_in_sync_version),
                               "marker": os.path.join(os.path.abspath(cfg.run.checkpoint_dir), "fault_exit_in_sync.done")}

@@ -16,6 +16,7 @@ from typing import Optional
 import numpy as np
 
 from ..batch import RolloutBatch, batch_nbytes
+from ..config import needs_rollout_logprobs
 
 def lr_factor(step: int, total: int, warmup: int, schedule: str, min_ratio: float) -> float:
     if warmup and step < warmup:
@@ -483,7 +484,7 @@ class LearnerWorker:
                    "learner/fetched_bytes": g["fetched_bytes"], "learner/fetched_bytes_all_ranks": stats[8].item(),
                    "learner/fetch_s": g["fetch_s"], "learner/start_s": g.get("start_s", float("nan")),
                    "learner/forwards_ahead_of_scores": g.get("forwards_ahead", 0), "learner/compute_s": time.perf_counter() - t0 - g["fetch_s"]}
-        if self.algo["is_correction"] == "none" and self.cfg["recompute_old_logprobs"]:
+        if not needs_rollout_logprobs(self.algo["is_correction"], self.cfg["recompute_old_logprobs"]):
             del metrics["train_rollout_logprob_gap"]  # the rollout was not asked for its log-probs
         if loop["nonfinite"]:
             metrics["nonfinite"] = loop["nonfinite"]

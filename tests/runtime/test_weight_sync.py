@@ -111,8 +111,8 @@ def test_rollout_logprobs_are_asked_for_only_when_something_consumes_them(rollou
     prompts = [{"prompt_ids": SEQS[i % 2][:9], "domain": "add", "answer": "1", "group_id": i,
                 "teacher_index": [-1]} for i in range(4)]
     cfg = compose_cfg(f"run.artifacts_dir={artifacts}", "rollout.max_new_tokens=8", "algorithm.is_correction=none")
-    assert not needs_rollout_logprobs(cfg)
-    assert needs_rollout_logprobs(compose_cfg("algorithm.is_correction=none", "learner.recompute_old_logprobs=false"))
+    assert not needs_rollout_logprobs(cfg.algorithm.is_correction, cfg.learner.recompute_old_logprobs)
+    assert needs_rollout_logprobs("none", False) and needs_rollout_logprobs("tis", True)
     bare = make_rollout_group(cfg, name="rollout:no-logprobs")
     try:
         (without, _), (with_lp, _) = [g.gather(g.call(0, "generate", prompts, 3, 0)) for g in (bare, rollout)]

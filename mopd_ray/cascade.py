@@ -62,6 +62,14 @@ def grpo_overrides(cfg) -> list:
             "rollout.n_samples_per_prompt=4", *cfg.demo.grpo_overrides]
 
 
+def pool_overrides(cfg, members: list) -> list:
+    """``members`` served by the pool ``teachers.pools.cascade`` (cascade.teacher_pool); one replica unless
+    the user's overrides define the pool (their settings then apply)."""
+    defined = "cascade" in cfg.teachers.pools
+    return [*([] if defined else ["teachers.pools.cascade.replicas=1"]),
+            *(f"teachers.models.{m}.pool=cascade" for m in members)]
+
+
 def recovery_variants(cfg, student: str, stage_dirs: dict) -> list:
     """(name, overrides) of the recovery runs: MOPD per signal and self weight, and the GRPO baseline."""
     cc = cfg.cascade
@@ -76,6 +84,8 @@ def recovery_variants(cfg, student: str, stage_dirs: dict) -> list:
                     routes.append(f"teachers.routing.{dom}={st.name}" if w == 0 else
                                   f"teachers.routing.{dom}=[{{teacher:{st.name},weight:1.0}},{{teacher:self,weight:{w}}}]")
             extra = ["teachers.models.self.weight=1.0"] if w > 0 else []
+            if cc.teacher_pool:
+                extra += pool_overrides(cfg, [*(st.name for st in cc.stages), *(["self"] if w > 0 else [])])
             name = f"recover_{sig}" + (f"_self{w:g}" if w > 0 else "")
             out.append((name, [*common, *extra, *routes, f"algorithm.signal={sig}", *cc.signal_overrides.get(sig, [])]))
     if cc.grpo_baseline:

@@ -354,6 +354,10 @@ class CascadeConfig:
     signal_overrides: Dict[str, List[str]] = field(default_factory=dict)  # per signal, as demo.signal_overrides
     run_seeds: List[int] = field(default_factory=lambda: [0])  # recovery runs repeated per run.seed
     grpo_baseline: bool = True  # reward-only GRPO from the last stage's student, per seed (demo.grpo_overrides)
+    # serve every recovery teacher (each stage's checkpoint and `self`, all grown from one student, so of
+    # one architecture) from one shared pool of engines, teachers.pools.cascade (replicas: 1 unless set),
+    # instead of one engine group per teacher: N + 1 teachers on one engine's devices, weights swapped
+    teacher_pool: bool = False
 
 
 @dataclass

@@ -45,6 +45,29 @@ def test_cascade_config_stages_and_recovery_runs():
     assert max_cpus(cfg, ["experiment=cascade"]) == resource_demand(rec)["CPU"] == resource_demand(cfg)["CPU"] + 1
 
 
+def test_cascade_recovery_teachers_from_one_pool():
+    """cascade.teacher_pool: every stage checkpoint and `self` on the engines of one pool (they are of one
+    architecture, grown from one student); a pool the user defines keeps its settings."""
+    cfg = compose_cfg("experiment=cascade", "cascade.teacher_pool=true")
+    dirs = {st.name: f"/out/stages/{st.name}/student_final" for st in cfg.cascade.stages}
+    runs = dict(recovery_variants(cfg, dirs["stage_sort"], dirs))
+    rec = compose_cfg("experiment=cascade", *runs["recover_topk_self0.25"])
+    validate(rec)
+    assert {n: t.pool for n, t in rec.teachers.models.items()} == {**{n: "cascade" for n in dirs}, "self": "cascade"}
+    assert rec.teachers.pools.cascade.replicas == 1
+    alone = compose_cfg("experiment=cascade", *runs["recover_topk"])
+    assert {n: t.pool for n, t in alone.teachers.models.items()} == {n: "cascade" for n in dirs}  # no self
+    from mopd_ray.config import resource_demand
+
+    dedicated = compose_cfg("experiment=cascade", *dict(recovery_variants(
+        compose_cfg("experiment=cascade"), dirs["stage_sort"], dirs))["recover_topk_self0.25"])
+    assert resource_demand(dedicated)["CPU"] - resource_demand(rec)["CPU"] == 3  # 4 teacher engines -> 1
+    mine = compose_cfg("experiment=cascade", "cascade.teacher_pool=true", "teachers.pools.cascade.replicas=2")
+    o = dict(recovery_variants(mine, dirs["stage_sort"], dirs))["recover_sampled"]
+    assert not any(x.startswith("teachers.pools.cascade.replicas") for x in o)
+    assert compose_cfg("experiment=cascade", "teachers.pools.cascade.replicas=2", *o).teachers.pools.cascade.replicas == 2
+
+
 @pytest.mark.parametrize("override, key", [
     ("cascade.stages=[{name: a, domains: [add], teacher: nobody}]", "cascade.stages[0].teacher"),
     ("cascade.stages=[{name: a, domains: [add, chess]}]", "cascade.stages[0].domains"),
@@ -79,8 +102,9 @@ def test_cascade_summary_spread_over_seeds():
 
 def check_a_miniature_cascade(tmp_path, demo_overrides: list) -> None:
     """Run by the demonstration's slow test, on its bootstrap: a distilled stage then a GRPO stage, each
-    measured on every domain; recovery with the stage checkpoints (and `self`) as teachers over two
-    seeds; a second launch reuses every finished run and reruns the one that did not finish."""
+    measured on every domain; recovery with the stage checkpoints (and `self`) as teachers, served by one
+    pooled engine, over two seeds; a second launch reuses every finished run and reruns the one that did
+    not finish."""
     from mopd_ray.cascade import run_cascade
 
     out = tmp_path / "cascade"
@@ -89,7 +113,8 @@ def check_a_miniature_cascade(tmp_path, demo_overrides: list) -> None:
                  "cascade.stages=[{name: first, domains: [add, reverse], teacher: add_expert, steps: 2},"
                  "{name: second, domains: [sort], steps: 2}]",
                  "cascade.signals=[sampled]", "cascade.self_weights=[0.5]", "cascade.recovery_steps=2",
-                 "cascade.run_seeds=[0,1]", "cascade.grpo_baseline=false"]
+                 "cascade.run_seeds=[0,1]", "cascade.grpo_baseline=false",
+                 "cascade.teacher_pool=true"]  # the recovery's three teachers on one engine
     summary = run_cascade(overrides)
     cfg_of = (lambda d: json.loads((out / d / "run.json").read_text())["config"])  # the run's resolved config
     first, second = cfg_of("stages/first"), cfg_of("stages/second")
@@ -103,6 +128,7 @@ def check_a_miniature_cascade(tmp_path, demo_overrides: list) -> None:
         assert rec["run"]["seed"] == seed and rec["model"]["path"] == str(out / "stages/second/student_final")
         assert rec["teachers"]["models"]["first"]["model_path"] == str(out / "stages/first/student_final")
         assert rec["teachers"]["routing"]["sort"] == [{"teacher": "second", "weight": 1.0}, {"teacher": "self", "weight": 0.5}]
+        assert {n: t["pool"] for n, t in rec["teachers"]["models"].items()} == dict.fromkeys(("first", "second", "self"), "cascade")
         steps = [json.loads(x) for x in (out / f"seed{seed}/recover_sampled_self0.5/metrics.jsonl").read_text().splitlines()]
         assert len(steps) == 2 and {"teacher/first/reverse_kl", "teacher/self/reverse_kl"} <= set(steps[-1])
     r = summary["recovery"]["recover_sampled_self0.5"]

@@ -515,14 +515,6 @@ def route_slots(cfg) -> int:
     return max((len(r) for r in routes(cfg).values()), default=1) if cfg.algorithm.signal != "none" else 1
 
 
-def needs_rollout_logprobs(is_correction: str, recompute_old_logprobs: bool) -> bool:
-    """Whether anything consumes the rollout engine's log-probs of its sampled tokens: the
-    importance-sampling correction (``algorithm.is_correction``) or pi_old taken from the rollout
-    (``learner.recompute_old_logprobs=false``). When nothing does, vLLM is not asked for them (they cost
-    17-20% of the generate time of a tiny student here) and ``train_rollout_logprob_gap`` is not reported."""
-    return is_correction != "none" or not recompute_old_logprobs
-
-
 def resolved_backend(cfg, teacher_name: str) -> str:
     """The scoring backend of a teacher: its own setting; "auto" is vLLM (it serves every signal)."""
     t = cfg.teachers.models[teacher_name]

@@ -9,8 +9,9 @@ from dataclasses import dataclass
 
 from omegaconf import OmegaConf
 
+from .algo.mismatch import needs_rollout_logprobs
 from .cluster import ActorGroup, Bundle, get_with_deadline
-from .config import SELF_TEACHER, needs_rollout_logprobs, resolved_backend, resolved_signal
+from .config import SELF_TEACHER, resolved_backend, resolved_signal
 from .models.compat import tokenizer_fingerprint
 from .rewards import rewards_spec
 from .workers.learner import LearnerWorker

@@ -16,7 +16,7 @@ from typing import Optional
 import numpy as np
 
 from ..batch import RolloutBatch, batch_nbytes
-from ..config import needs_rollout_logprobs
+from ..algo.mismatch import needs_rollout_logprobs
 
 def lr_factor(step: int, total: int, warmup: int, schedule: str, min_ratio: float) -> float:
     if warmup and step < warmup:

@@ -111,7 +111,7 @@ class RolloutWorker:
             resp = list(o.token_ids)
             text = self.tokenizer.decode(resp, skip_special_tokens=True)
             rows.append({"seq": list(prompt["prompt_ids"]) + resp, "plen": plen, "rlen": len(resp),
-                         # zeros when not asked for (nothing consumes them: config.needs_rollout_logprobs)
+                         # zeros when not asked for (nothing consumes them: algo.mismatch.needs_rollout_logprobs)
                          "lp": [0.0] * plen + ([d[t].logprob for d, t in zip(o.logprobs, resp)] if o.logprobs
                                                else [0.0] * len(resp)),
                          "group": prompt["group_id"], "teacher": prompt["teacher_index"],

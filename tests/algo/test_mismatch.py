@@ -59,3 +59,11 @@ def test_gates_are_detached_finite_on_padding_and_named():
         assert out.weights_BT[0, 0].item() == pytest.approx(1.0)
     empty = is_correction("tis", train, rollout, torch.zeros(1, 2))
     assert empty.clipped_fraction.item() == 0.0
+
+
+def test_rollout_logprobs_are_needed_only_by_a_gate_or_a_rollout_pi_old():
+    from mopd_ray.algo.mismatch import needs_rollout_logprobs
+
+    assert not needs_rollout_logprobs("none", True)
+    assert needs_rollout_logprobs("none", False) and needs_rollout_logprobs("tis", True)
+    assert needs_rollout_logprobs("icepop", True) and needs_rollout_logprobs("tis", False)

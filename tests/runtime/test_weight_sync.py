@@ -106,7 +106,7 @@ def test_rollouts_are_rewarded_by_train_rewards_and_evaluated_by_the_judge(rollo
 def test_rollout_logprobs_are_asked_for_only_when_something_consumes_them(rollout, artifacts):
     """With no importance correction and pi_old recomputed by the learner, vLLM is not asked for the
     sampled tokens' log-probs (zeros in the batch); otherwise they are there at every response token."""
-    from mopd_ray.config import needs_rollout_logprobs
+    from mopd_ray.algo.mismatch import needs_rollout_logprobs
 
     prompts = [{"prompt_ids": SEQS[i % 2][:9], "domain": "add", "answer": "1", "group_id": i,
                 "teacher_index": [-1]} for i in range(4)]

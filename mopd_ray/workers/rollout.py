@@ -75,8 +75,8 @@ class RolloutWorker:
                                  # text is decoded once below for rewards; vLLM's detokenizing of every
                                  # sampled token and its log-prob entry cost ~20% of the generate time
                                  detokenize=False,
-                                 # flat lists instead of a dict and a Logprob object per token: 5 of the
-                                 # ~25 ms that asking for log-probs adds to a 16 x 32-token generate here
+                                 # flat lists instead of a dict and a Logprob object per sampled token
+                                 # (one engine, 16 x 32 tokens: 143 against 149 ms per generate)
                                  flat_logprobs=True,
                                  seed=(seed * 1_000_003 + step * 10_007 + p["group_id"]) % (2**31))
                   for p in prompts]

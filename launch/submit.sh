@@ -3,7 +3,7 @@
 #
 #   RAY_ADDRESS=http://<head>:8265 launch/submit.sh experiment=qwen3_math_code [more Hydra overrides]
 #
-# Ships this repository as the job's working directory (without .venv, artifacts, outputs) and runs
+# Ships this repository as the job's working directory (without .venv, artifacts, outputs, checkpoints) and runs
 # `python -m mopd_ray.main cluster=ray_cluster <overrides>` on the cluster; the driver joins the
 # cluster and places each role with placement groups. NO_WAIT=1 returns after submission.
 # Ray 2.60 clusters authenticate with a token: RAY_AUTH_MODE=token must be set here and on the head.
@@ -16,7 +16,10 @@ RUNTIME_ENV=$("$PY" - <<'PYEOF'
 import json, os
 env = {k: os.environ[k] for k in ("WANDB_MODE", "WANDB_PROJECT", "HF_HOME") if k in os.environ}
 print(json.dumps({
-    "excludes": [".venv/", "artifacts/", "outputs/", "multirun/", "wandb/", ".git/", "*.egg-info/", "__pycache__/"],
+    # stated here, not left to Ray's reading of .gitignore: a copy without it (or with
+    # RAY_RUNTIME_ENV_IGNORE_GITIGNORE=1) would ship every local checkpoint with the job
+    "excludes": [".venv/", "artifacts/", "outputs/", "multirun/", "wandb/", ".git/", "*.egg-info/", "__pycache__/",
+                 "checkpoints/", "build/", ".pytest_cache/"],
     "env_vars": {"PYTHONUNBUFFERED": "1", **env},
 }))
 PYEOF

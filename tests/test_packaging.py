@@ -54,3 +54,37 @@ def test_setup_script_handles_platform_quirks_and_ci_runs_readme_command():
     ci = [ln for ln in (ROOT / ".ci" / "run").read_text().splitlines() if ln and not ln.startswith(("#", "set ", "cd "))]
     readme = (ROOT / "README.md").read_text()
     assert ci == ["make test"] and "make test" in readme and "make run" in readme
+
+
+def test_job_submit_ships_no_local_checkpoints_or_models_even_without_gitignore(tmp_path):
+    """launch/submit.sh's working directory, as Ray's own packager would walk it with .gitignore not
+    read (a copy without one, or RAY_RUNTIME_ENV_IGNORE_GITIGNORE=1): the code goes, the local
+    checkpoints, models and run outputs stay (with real models they are gigabytes)."""
+    import json
+    import os
+    import sys
+
+    from ray._private.runtime_env.packaging import _dir_travel, _get_excludes
+
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "ray").write_text('#!/usr/bin/env bash\nprintf "%s\\n" "$@" > "$RAY_ARGS_OUT"\n')
+    (fake / "ray").chmod(0o755)
+    out = tmp_path / "args.txt"
+    env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}", "PYTHON": sys.executable, "RAY_ARGS_OUT": str(out)}
+    subprocess.run(["bash", str(ROOT / "launch" / "submit.sh"), "experiment=local_smoke"], env=env, check=True,
+                   timeout=60)
+    args = out.read_text().splitlines()
+    assert args[args.index("--working-dir") + 1] == "."
+    excludes = json.loads(args[args.index("--runtime-env-json") + 1])["excludes"]
+    # a repository copy as a user's would look after local runs
+    repo = tmp_path / "repo"
+    for rel in ("mopd_ray/main.py", "conf/config.yaml", "launch/submit.sh", "checkpoints/run/step_000004/x.pt",
+                "artifacts/tiny/student/model.safetensors", "outputs/2026-12-03/main.log", ".venv/bin/python",
+                "multirun/0/metrics.jsonl", "wandb/run-1/files", "mopd_ray/__pycache__/main.cpython-311.pyc"):
+        (repo / rel).parent.mkdir(parents=True, exist_ok=True)
+        (repo / rel).write_text("x")
+    shipped = []
+    _dir_travel(repo, [_get_excludes(repo, excludes)], lambda p: p.is_file() and shipped.append(
+        str(p.relative_to(repo))), include_gitignore=False)
+    assert sorted(shipped) == ["conf/config.yaml", "launch/submit.sh", "mopd_ray/main.py"]

@@ -15,6 +15,9 @@ Figures per configuration of ours: generated-and-trained tokens/s, the medians o
 (rollout generate, teacher scoring, learner wait for its rows, learner compute, weight sync) and the
 orchestration overhead = step time - critical path, where the critical path of an on-policy step is
 generate + learner wait (the scoring still running when the learner asks) + learner compute + sync.
+With max_staleness >= 1 no overhead is printed: the next generate runs during the step, and the sync's
+measured span includes waiting for that generate to finish (the engine loads weights between
+requests), so the stage times overlap and no critical path can be formed from them.
 """
 
 from __future__ import annotations
@@ -65,9 +68,9 @@ def run_ours(label: str, overrides: list, out: Path, warmup: int) -> dict:
 def summarize(run_dir: Path, warmup: int) -> dict:
     """tokens/s, stage medians and overhead of one of our runs, from its metrics.jsonl.
 
-    Critical path of a step: on-policy, generate + learner wait + learner compute + sync (one after
-    another); with max_staleness >= 1 the next generate overlaps the learner, so the longer of the two
-    lanes + sync. Overhead = step time - critical path (driver work, Ray scheduling, metrics)."""
+    Critical path of an on-policy step: generate + learner wait + learner compute + sync (one after
+    another). Overhead = step time - critical path (driver work, Ray scheduling, metrics); None with
+    max_staleness >= 1 (the stages overlap, see the module's docstring)."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()][warmup:]
     med = (lambda key: statistics.median(r[key] for r in rows))
     score = statistics.median(max(v for k, v in r.items() if k.endswith("/score_latency_s")) for r in rows)
@@ -75,16 +78,20 @@ def summarize(run_dir: Path, warmup: int) -> dict:
               "learner_compute_s": med("learner/compute_s"), "weight_sync_s": med("weight_sync_s")}
 
     def critical(r) -> float:
-        learner = r["learner/fetch_s"] + r["learner/compute_s"]
-        lanes = max(r["rollout/generate_s"], learner) if r["rollout/staleness"] > 0 else r["rollout/generate_s"] + learner
-        return lanes + r["weight_sync_s"]
+        return r["rollout/generate_s"] + r["learner/fetch_s"] + r["learner/compute_s"] + r["weight_sync_s"]
 
-    overhead = [r["step_s"] - critical(r) for r in rows]
+    on_policy = all(r["rollout/staleness"] == 0 for r in rows)
+    overhead = [r["step_s"] - critical(r) for r in rows] if on_policy else None
     tokens, seconds = sum(r["response_tokens"] for r in rows), sum(r["step_s"] for r in rows)
     return {"tool": "mopd_ray", "tokens_per_s": tokens / seconds, "step_s_median": med("step_s"),
-            "stages": stages, "overhead_s_median": statistics.median(overhead),
-            "overhead_fraction": statistics.median(o / r["step_s"] for o, r in zip(overhead, rows)),
+            "stages": stages, "overhead_s_median": statistics.median(overhead) if overhead else None,
+            "overhead_fraction": statistics.median(o / r["step_s"] for o, r in zip(overhead, rows)) if overhead else None,
             "mean_response_len": med("rollout/mean_response_len"), "staleness": rows[-1]["rollout/staleness"]}
+
+
+def _overhead(rows: list) -> str:
+    fractions = [r["overhead_fraction"] for r in rows if r["overhead_fraction"] is not None]
+    return f"{statistics.median(fractions):.0%}" if fractions else "-"
 
 
 def run_trl(steps: int, warmup: int) -> dict:
@@ -120,7 +127,8 @@ def main() -> None:
                   f"step {ours['step_s_median'] * 1e3:.0f} ms: generate {st['generate_s'] * 1e3:.0f}, score "
                   f"{st['teacher_score_s'] * 1e3:.0f}, learner wait {st['learner_wait_s'] * 1e3:.0f} + compute "
                   f"{st['learner_compute_s'] * 1e3:.0f}, sync {st['weight_sync_s'] * 1e3:.0f}, overhead "
-                  f"{ours['overhead_s_median'] * 1e3:.0f} ms ({ours['overhead_fraction']:.0%})", flush=True)
+                  + (f"{ours['overhead_s_median'] * 1e3:.0f} ms ({ours['overhead_fraction']:.0%})"
+                     if ours["overhead_s_median"] is not None else "- (stages overlap)"), flush=True)
     print("\n| ours | tokens/s | x TRL (per round) | step ms | generate | score | learner wait | learner compute | "
           "sync | overhead |")
     print("|---|---|---|---|---|---|---|---|---|---|")
@@ -134,7 +142,7 @@ def main() -> None:
         print(f"| {label} | {statistics.median(r['tokens_per_s'] for r in rows):.0f} | {ratios} | "
               f"{statistics.median(r['step_s_median'] for r in rows) * 1e3:.0f} | {ms('generate_s'):.0f} | "
               f"{ms('teacher_score_s'):.0f} | {ms('learner_wait_s'):.0f} | {ms('learner_compute_s'):.0f} | "
-              f"{ms('weight_sync_s'):.0f} | {statistics.median(r['overhead_fraction'] for r in rows):.0%} |")
+              f"{ms('weight_sync_s'):.0f} | {_overhead(rows)} |")
     (out / "results.json").write_text(json.dumps(results, indent=1))
     print(f"\nall figures: {out / 'results.json'}")
 

@@ -1,9 +1,10 @@
 """Atomic, resumable checkpoints of a whole run.
 
-Layout of ``<run.checkpoint_dir>/step_000010/``:
+Layout of ``<run.checkpoint_dir>/<run id>/step_000010/`` (a run's own folder: mopd_ray/run_identity.py):
   learner/        DeepSpeed state of every rank (weights, optimizer, LR schedule), written collectively
   student/        transformers-format export (safetensors) that transformers and vLLM load as is
-  state.json      run state: step, data-sampler position, RNG states, counters, the resolved config
+  state.json      run state: step, data-sampler position, RNG states, counters, the resolved config, and
+                  the run's identity (run id and fingerprint)
   COMPLETE        written last: a folder without it is partial and never loaded
 
 Writes go to ``step_000010.tmp-<id>/``, which is renamed into place before the marker is written,
@@ -26,6 +27,10 @@ MARKER = "COMPLETE"
 _STEP_DIR = re.compile(r"^step_(\d{6,})$")
 
 
+def is_step_dir(path: Path) -> bool:
+    return bool(_STEP_DIR.match(path.name))
+
+
 def step_dir(root: str | Path, step: int) -> Path:
     return Path(root) / f"step_{step:06d}"
 
@@ -46,8 +51,11 @@ def commit(tmp: Path, step: int, state: dict, keep: int = 0) -> Path:
         shutil.rmtree(final)
     tmp.rename(final)
     (final / MARKER).write_text(str(step))
-    if keep > 0:
-        for old in complete_checkpoints(final.parent)[:-keep]:
+    if keep > 0:  # older checkpoints of this run only (the folder is the run's; the id is checked too)
+        run_id = (state.get("identity") or {}).get("run_id")
+        mine = [p for p in complete_checkpoints(final.parent)
+                if (load_state(p).get("identity") or {}).get("run_id") == run_id]
+        for old in mine[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     return final
 
@@ -76,35 +84,39 @@ def complete_checkpoints(root: str | Path) -> list:
     return [p for p in found if _valid(p) is None]
 
 
-def find_latest(root: str | Path) -> Optional[Path]:
-    """The newest complete checkpoint; partial or corrupt ones are skipped with a warning."""
+def find_latest(root: str | Path, run_id: Optional[str] = None, quiet: bool = False) -> Optional[Path]:
+    """The newest complete checkpoint directly in ``root`` (of run ``run_id`` only, when given); partial,
+    corrupt and other runs' ones are skipped with a warning (``quiet``: without)."""
     root = Path(root)
     if not root.is_dir():
         return None
+    warn = log.debug if quiet else log.warning
     candidates = sorted((p for p in root.iterdir() if p.is_dir() and _STEP_DIR.match(p.name)),
                         key=lambda p: int(_STEP_DIR.match(p.name).group(1)), reverse=True)
     for p in root.iterdir():
         if ".tmp-" in p.name:
-            log.warning("ignoring unfinished checkpoint write %s", p)
+            warn("ignoring unfinished checkpoint write %s", p)
     for p in candidates:
         why = _valid(p)
+        if why is None and run_id is not None and (load_state(p).get("identity") or {}).get("run_id") != run_id:
+            why = f"written by another run, not by run {run_id}"
         if why is None:
             return p
-        log.warning("skipping checkpoint %s: %s", p, why)
+        warn("skipping checkpoint %s: %s", p, why)
     return None
 
 
 def resolve_resume(resume: str, root: str | Path) -> Optional[Path]:
-    """run.resume: never -> None; auto -> newest complete under root (or None); a path -> that one."""
+    """run.resume=<path>: that checkpoint, checked (run.resume=auto is mopd_ray.run_identity.plan_run's)."""
     if resume in (None, "", "never"):
         return None
     if resume == "auto":
-        return find_latest(root)
-    p = Path(resume)
+        raise ValueError("run.resume=auto is resolved by mopd_ray.run_identity.plan_run (this run's checkpoints only)")
+    p = Path(resume).expanduser().resolve()
     why = _valid(p) if p.is_dir() and _STEP_DIR.match(p.name) else f"{p} is not a step_NNNNNN checkpoint folder"
     if why:
-        raise ValueError(f"run.resume={resume}: cannot resume from it: {why}; use run.resume=auto to pick the newest "
-                         "complete checkpoint")
+        raise ValueError(f"run.resume={resume}: cannot resume from it: {why}; use run.resume=auto to continue this "
+                         "run from its newest complete checkpoint")
     return p
 
 

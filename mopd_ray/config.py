@@ -7,6 +7,7 @@ that names the key and what to change.
 """
 
 import math
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
@@ -296,9 +297,14 @@ class RunConfig:
     steps_per_launch: int = 0  # stop (with a checkpoint) after this many steps; resume=auto continues (0: off)
     output_dir: str = "."  # Hydra's run directory by default
     artifacts_dir: str = "artifacts"
-    resume: str = "never"  # never | auto (newest complete checkpoint in checkpoint_dir) | <step_NNNNNN path>
-    checkpoint_dir: str = "checkpoints/${run.name}"  # stable across launches, so resume=auto finds it
-    keep_checkpoints: int = 2  # newest complete checkpoints kept (0: all)
+    # never: a new run (a new id) | auto: continue this run (run.id, else the newest run in checkpoint_dir
+    # with this config's fingerprint; another run's checkpoints are refused) | <step_NNNNNN path>: that one
+    resume: str = "never"
+    id: Optional[str] = None  # the run's id (None: a new one, or the continued run's); checkpoint_dir/<id>/
+    # each run writes under <checkpoint_dir>/<run id>/; on a cluster: storage every node mounts, absolute.
+    # A Hydra multirun job's default is checkpoints/<name>/<its overrides> (mopd_ray/main.py)
+    checkpoint_dir: str = "checkpoints/${run.name}"
+    keep_checkpoints: int = 2  # newest complete checkpoints of this run kept (0: all)
     max_consecutive_skips: int = 3  # non-finite steps in a row before the run stops
     dry_run: bool = False  # build models, print the resolved config and the plan, then stop
 
@@ -534,6 +540,11 @@ def validate(cfg: Union[DictConfig, MOPDConfig]) -> None:
     _tiny_ok("model.tiny", m.tiny)
     if not m.path:
         _fail("model.path", "is empty; give a transformers-format model folder")
+    rid = cfg.run.get("id")
+    if rid is not None and (not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", str(rid))
+                            or re.fullmatch(r"step_\d+", str(rid))):
+        _fail("run.id", f"{rid!r} must be a folder name (letters, digits, '.', '_', '-'; not step_N): it names "
+              "the run's folder under run.checkpoint_dir")
 
     # algorithm
     _check_choice("algorithm.signal", al.signal, RUN_SIGNALS)

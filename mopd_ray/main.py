@@ -67,19 +67,27 @@ def run(cfg: DictConfig) -> int:
 
     from .data.prompts import build_prompt_pool
 
+    from .run_identity import plan_run
+    from .storage import StorageError, check_writable_locations
+
     try:
         model_paths = prepare_models(cfg)
         check_local_tokenizers(cfg)
         # data problems surface here, before any engine starts (and prompts are rendered once)
         tokenizer = AutoTokenizer.from_pretrained(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
         pool = build_prompt_pool(cfg, tokenizer)
-    except (FileNotFoundError, ValueError) as e:
+        # whose checkpoints this launch may load, and where it writes: refused here, before any engine starts
+        check_writable_locations(cfg, str(out))
+        start = plan_run(cfg)
+    except (FileNotFoundError, ValueError, StorageError) as e:  # RunIdentityError is a ValueError
         log.error("%s", e)
         return 2
     print(describe_plan(cfg, model_paths, pool.teacher_names))
     print(f"  data      {len(pool.train)} train / {len(pool.eval)} eval prompts; {pool.dropped_too_long} dropped as "
           f"longer than data.max_prompt_len={cfg.data.max_prompt_len}")
     print(f"  config    {out / 'resolved_config.yaml'}")
+    print(f"  run id    {start.identity.run_id}: checkpoints in {start.root}"
+          + (f", starting from {start.resume_from}" if start.resume_from else ""))
     if cfg.run.dry_run:
         return 0
     from .console import summary
@@ -88,13 +96,13 @@ def run(cfg: DictConfig) -> int:
     from .preflight import PreflightError
     from .rewards import RewardError
 
-    orch = Orchestrator(cfg, str(out), pool=pool)
+    orch = Orchestrator(cfg, str(out), pool=pool, start=start)
     try:
         last = orch.run()
     except RewardError as e:  # raised where the responses are: Ray wraps it, the cause has the message
         log.error("%s", getattr(e, "cause", None) or e)
         return 2
-    except (PreflightError, TokenizerMismatchError) as e:  # a teacher or the student failed a start-up check
+    except (PreflightError, TokenizerMismatchError, StorageError) as e:  # a start-up check failed
         log.error("%s", e)
         return 2
     mode = cfg.logging.wandb_mode
@@ -102,6 +110,21 @@ def run(cfg: DictConfig) -> int:
              "checkpoint": orch.last_checkpoint, f"wandb ({mode})": None if mode == "disabled" else out / "wandb"}
     print(summary(cfg.run.name, orch.state.step, orch.wall_s, orch.first_metrics, last, orch.eval_history, paths))
     return 0
+
+
+def sweep_checkpoint_dir(cfg, hydra_cfg) -> None:
+    """A multirun job with the default checkpoint folder gets its own below it, named by its overrides (the
+    same on a relaunch of the sweep, so run.resume=auto finds each job's run)."""
+    import hashlib
+
+    from hydra.types import RunMode
+
+    if hydra_cfg.mode != RunMode.MULTIRUN or cfg.run.checkpoint_dir != f"checkpoints/{cfg.run.name}":
+        return
+    name = hydra_cfg.job.override_dirname.replace("/", "_").replace("\\", "_") or f"job{hydra_cfg.job.num}"
+    if len(name) > 96:
+        name = f"{name[:80]}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
+    cfg.run.checkpoint_dir = f"checkpoints/{cfg.run.name}/{name}"
 
 
 _STARTED = False  # set once Hydra has composed the config and handed it to us
@@ -114,10 +137,11 @@ def _hydra_main(cfg: DictConfig) -> None:
     from .console import configure
 
     configure(bool(cfg.logging.get("verbose", False)))
-    if cfg.run.output_dir == ".":
-        from hydra.core.hydra_config import HydraConfig
+    from hydra.core.hydra_config import HydraConfig
 
+    if cfg.run.output_dir == ".":
         cfg.run.output_dir = HydraConfig.get().runtime.output_dir
+    sweep_checkpoint_dir(cfg, HydraConfig.get())
     rc = run(cfg)
     if rc:
         sys.exit(rc)

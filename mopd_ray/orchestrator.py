@@ -26,6 +26,7 @@ from .config import resolved_signal
 from .data.prompts import build_prompt_pool, make_sampler
 from .dispatch import parts_by_rank, plan_step
 from .metrics import MetricsLogger
+from .run_identity import RunStart, plan_run
 from .roles import (build_roles, init_broadcast_group, make_learner_group, pool_replica, setup_learners,
                     share_teacher_heads, sync_weights)
 
@@ -80,9 +81,12 @@ class PendingRollout:
 
 
 class Orchestrator:
-    def __init__(self, cfg, run_dir: str, pool=None):
-        self.cfg, self.run_dir, self.pool = cfg, run_dir, pool
-        Path(run_dir).mkdir(parents=True, exist_ok=True)
+    def __init__(self, cfg, run_dir: str, pool=None, start: RunStart | None = None):
+        """``start``: the run's identity and starting checkpoint (mopd_ray.run_identity.plan_run; planned here
+        when not given)."""
+        self.cfg, self.run_dir, self.pool = cfg, str(Path(run_dir).resolve()), pool
+        self.start = start
+        Path(self.run_dir).mkdir(parents=True, exist_ok=True)
         self.state = RunState()
         self.driver_fetched_bytes = 0  # what ray.get brought into this process (metadata only)
         self._fetched_at_last_log = 0
@@ -190,7 +194,8 @@ class Orchestrator:
                 self._wait_for_rollout(i)
         if cfg.rollout.weight_sync == "broadcast":
             init_broadcast_group(cfg, roles.learners, roles.rollout)  # a new group with the new rank 0
-        path = ckpt.resolve_resume("auto", cfg.run.checkpoint_dir)
+        # this run's own state only: its newest checkpoint, else what it started from
+        path = ckpt.find_latest(self.start.root, run_id=self.start.identity.run_id) or self.start.resume_from
         failed_at = self.state.step
         # replica restarts so far happened in this job: they stay counted (and spent) past the rollback
         replica_faults = {"rollout_retries": self.state.rollout_retries, "teacher_restarts": self.state.teacher_restarts}
@@ -216,7 +221,13 @@ class Orchestrator:
 
         from .config import resource_demand
 
-        resume_from = ckpt.resolve_resume(cfg.run.resume, cfg.run.checkpoint_dir)
+        from .storage import check_writable_locations, probe_shared_storage
+
+        check_writable_locations(cfg, self.run_dir)
+        self.start = self.start or plan_run(cfg)
+        identity = self.start.identity
+        log.info("run %s: id %s, checkpoints in %s", cfg.run.name, identity.run_id, self.start.root)
+        (Path(self.run_dir) / "identity.json").write_text(json.dumps(identity.record(), indent=1))
         tokenizer = AutoTokenizer.from_pretrained(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
         if self.pool is None:
             self.pool = build_prompt_pool(cfg, tokenizer)
@@ -226,6 +237,7 @@ class Orchestrator:
         demand = resource_demand(cfg)
         init_ray(cfg.cluster, demand["CPU"], gpu=demand["GPU"] > 0)
         self.roles = build_roles(cfg, tokenizer, self.pool.teacher_names)
+        probe_shared_storage([self.start.root, self.run_dir], self.roles.learners, cfg.cluster.call_timeout_s)
         # each teacher replica's process now: a call answered from another process later is a restart
         self._teacher_pids = {}
         for name, group in self.roles.teachers.items():
@@ -235,12 +247,11 @@ class Orchestrator:
         placement = self.roles.placement()
         (Path(self.run_dir) / "placement.json").write_text(json.dumps(placement, indent=1))
         log.debug("placement (node ids by role): %s", {k: [n[:8] for n in v] for k, v in placement.items()})
-        if resume_from is not None:
-            self._resume(resume_from)
-        elif cfg.run.resume == "auto":
-            log.info("run.resume=auto: no complete checkpoint in %s; starting from step 0", cfg.run.checkpoint_dir)
-        self.logger = MetricsLogger(self.run_dir, OmegaConf.to_container(cfg, resolve=True), cfg.logging,
-                                    cfg.run.total_steps, cfg.run.name)
+        if self.start.resume_from is not None:
+            self._resume(self.start.resume_from)
+        logged = OmegaConf.to_container(cfg, resolve=True)
+        logged["run"]["id"] = identity.run_id
+        self.logger = MetricsLogger(self.run_dir, logged, cfg.logging, cfg.run.total_steps, cfg.run.name)
         if self.state.step and self.logger.bar is not None:
             self.logger.bar.update(self.state.step)
 
@@ -256,8 +267,8 @@ class Orchestrator:
         self.last_checkpoint = path
 
     def _resume_hint(self) -> str:
-        where = self.last_checkpoint or f"{self.cfg.run.checkpoint_dir} (none written yet)"
-        return f"resume with run.resume=auto from the newest checkpoint: {where}"
+        where = self.last_checkpoint or f"{self.start.root} (none written yet)"
+        return f"resume with run.resume=auto (run {self.start.identity.run_id}) from the newest checkpoint: {where}"
 
     def _maybe_checkpoint(self, in_flight) -> None:
         cfg, step = self.cfg, self.state.step
@@ -266,11 +277,11 @@ class Orchestrator:
         t0 = time.perf_counter()
         # the sampler position of the oldest batch not yet trained on (an overlapped rollout is redone)
         self.state.sampler = in_flight.sampler_before if in_flight is not None else self.sampler.state_dict()
-        tmp = ckpt.begin(cfg.run.checkpoint_dir, step)
+        tmp = ckpt.begin(self.start.root, step)
         self._get(self.roles.learners.call_all("save_checkpoint", str(tmp)), "learner.save_checkpoint")
         state = {"step": step, "run_state": self.state.state_dict(),
                  "rng": {"python": random.getstate(), "numpy": _np_state_json(np.random.get_state())},
-                 "config": OmegaConf.to_container(cfg, resolve=True)}
+                 "config": OmegaConf.to_container(cfg, resolve=True), "identity": self.start.identity.record()}
         self.last_checkpoint = ckpt.commit(tmp, step, state, keep=cfg.run.keep_checkpoints)
         log.debug("checkpoint %s written in %.1f s", self.last_checkpoint, time.perf_counter() - t0)
 

@@ -56,9 +56,7 @@ def test_keep_prunes_old_checkpoints(tmp_path):
 
 def test_resolve_resume(tmp_path):
     assert ckpt.resolve_resume("never", tmp_path) is None
-    assert ckpt.resolve_resume("auto", tmp_path / "nothing") is None
     p = _write(tmp_path, 3)
-    assert ckpt.resolve_resume("auto", tmp_path) == p
     assert ckpt.resolve_resume(str(p), tmp_path) == p
     (p / ckpt.MARKER).unlink()
     with pytest.raises(ValueError, match="no completion marker.*run.resume=auto"):

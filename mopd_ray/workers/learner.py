@@ -15,8 +15,9 @@ from typing import Optional
 
 import numpy as np
 
-from ..batch import RolloutBatch, batch_nbytes
 from ..algo.mismatch import needs_rollout_logprobs
+from ..batch import RolloutBatch, batch_nbytes
+from .base import RoleWorker
 
 def lr_factor(step: int, total: int, warmup: int, schedule: str, min_ratio: float) -> float:
     if warmup and step < warmup:
@@ -29,7 +30,7 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str, min_ratio: floa
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * frac))
 
 
-class LearnerWorker:
+class LearnerWorker(RoleWorker):
     def __init__(self, rank: int, world_size: int, model_path: str, learner_cfg: dict, algo_cfg: dict,
                  teacher_names: list, teacher_weights: list, teacher_signals: list, total_steps: int,
                  rows_per_step: int, temperature: float = 1.0, seed: int = 0, trust_remote_code: bool = False):
@@ -46,16 +47,6 @@ class LearnerWorker:
         self.optimizer_steps = 0
 
     # ------------------------------------------------------------------ set-up
-    def node_id(self) -> str:
-        import ray
-
-        return ray.get_runtime_context().get_node_id()
-
-    def pid(self) -> int:
-        import os
-
-        return os.getpid()
-
     def master_address(self, single_node: bool = False) -> tuple:
         """Where the other members rendezvous with this rank: a fresh file on one node (local mode: no
         listening socket; torch's TCPStore binds every interface), else this node's address and a port."""

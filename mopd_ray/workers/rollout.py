@@ -8,9 +8,10 @@ from typing import Optional
 import numpy as np
 
 from ..batch import RolloutBatch, pad_sequences
+from .base import RoleWorker
 
 
-class RolloutWorker:
+class RolloutWorker(RoleWorker):
     """A Ray actor. ``generate`` returns a RolloutBatch (the caller gets an ObjectRef of it)."""
 
     def __init__(self, model_path: str, rollout_cfg: dict, max_model_len: int, replica_index: int = 0,
@@ -41,19 +42,6 @@ class RolloutWorker:
             gpu_memory_utilization=rollout_cfg["gpu_memory_utilization"], trust_remote_code=trust_remote_code,
             worker_extension_cls="mopd_ray.workers.vllm_ext.WorkerExtension", **extra)
         self.weight_version = 0
-
-    def node_id(self) -> str:
-        import ray
-
-        return ray.get_runtime_context().get_node_id()
-
-    def ready(self) -> bool:
-        return True
-
-    def pid(self) -> int:
-        import os
-
-        return os.getpid()
 
     def generate(self, prompts: list[dict], step: int, seed: int, parts: Optional[list] = None) -> tuple:
         """Sample ``n_samples_per_prompt`` responses for each prompt (token ids rendered by the driver).

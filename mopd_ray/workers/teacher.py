@@ -21,9 +21,10 @@ from typing import Optional
 import numpy as np
 
 from ..batch import RolloutBatch, TeacherScores, response_windows
+from .base import RoleWorker
 
 
-class TeacherWorker:
+class TeacherWorker(RoleWorker):
     def __init__(self, name: str, model_path: str, teacher_cfg: dict, replica_index: int = 0,
                  trust_remote_code: bool = False):
         from transformers import AutoConfig, AutoTokenizer
@@ -56,19 +57,6 @@ class TeacherWorker:
                 model_path, dtype=dtype[teacher_cfg["dtype"]], trust_remote_code=trust_remote_code,
                 use_safetensors=True).to(self.device)  # never unpickle weights
             self.model.eval()
-
-    def node_id(self) -> str:
-        import ray
-
-        return ray.get_runtime_context().get_node_id()
-
-    def ready(self) -> bool:
-        return True
-
-    def pid(self) -> int:
-        import os
-
-        return os.getpid()
 
     # ``teacher`` names which teacher a call is for: this worker's own (a dedicated group), or one of the
     # teachers a pooled worker serves (PooledTeacherWorker swaps it in first)

@@ -63,7 +63,8 @@ def test_main_trains_student_against_two_domain_teachers_and_self(artifacts, tmp
             if f.is_file():
                 scanned += 1
                 assert secret.encode() not in f.read_bytes(), f
-    assert scanned > 10 and list(ck.glob("step_*/COMPLETE"))
+    run_id = json.loads((run / "identity.json").read_text())["run_id"]
+    assert scanned > 10 and list(ck.glob(f"{run_id}/step_*/COMPLETE"))  # under the run's own id
     assert "pre-flight: 3 teacher(s), 3 replica(s)" in out + err and "probe log-probs agree" in out + err
     rows = read_metrics(run)
     assert [r["step"] for r in rows] == list(range(16))
@@ -90,14 +91,19 @@ def test_main_trains_student_against_two_domain_teachers_and_self(artifacts, tmp
 
 
 def test_multirun_sweep_each_in_its_own_dir_and_driver_memory_flat(artifacts, tmp_path):
-    """Two sweep points whose payloads differ 8x: the driver fetches the same few bytes per step."""
+    """Two sweep points whose payloads differ 8x: the driver fetches the same few bytes per step. The jobs
+    share one run name and the default checkpoint folder: each writes checkpoints of its own."""
     sweep = tmp_path / "sweep"
-    _run(["-m", "experiment=local_smoke", f"run.artifacts_dir={artifacts}", f"hydra.sweep.dir={sweep}",
+    _run(cwd=tmp_path, args=["-m", "experiment=local_smoke", f"run.artifacts_dir={artifacts}", f"hydra.sweep.dir={sweep}",
           "rollout.n_samples_per_prompt=2,8", "rollout.max_new_tokens=16", "learner.micro_batch_size=2",
           "run.total_steps=4", "data.domains=[sort]", "learner.world_size=1",  # one teacher (self), one rank
           "teachers.models.self.backend=hf", *FAST])
     dirs = sorted(p for p in sweep.iterdir() if p.is_dir())
     assert len(dirs) == 2
+    ids = [json.loads((d / "identity.json").read_text())["run_id"] for d in dirs]
+    finals = sorted(tmp_path.glob("checkpoints/local_smoke/*/*/step_000004/COMPLETE"))
+    assert len(finals) == 2 and len({f.parents[2] for f in finals}) == 2  # a folder per job
+    assert sorted(f.parents[1].name for f in finals) == sorted(ids) and ids[0] != ids[1]
     runs = [read_metrics(d) for d in dirs]
     assert all(len(r) == 4 for r in runs)
     small, large = sorted(runs, key=lambda r: r[-1]["response_tokens"])
@@ -170,7 +176,7 @@ def test_ray_job_submit_to_a_loopback_head(artifacts, tmp_path):
             time.sleep(5)
         assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
         deadline = time.time() + 400
-        while not (ck / "step_000004" / "COMPLETE").exists():
+        while not list(ck.glob("*/step_000004/COMPLETE")):
             assert time.time() < deadline, "the first job wrote no checkpoint"
             time.sleep(0.5)
         subprocess.run([ray_cli, "job", "stop", "--address", env["RAY_ADDRESS"], "mopd_killed"], env=env,
@@ -185,7 +191,10 @@ def test_ray_job_submit_to_a_loopback_head(artifacts, tmp_path):
         rows = read_metrics(run)
         start = rows[0]["step"]
         assert start >= 4 and start % 4 == 0 and [r["step"] for r in rows] == list(range(start, 24))
-        assert f"resuming from checkpoint {ck / f'step_{start:06d}'}" in (run / "main.log").read_text()
+        # the same run (the first job's id), from its newest complete checkpoint
+        run_id = json.loads((first / "identity.json").read_text())["run_id"]
+        assert json.loads((run / "identity.json").read_text())["run_id"] == run_id
+        assert f"resuming from checkpoint {ck / run_id / f'step_{start:06d}'}" in (run / "main.log").read_text()
         assert rows[-1]["weight_version"] == 24 and rows[-1]["rows_trained"] == 24 * 4 * 2  # every row once
         if len(killed) > start:  # the same step from the same checkpoint: the same rows, the same loss
             assert rows[0]["loss"] == pytest.approx(killed[start]["loss"], rel=1e-6)
@@ -218,32 +227,40 @@ def test_roles_on_different_nodes_of_a_multi_node_cluster(artifacts, tmp_path):
 
     if ray.is_initialized():
         ray.shutdown()
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "resources": {"learner_node": 2}})
+    # the two learner ranks on two nodes: each writes its part of the checkpoints from its own node
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "resources": {"learner_node": 1}})
+    cluster.add_node(num_cpus=1, resources={"learner_node": 1})
     cluster.add_node(num_cpus=1, resources={"rollout_node": 1})
     cluster.add_node(num_cpus=3, resources={"teacher_node": 3})
     try:
         ray.init(address=cluster.address, runtime_env={"env_vars": dict(WORKER_ENV)}, log_to_driver=False)
-        cfg = compose_cfg(
+        over = [
             "experiment=local_smoke", f"run.artifacts_dir={artifacts}", "run.total_steps=3", "cluster=ray_cluster",
+            f"run.checkpoint_dir={tmp_path}/shared/ck",
             "algorithm=sampled_grpo", "algorithm.max_staleness=1", "data.domains=[add,sort]",
             f"cluster.address={cluster.address}", "logging.wandb_mode=disabled", "logging.progress_bar=false",
             "+rollout.custom_resources.rollout_node=1", "+learner.custom_resources.learner_node=1",
             *[f"+teachers.models.{t}.custom_resources.teacher_node=1" for t in ("add_expert", "reverse_expert", "self")],
-            *[f"teachers.models.{t}.backend=hf" for t in ("add_expert", "reverse_expert", "self")])
+            *[f"teachers.models.{t}.backend=hf" for t in ("add_expert", "reverse_expert", "self")]]
         from mopd_ray.models.prepare import prepare_models
 
-        prepare_models(cfg)
-        last = Orchestrator(cfg, str(tmp_path)).run()
-        assert last["weight_version"] == 3
-        rows = read_metrics(tmp_path)
-        # next rollout overlapped each update: batches after the first are one version stale
-        assert [r["rollout/staleness"] for r in rows] == [0, 1, 1]
-        assert all("reward/mean" in r for r in rows)
-        placement = json.loads((tmp_path / "placement.json").read_text())
+        prepare_models(compose_cfg(*over))
+        # 2 steps, stopped with a checkpoint; then relaunched with run.resume=auto for the third
+        Orchestrator(compose_cfg(*over, "run.steps_per_launch=2"), str(tmp_path / "first")).run()
+        last = Orchestrator(compose_cfg(*over, "run.resume=auto"), str(tmp_path / "resumed")).run()
+        assert last["weight_version"] == 3 and last["rows_trained"] == 3 * 4 * 2
+        first, resumed = read_metrics(tmp_path / "first"), read_metrics(tmp_path / "resumed")
+        assert [r["step"] for r in first] == [0, 1] and [r["step"] for r in resumed] == [2]
+        # next rollout overlapped each update: batches after the first of a launch are one version stale
+        assert [r["rollout/staleness"] for r in first + resumed] == [0, 1, 0]
+        assert all("reward/mean" in r for r in first + resumed)
+        ids = [json.loads((tmp_path / d / "identity.json").read_text())["run_id"] for d in ("first", "resumed")]
+        assert ids[0] == ids[1] and (tmp_path / "shared" / "ck" / ids[0] / "step_000003" / "COMPLETE").exists()
+        placement = json.loads((tmp_path / "resumed" / "placement.json").read_text())
         learner_nodes, rollout_nodes = set(placement["learner"]), set(placement["rollout"])
         teacher_nodes = {n for k, v in placement.items() if k.startswith("teacher:") for n in v}
-        assert len(learner_nodes) == len(rollout_nodes) == len(teacher_nodes) == 1
-        assert len(learner_nodes | rollout_nodes | teacher_nodes) == 3
+        assert len(learner_nodes) == 2 and len(rollout_nodes) == len(teacher_nodes) == 1
+        assert len(learner_nodes | rollout_nodes | teacher_nodes) == 4
     finally:
         ray.shutdown()
         cluster.shutdown()

@@ -28,19 +28,22 @@ def _run(artifacts, run_dir, *overrides):
 @pytest.fixture(scope="module")
 def runs(local_ray, artifacts, tmp_path_factory):
     root = tmp_path_factory.mktemp("resume")
+    # an uninterrupted run of the same config first, in the same folder: its finished checkpoint (step 4)
+    # must not be taken by the resume below (a newer launch of the config is the run to continue)
+    straight = _run(artifacts, root / "straight", "run.total_steps=4", f"run.checkpoint_dir={root}/ck_a")
     stopped = _run(artifacts, root / "first", "run.total_steps=4", "run.steps_per_launch=2",
                    f"run.checkpoint_dir={root}/ck_a")
     # debris the resume must skip: a write that never finished and a checkpoint with a corrupt state
-    (root / "ck_a" / "step_000003.tmp-deadbeef").mkdir()
-    bad = root / "ck_a" / "step_000005"
+    mine = root / "ck_a" / json.loads((root / "first" / "identity.json").read_text())["run_id"]
+    (mine / "step_000003.tmp-deadbeef").mkdir()
+    bad = mine / "step_000005"
     (bad / "learner").mkdir(parents=True)
     (bad / "learner" / "x").write_text("x")
     (bad / "state.json").write_text("{truncated")
     (bad / "COMPLETE").write_text("5")
     resumed = _run(artifacts, root / "resumed", "run.total_steps=4", "run.resume=auto",
                    f"run.checkpoint_dir={root}/ck_a")
-    straight = _run(artifacts, root / "straight", "run.total_steps=4", f"run.checkpoint_dir={root}/ck_u")
-    return root, stopped, resumed, straight
+    return mine, stopped, resumed, straight
 
 
 def test_resumed_losses_equal_uninterrupted(runs):
@@ -53,18 +56,19 @@ def test_resumed_losses_equal_uninterrupted(runs):
             assert a[key] == pytest.approx(b[key], abs=1e-6), key
     assert resumed[-1]["rows_trained"] == straight[-1]["rows_trained"] == 4 * 8
     # no domain of [add, reverse] routes to `self`: it was not started
-    assert set(json.loads((runs[0] / "first" / "placement.json").read_text())) == {
+    assert set(json.loads((runs[0].parents[1] / "first" / "placement.json").read_text())) == {
         "rollout", "learner", "teacher:add_expert", "teacher:reverse_expert"}
 
 
 def test_resume_at_an_epoch_boundary_continues_into_the_next_epoch(runs):
-    root, stopped, resumed, _ = runs
-    state = json.loads((root / "ck_a" / "step_000002" / "state.json").read_text())
+    mine, stopped, resumed, _ = runs
+    state = json.loads((mine / "step_000002" / "state.json").read_text())
     assert state["run_state"]["sampler"]["epoch"] == 1 and state["run_state"]["sampler"]["position"] == 0
     assert stopped[-1]["data/epoch"] == 1  # the stop fell exactly on the epoch boundary
     assert [r["data/epoch"] for r in resumed] == [1, 2] and len(resumed) == 2  # trained, not zero steps
-    saved = json.loads((root / "ck_a" / "step_000004" / "state.json").read_text())
+    saved = json.loads((mine / "step_000004" / "state.json").read_text())
+    assert saved["identity"]["run_id"] == state["identity"]["run_id"] == mine.name  # resumed: the same run
     assert saved["step"] == 4 and saved["config"]["run"]["total_steps"] == 4
     from transformers import AutoModelForCausalLM
 
-    AutoModelForCausalLM.from_pretrained(root / "ck_a" / "step_000004" / "student")
+    AutoModelForCausalLM.from_pretrained(mine / "step_000004" / "student")

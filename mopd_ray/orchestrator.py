@@ -423,6 +423,12 @@ class Orchestrator:
         try:
             seconds = sync_weights(self.cfg, self.roles.learners, self.roles.rollout, version)
         except (*_REPLICA_GONE, RemoteCallError, ray.exceptions.RayTaskError) as e:
+            # a learner rank that died mid-stream shows on the other members as a lost peer: the learner
+            # group's recovery (which restarts the engines too, as they may sit in a receive from it)
+            gone = [i for i, a in enumerate(self.roles.learners.actors) if not _alive(a, timeout_s=5.0)]
+            if gone:
+                raise WorkerDiedError(f"learner rank {gone[0]} died during the weight sync ({type(e).__name__}). "
+                                      f"{self._resume_hint()}") from None
             dead = [i for i, a in enumerate(self.roles.rollout.actors) if not _alive(a, timeout_s=5.0)]
             # An engine killed mid-broadcast may surface on the sender's side (learner rank 0: "connection
             # closed by peer") and be restarted by Ray before we look: rebuild the group and resend then too.

@@ -4,6 +4,8 @@
 # nothing changed). Pass Hydra overrides with ARGS="...", pytest options with PYTEST_ARGS="...".
 VENV ?= .venv
 PY := $(VENV)/bin/python
+SUITE_BUDGET_S := 720
+FAST_BUDGET_S := 180
 
 .PHONY: setup run run-main test test-fast lint-docker clean-artifacts
 
@@ -16,11 +18,15 @@ run: setup
 run-main: setup
 	$(PY) -m mopd_ray.main $(ARGS)
 
+# Both print the ten slowest tests (pytest.ini_options: --durations=10) and the suite's wall time against
+# its budget (CONTRIBUTING.md): a feature that needs more time makes other tests cheaper.
 test: setup
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	@start=$$(date +%s); $(PY) -m pytest -q $(PYTEST_ARGS); rc=$$?; \
+	echo "[suite] wall time $$(( $$(date +%s) - start )) s (budget $(SUITE_BUDGET_S) s, CONTRIBUTING.md)"; exit $$rc
 
 test-fast: setup
-	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+	@start=$$(date +%s); $(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS); rc=$$?; \
+	echo "[suite] fast tests: wall time $$(( $$(date +%s) - start )) s (budget $(FAST_BUDGET_S) s)"; exit $$rc
 
 lint-docker: setup
 	$(VENV)/bin/hadolint docker/Dockerfile.gpu docker/Dockerfile.cpu

@@ -125,7 +125,7 @@ def held_out_accuracy(cfg, paths: dict, evals: list | None = None) -> dict:
     from .data.domains import generate_split
     from .data.prompts import render
     from .evaluate import evaluate_model_dir
-    from .rewards import rewards_from_cfg
+    from .data.run_rewards import rewards_from_cfg
 
     if evals is None:
         evals = generate_split(list(cfg.data.domains), cfg.data.num_eval_per_domain, cfg.data.seed, "eval")

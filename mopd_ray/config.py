@@ -19,6 +19,7 @@ from omegaconf.errors import ConfigKeyError, ValidationError
 # vLLM's CPU attention accepts only these head sizes (PLATFORM.md); GPU backends accept a superset.
 VLLM_CPU_HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 SIGNALS = ("sampled", "topk", "full_vocab")
+DTYPES = ("float32", "bfloat16", "float16")
 RUN_SIGNALS = SIGNALS + ("none",)  # none: no teacher, verifiable rewards only (GRPO; needs alpha > 0)
 SELF_TEACHER = "self"
 ADVANTAGE_NORMS = ("none", "batch", "teacher", "batch_mean", "teacher_mean")
@@ -61,6 +62,20 @@ class ModelConfig:
     max_model_len: int = 256
 
 
+def _check_model_and_run(cfg) -> None:
+    """model.* and run.id."""
+    m = cfg.model
+    _check_choice("model.dtype", m.dtype, DTYPES)
+    _tiny_ok("model.tiny", m.tiny)
+    if not m.path:
+        _fail("model.path", "is empty; give a transformers-format model folder")
+    rid = cfg.run.get("id")
+    if rid is not None and (not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", str(rid))
+                            or re.fullmatch(r"step_\d+", str(rid))):
+        _fail("run.id", f"{rid!r} must be a folder name (letters, digits, '.', '_', '-'; not step_N): it names "
+              "the run's folder under run.checkpoint_dir")
+
+
 @dataclass
 class TeacherConfig:
     """One teacher: an actor group of ``replicas`` x ``tensor_parallel_size`` shards."""
@@ -92,6 +107,46 @@ class TeacherConfig:
     pool: Optional[str] = None
 
 
+def _check_teachers(cfg) -> None:
+    """teachers.models.*: each teacher's settings against the run's lengths and signal."""
+    ts, al, da, ro = _active_teachers_cfg(cfg), cfg.algorithm, cfg.data, cfg.rollout
+    if not ts.models:
+        _fail("teachers.models", "no teacher is defined; add at least one (e.g. teachers=local_tiny)")
+    for name, t in ts.models.items():
+        key = f"teachers.models.{name}"
+        _check_choice(f"{key}.backend", t.backend, ("auto", "vllm", "hf"))
+        _check_choice(f"{key}.dtype", t.dtype, DTYPES)
+        _check_choice(f"{key}.hidden_dtype", t.hidden_dtype, DTYPES)
+        _tiny_ok(f"{key}.tiny", t.tiny)
+        if t.signal is not None:
+            _check_choice(f"{key}.signal", t.signal, SIGNALS)
+        for check in t.skip_checks:
+            _check_choice(f"{key}.skip_checks", check, ("stop_ids", "template", "probe"))
+        if t.pool is not None:
+            if t.pool not in ts.pools:
+                _fail(f"{key}.pool", f"'{t.pool}' is not a defined pool; defined pools: "
+                      f"{', '.join(sorted(ts.pools)) or 'none'} (add teachers.pools.{t.pool}.replicas=1)")
+            if t.backend == "hf":
+                _fail(f"{key}.backend", "a pooled teacher is served by the pool's vLLM engines; use backend=auto")
+        if name != SELF_TEACHER and not t.model_path:
+            _fail(f"{key}.model_path", f"teacher '{name}' has no model_path (only the '{SELF_TEACHER}' teacher, "
+                  "a frozen copy of the initial student, may omit it)")
+        if t.weight < 0:
+            _fail(f"{key}.weight", f"must be >= 0, got {t.weight}")
+        _check_positive(f"{key}.replicas", t.replicas)
+        _check_positive(f"{key}.tensor_parallel_size", t.tensor_parallel_size)
+        need = da.max_prompt_len + ro.max_new_tokens
+        if t.pool is None and t.max_model_len < need:  # a pooled teacher runs on the pool's engine settings
+            _fail(f"{key}.max_model_len", f"{t.max_model_len} is shorter than prompt + response = "
+                  f"data.max_prompt_len ({da.max_prompt_len}) + rollout.max_new_tokens ({ro.max_new_tokens}) "
+                  f"= {need}; raise it to at least {need}")
+        signal = resolved_signal(cfg, name)
+        if signal == "topk":
+            if t.pool is None and resolved_backend(cfg, name) == "vllm" and al.topk > t.max_logprobs:
+                _fail("algorithm.topk", f"top-k {al.topk} exceeds teacher '{name}' engine limit "
+                      f"{key}.max_logprobs={t.max_logprobs}; lower algorithm.topk or raise max_logprobs")
+
+
 @dataclass
 class TeacherPoolConfig:
     """M vLLM engine replicas serving N teachers of one architecture, swapping weights between calls."""
@@ -111,6 +166,26 @@ class TeacherPoolConfig:
     # process, handed to the engine's workers bucket by bucket at a swap); a teacher that does not fit is
     # re-read from its folder at every swap. 0: always from disk
     cache_gb: float = 16.0
+
+
+def _check_pools(cfg) -> None:
+    """teachers.pools.*."""
+    ts, al, da, ro = _active_teachers_cfg(cfg), cfg.algorithm, cfg.data, cfg.rollout
+    for name, p in ts.pools.items():
+        key = f"teachers.pools.{name}"
+        _check_positive(f"{key}.replicas", p.replicas)
+        _check_positive(f"{key}.tensor_parallel_size", p.tensor_parallel_size)
+        _check_choice(f"{key}.dtype", p.dtype, DTYPES)
+        _check_choice(f"{key}.hidden_dtype", p.hidden_dtype, DTYPES)
+        _check_positive(f"{key}.cache_gb", p.cache_gb, allow_zero=True)
+        need = da.max_prompt_len + ro.max_new_tokens
+        if p.max_model_len < need:
+            _fail(f"{key}.max_model_len", f"{p.max_model_len} is shorter than prompt + response = {need}; raise it "
+                  f"to at least {need}")
+        members = [n for n, t in ts.models.items() if t.pool == name]
+        if al.topk > p.max_logprobs and any(resolved_signal(cfg, n) == "topk" for n in members):
+            _fail("algorithm.topk", f"top-k {al.topk} exceeds pool '{name}' engine limit {key}.max_logprobs="
+                  f"{p.max_logprobs}; lower algorithm.topk or raise max_logprobs")
 
 
 @dataclass
@@ -145,6 +220,26 @@ class TeachersConfig:
     # weight scaled by that teacher's probability of the sampled token, renormalised to the same total)
     combine: str = "fixed"
     preflight: PreflightConfig = field(default_factory=PreflightConfig)
+
+
+def _check_routing(cfg) -> None:
+    """teachers.routing / default / combine: every route names a defined teacher, every domain has one."""
+    ts, al, da, ro = _active_teachers_cfg(cfg), cfg.algorithm, cfg.data, cfg.rollout
+    if al.signal == "topk" and al.topk > ro.max_logprobs:
+        _fail("algorithm.topk", f"top-k {al.topk} exceeds the rollout engine's rollout.max_logprobs="
+              f"{ro.max_logprobs}; lower algorithm.topk or raise rollout.max_logprobs")
+    _check_choice("teachers.combine", ts.combine, ("fixed", "confidence"))
+    for domain, route in routes(cfg, ts).items():
+        key = "teachers.default" if domain == "*" else f"teachers.routing.{domain}"
+        for i, (teacher, _) in enumerate(route):
+            if teacher not in ts.models:
+                _fail(key if len(route) == 1 else f"{key}[{i}]", f"routes to teacher '{teacher}', which is not "
+                      f"defined; defined teachers: {', '.join(sorted(ts.models))}")
+    if da.train_path is None and al.signal != "none":  # synthetic domains are known now; files when loaded
+        for domain in da.domains:
+            if domain not in ts.routing and ts.default is None:
+                _fail("teachers.routing", f"data domain '{domain}' has no route; add "
+                      f"teachers.routing.{domain}=<teacher> or set teachers.default")
 
 
 @dataclass
@@ -196,6 +291,52 @@ class LearnerConfig:
     recompute_old_logprobs: bool = True  # pi_old from the learner instead of the rollout engine
 
 
+def _check_batch(cfg) -> None:
+    """rollout.*, learner.*, data.*: sizes, and the batch's split into mini-batches, ranks and micro-batches."""
+    m, ro, ln, da = cfg.model, cfg.rollout, cfg.learner, cfg.data
+    for key, v in (("rollout.n_samples_per_prompt", ro.n_samples_per_prompt), ("rollout.replicas", ro.replicas),
+                   ("rollout.tensor_parallel_size", ro.tensor_parallel_size),
+                   ("rollout.max_new_tokens", ro.max_new_tokens), ("learner.world_size", ln.world_size),
+                   ("rollout.shards_per_replica", ro.shards_per_replica),
+                   ("learner.micro_batch_size", ln.micro_batch_size),
+                   ("learner.mini_batches_per_step", ln.mini_batches_per_step), ("learner.lr", ln.lr),
+                   ("data.prompts_per_step", da.prompts_per_step), ("data.max_prompt_len", da.max_prompt_len),
+                   ("run.total_steps", cfg.run.total_steps)):
+        _check_positive(key, v)
+    if ro.temperature <= 0:
+        _fail("rollout.temperature", f"must be > 0 for on-policy sampling, got {ro.temperature}")
+    _check_choice("rollout.dtype", ro.dtype, DTYPES)
+    _check_choice("rollout.weight_sync", ro.weight_sync, ("broadcast", "object_store"))
+    _check_choice("learner.zero_stage", ln.zero_stage, (1, 2, 3))
+    _check_choice("learner.lr_schedule", ln.lr_schedule, ("constant", "cosine", "linear"))
+    _check_choice("learner.dtype", ln.dtype, DTYPES)
+    if ln.min_lr > ln.lr:
+        _fail("learner.min_lr", f"{ln.min_lr} is above learner.lr={ln.lr}")
+    rows = da.prompts_per_step * ro.n_samples_per_prompt
+    per_mini = rows // ln.mini_batches_per_step
+    if rows % ln.mini_batches_per_step:
+        _fail("learner.mini_batches_per_step", f"{ln.mini_batches_per_step} does not divide the {rows} rows of a "
+              f"step (data.prompts_per_step x rollout.n_samples_per_prompt)")
+    if per_mini % ln.world_size:
+        _fail("learner.world_size", f"{ln.world_size} ranks do not divide the batch of {per_mini} rows per "
+              f"optimizer step (data.prompts_per_step={da.prompts_per_step} x rollout.n_samples_per_prompt="
+              f"{ro.n_samples_per_prompt} / learner.mini_batches_per_step={ln.mini_batches_per_step}); "
+              f"pick a world size that divides {per_mini}")
+    if da.prompts_per_step % (ln.mini_batches_per_step * ln.world_size):
+        cells = ln.mini_batches_per_step * ln.world_size
+        _fail("data.prompts_per_step", f"{da.prompts_per_step} prompts do not split evenly into learner.mini_batches_"
+              f"per_step x learner.world_size = {ln.mini_batches_per_step} x {ln.world_size} = {cells} parts (each "
+              f"rank trains whole prompts, so a prompt's samples never straddle ranks); use a multiple of {cells}")
+    if (per_mini // ln.world_size) % ln.micro_batch_size and ln.micro_batch_size < per_mini // ln.world_size:
+        _fail("learner.micro_batch_size", f"{ln.micro_batch_size} does not divide the {per_mini // ln.world_size} "
+              "rows each rank gets per optimizer step")
+    if m.max_model_len < da.max_prompt_len + ro.max_new_tokens:
+        _fail("model.max_model_len", f"{m.max_model_len} < data.max_prompt_len + rollout.max_new_tokens = "
+              f"{da.max_prompt_len + ro.max_new_tokens}")
+    if da.eval_path is not None and da.train_path is None:
+        _fail("data.eval_path", "is set without data.train_path")
+
+
 @dataclass
 class AlgorithmConfig:
     signal: str = "sampled"  # sampled | topk | full_vocab
@@ -224,6 +365,40 @@ class AlgorithmConfig:
     full_vocab_chunk_size: int = 1024
     kl_estimator: str = "k3"  # reported estimator
     max_staleness: int = 0  # 0: on-policy; k >= 1: up to k later rollouts overlap this update (async)
+
+
+def _check_algorithm(cfg) -> None:
+    """algorithm.*: registered names, ranges."""
+    from .algo import (ADVANTAGE_ESTIMATORS, IS_CORRECTIONS, KL_ESTIMATORS, LOSS_AGGREGATIONS,
+                       OUTCOME_ESTIMATORS, POLICY_LOSSES)
+
+    al = cfg.algorithm
+    _check_choice("algorithm.signal", al.signal, RUN_SIGNALS)
+    if al.signal == "none" and al.alpha <= 0:
+        _fail("algorithm.alpha", "signal 'none' trains on verifiable rewards only: set algorithm.alpha > 0")
+    _check_choice("algorithm.advantage", al.advantage, ADVANTAGE_ESTIMATORS.names())
+    _check_choice("algorithm.normalize_advantages", al.normalize_advantages, ADVANTAGE_NORMS)
+    _check_choice("algorithm.outcome_estimator", al.outcome_estimator, OUTCOME_ESTIMATORS.names())
+    _check_choice("algorithm.policy_loss", al.policy_loss, POLICY_LOSSES.names())
+    _check_choice("algorithm.loss_agg", al.loss_agg, LOSS_AGGREGATIONS.names())
+    _check_choice("algorithm.is_correction", al.is_correction, IS_CORRECTIONS.names())
+    _check_choice("algorithm.kl_estimator", al.kl_estimator, KL_ESTIMATORS.names())
+    _check_choice("algorithm.topk_divergence", al.topk_divergence, ("forward", "reverse"))
+    _check_positive("algorithm.max_staleness", al.max_staleness, allow_zero=True)
+    if not 0.0 <= al.kl_gamma <= 1.0:
+        _fail("algorithm.kl_gamma", f"must be in [0, 1], got {al.kl_gamma}")
+    if al.alpha < 0:
+        _fail("algorithm.alpha", f"must be >= 0 (0 disables outcome rewards), got {al.alpha}")
+    if not (0 < al.clip_low < 1) or al.clip_high <= 0:
+        _fail("algorithm.clip_low", f"need 0 < clip_low < 1 and clip_high > 0, got {al.clip_low}, {al.clip_high}")
+    if al.dual_clip is not None and al.dual_clip <= 1:
+        _fail("algorithm.dual_clip", f"must be > 1 or null, got {al.dual_clip}")
+    if al.tis_cap <= 0:
+        _fail("algorithm.tis_cap", f"must be > 0, got {al.tis_cap}")
+    if not 0 <= al.icepop_low < 1 < al.icepop_high:
+        _fail("algorithm.icepop_low", f"need 0 <= icepop_low < 1 < icepop_high, got {al.icepop_low}, {al.icepop_high}")
+    _check_positive("algorithm.topk", al.topk)
+    _check_positive("algorithm.full_vocab_chunk_size", al.full_vocab_chunk_size)
 
 
 @dataclass
@@ -272,6 +447,15 @@ class ClusterConfig:
     # receive_weights. null: never (the default; not for production runs)
     fault_exit_in_sync_version: Optional[int] = None
     object_store_memory: Optional[int] = None
+
+
+def _check_cluster(cfg) -> None:
+    """cluster.* and logging.*."""
+    cl = cfg.cluster
+    _check_choice("cluster.mode", cl.mode, ("local", "cluster"))
+    _check_choice("logging.wandb_mode", cfg.logging.wandb_mode, ("offline", "online", "disabled"))
+    if cl.mode == "local" and cl.dashboard_host not in ("127.0.0.1", "localhost", "::1"):
+        _fail("cluster.dashboard_host", f"local mode binds to loopback only; got {cl.dashboard_host!r}")
 
 
 @dataclass
@@ -521,6 +705,12 @@ def route_slots(cfg) -> int:
     return max((len(r) for r in routes(cfg).values()), default=1) if cfg.algorithm.signal != "none" else 1
 
 
+def teacher_model_path(cfg, name: str) -> str:
+    """The teacher's model folder (the student's for the "self" teacher without one of its own)."""
+    t = cfg.teachers.models[name]
+    return cfg.model.path if (name == SELF_TEACHER and not t.model_path) else t.model_path
+
+
 def resolved_backend(cfg, teacher_name: str) -> str:
     """The scoring backend of a teacher: its own setting; "auto" is vLLM (it serves every signal)."""
     t = cfg.teachers.models[teacher_name]
@@ -528,172 +718,24 @@ def resolved_backend(cfg, teacher_name: str) -> str:
 
 
 def validate(cfg: Union[DictConfig, MOPDConfig]) -> None:
-    """Check cross-field invariants; raise ConfigError naming the key and the fix."""
-    from .algo import (ADVANTAGE_ESTIMATORS, IS_CORRECTIONS, KL_ESTIMATORS, LOSS_AGGREGATIONS,
-                       OUTCOME_ESTIMATORS, POLICY_LOSSES)
-
+    """Check cross-field invariants; raise ConfigError naming the key and the fix. Each group's checks
+    sit beside its schema above."""
     finalize(cfg)
-    m, ts, ro, ln, al, da, cl = (cfg.model, cfg.teachers, cfg.rollout, cfg.learner, cfg.algorithm, cfg.data,
-                                 cfg.cluster)
-    dtypes = ("float32", "bfloat16", "float16")
-    _check_choice("model.dtype", m.dtype, dtypes)
-    _tiny_ok("model.tiny", m.tiny)
-    if not m.path:
-        _fail("model.path", "is empty; give a transformers-format model folder")
-    rid = cfg.run.get("id")
-    if rid is not None and (not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", str(rid))
-                            or re.fullmatch(r"step_\d+", str(rid))):
-        _fail("run.id", f"{rid!r} must be a folder name (letters, digits, '.', '_', '-'; not step_N): it names "
-              "the run's folder under run.checkpoint_dir")
-
-    # algorithm
-    _check_choice("algorithm.signal", al.signal, RUN_SIGNALS)
-    if al.signal == "none" and al.alpha <= 0:
-        _fail("algorithm.alpha", "signal 'none' trains on verifiable rewards only: set algorithm.alpha > 0")
-    _check_choice("algorithm.advantage", al.advantage, ADVANTAGE_ESTIMATORS.names())
-    _check_choice("algorithm.normalize_advantages", al.normalize_advantages, ADVANTAGE_NORMS)
-    _check_choice("algorithm.outcome_estimator", al.outcome_estimator, OUTCOME_ESTIMATORS.names())
-    _check_choice("algorithm.policy_loss", al.policy_loss, POLICY_LOSSES.names())
-    _check_choice("algorithm.loss_agg", al.loss_agg, LOSS_AGGREGATIONS.names())
-    _check_choice("algorithm.is_correction", al.is_correction, IS_CORRECTIONS.names())
-    _check_choice("algorithm.kl_estimator", al.kl_estimator, KL_ESTIMATORS.names())
-    _check_choice("algorithm.topk_divergence", al.topk_divergence, ("forward", "reverse"))
-    _check_positive("algorithm.max_staleness", al.max_staleness, allow_zero=True)
-    if not 0.0 <= al.kl_gamma <= 1.0:
-        _fail("algorithm.kl_gamma", f"must be in [0, 1], got {al.kl_gamma}")
-    if al.alpha < 0:
-        _fail("algorithm.alpha", f"must be >= 0 (0 disables outcome rewards), got {al.alpha}")
-    if not (0 < al.clip_low < 1) or al.clip_high <= 0:
-        _fail("algorithm.clip_low", f"need 0 < clip_low < 1 and clip_high > 0, got {al.clip_low}, {al.clip_high}")
-    if al.dual_clip is not None and al.dual_clip <= 1:
-        _fail("algorithm.dual_clip", f"must be > 1 or null, got {al.dual_clip}")
-    if al.tis_cap <= 0:
-        _fail("algorithm.tis_cap", f"must be > 0, got {al.tis_cap}")
-    if not 0 <= al.icepop_low < 1 < al.icepop_high:
-        _fail("algorithm.icepop_low", f"need 0 <= icepop_low < 1 < icepop_high, got {al.icepop_low}, {al.icepop_high}")
-    _check_positive("algorithm.topk", al.topk)
-    _check_positive("algorithm.full_vocab_chunk_size", al.full_vocab_chunk_size)
-
-    # teachers and routing
-    if al.signal == "none":
-        ts = TeachersConfig()  # no teacher takes part: skip their checks
-    elif not ts.models:
-        _fail("teachers.models", "no teacher is defined; add at least one (e.g. teachers=local_tiny)")
-    for name, t in ts.models.items():
-        key = f"teachers.models.{name}"
-        _check_choice(f"{key}.backend", t.backend, ("auto", "vllm", "hf"))
-        _check_choice(f"{key}.dtype", t.dtype, dtypes)
-        _check_choice(f"{key}.hidden_dtype", t.hidden_dtype, dtypes)
-        _tiny_ok(f"{key}.tiny", t.tiny)
-        if t.signal is not None:
-            _check_choice(f"{key}.signal", t.signal, SIGNALS)
-        for check in t.skip_checks:
-            _check_choice(f"{key}.skip_checks", check, ("stop_ids", "template", "probe"))
-        if t.pool is not None:
-            if t.pool not in ts.pools:
-                _fail(f"{key}.pool", f"'{t.pool}' is not a defined pool; defined pools: "
-                      f"{', '.join(sorted(ts.pools)) or 'none'} (add teachers.pools.{t.pool}.replicas=1)")
-            if t.backend == "hf":
-                _fail(f"{key}.backend", "a pooled teacher is served by the pool's vLLM engines; use backend=auto")
-        if name != SELF_TEACHER and not t.model_path:
-            _fail(f"{key}.model_path", f"teacher '{name}' has no model_path (only the '{SELF_TEACHER}' teacher, "
-                  "a frozen copy of the initial student, may omit it)")
-        if t.weight < 0:
-            _fail(f"{key}.weight", f"must be >= 0, got {t.weight}")
-        _check_positive(f"{key}.replicas", t.replicas)
-        _check_positive(f"{key}.tensor_parallel_size", t.tensor_parallel_size)
-        need = da.max_prompt_len + ro.max_new_tokens
-        if t.pool is None and t.max_model_len < need:  # a pooled teacher runs on the pool's engine settings
-            _fail(f"{key}.max_model_len", f"{t.max_model_len} is shorter than prompt + response = "
-                  f"data.max_prompt_len ({da.max_prompt_len}) + rollout.max_new_tokens ({ro.max_new_tokens}) "
-                  f"= {need}; raise it to at least {need}")
-        signal = resolved_signal(cfg, name)
-        if signal == "topk":
-            if t.pool is None and resolved_backend(cfg, name) == "vllm" and al.topk > t.max_logprobs:
-                _fail("algorithm.topk", f"top-k {al.topk} exceeds teacher '{name}' engine limit "
-                      f"{key}.max_logprobs={t.max_logprobs}; lower algorithm.topk or raise max_logprobs")
-    for name, p in ts.pools.items():
-        key = f"teachers.pools.{name}"
-        _check_positive(f"{key}.replicas", p.replicas)
-        _check_positive(f"{key}.tensor_parallel_size", p.tensor_parallel_size)
-        _check_choice(f"{key}.dtype", p.dtype, dtypes)
-        _check_choice(f"{key}.hidden_dtype", p.hidden_dtype, dtypes)
-        _check_positive(f"{key}.cache_gb", p.cache_gb, allow_zero=True)
-        need = da.max_prompt_len + ro.max_new_tokens
-        if p.max_model_len < need:
-            _fail(f"{key}.max_model_len", f"{p.max_model_len} is shorter than prompt + response = {need}; raise it "
-                  f"to at least {need}")
-        members = [n for n, t in ts.models.items() if t.pool == name]
-        if al.topk > p.max_logprobs and any(resolved_signal(cfg, n) == "topk" for n in members):
-            _fail("algorithm.topk", f"top-k {al.topk} exceeds pool '{name}' engine limit {key}.max_logprobs="
-                  f"{p.max_logprobs}; lower algorithm.topk or raise max_logprobs")
-    if al.signal == "topk" and al.topk > ro.max_logprobs:
-        _fail("algorithm.topk", f"top-k {al.topk} exceeds the rollout engine's rollout.max_logprobs="
-              f"{ro.max_logprobs}; lower algorithm.topk or raise rollout.max_logprobs")
-    _check_choice("teachers.combine", ts.combine, ("fixed", "confidence"))
-    for domain, route in routes(cfg, ts).items():
-        key = "teachers.default" if domain == "*" else f"teachers.routing.{domain}"
-        for i, (teacher, _) in enumerate(route):
-            if teacher not in ts.models:
-                _fail(key if len(route) == 1 else f"{key}[{i}]", f"routes to teacher '{teacher}', which is not "
-                      f"defined; defined teachers: {', '.join(sorted(ts.models))}")
-    if da.train_path is None and al.signal != "none":  # synthetic domains are known now; files when loaded
-        for domain in da.domains:
-            if domain not in ts.routing and ts.default is None:
-                _fail("teachers.routing", f"data domain '{domain}' has no route; add "
-                      f"teachers.routing.{domain}=<teacher> or set teachers.default")
-
-    # rollout / learner / data
-    for key, v in (("rollout.n_samples_per_prompt", ro.n_samples_per_prompt), ("rollout.replicas", ro.replicas),
-                   ("rollout.tensor_parallel_size", ro.tensor_parallel_size),
-                   ("rollout.max_new_tokens", ro.max_new_tokens), ("learner.world_size", ln.world_size),
-                   ("rollout.shards_per_replica", ro.shards_per_replica),
-                   ("learner.micro_batch_size", ln.micro_batch_size),
-                   ("learner.mini_batches_per_step", ln.mini_batches_per_step), ("learner.lr", ln.lr),
-                   ("data.prompts_per_step", da.prompts_per_step), ("data.max_prompt_len", da.max_prompt_len),
-                   ("run.total_steps", cfg.run.total_steps)):
-        _check_positive(key, v)
-    if ro.temperature <= 0:
-        _fail("rollout.temperature", f"must be > 0 for on-policy sampling, got {ro.temperature}")
-    _check_choice("rollout.dtype", ro.dtype, dtypes)
-    _check_choice("rollout.weight_sync", ro.weight_sync, ("broadcast", "object_store"))
-    _check_choice("learner.zero_stage", ln.zero_stage, (1, 2, 3))
-    _check_choice("learner.lr_schedule", ln.lr_schedule, ("constant", "cosine", "linear"))
-    _check_choice("learner.dtype", ln.dtype, dtypes)
-    if ln.min_lr > ln.lr:
-        _fail("learner.min_lr", f"{ln.min_lr} is above learner.lr={ln.lr}")
-    rows = da.prompts_per_step * ro.n_samples_per_prompt
-    per_mini = rows // ln.mini_batches_per_step
-    if rows % ln.mini_batches_per_step:
-        _fail("learner.mini_batches_per_step", f"{ln.mini_batches_per_step} does not divide the {rows} rows of a "
-              f"step (data.prompts_per_step x rollout.n_samples_per_prompt)")
-    if per_mini % ln.world_size:
-        _fail("learner.world_size", f"{ln.world_size} ranks do not divide the batch of {per_mini} rows per "
-              f"optimizer step (data.prompts_per_step={da.prompts_per_step} x rollout.n_samples_per_prompt="
-              f"{ro.n_samples_per_prompt} / learner.mini_batches_per_step={ln.mini_batches_per_step}); "
-              f"pick a world size that divides {per_mini}")
-    if da.prompts_per_step % (ln.mini_batches_per_step * ln.world_size):
-        cells = ln.mini_batches_per_step * ln.world_size
-        _fail("data.prompts_per_step", f"{da.prompts_per_step} prompts do not split evenly into learner.mini_batches_"
-              f"per_step x learner.world_size = {ln.mini_batches_per_step} x {ln.world_size} = {cells} parts (each "
-              f"rank trains whole prompts, so a prompt's samples never straddle ranks); use a multiple of {cells}")
-    if (per_mini // ln.world_size) % ln.micro_batch_size and ln.micro_batch_size < per_mini // ln.world_size:
-        _fail("learner.micro_batch_size", f"{ln.micro_batch_size} does not divide the {per_mini // ln.world_size} "
-              "rows each rank gets per optimizer step")
-    if m.max_model_len < da.max_prompt_len + ro.max_new_tokens:
-        _fail("model.max_model_len", f"{m.max_model_len} < data.max_prompt_len + rollout.max_new_tokens = "
-              f"{da.max_prompt_len + ro.max_new_tokens}")
-    if da.eval_path is not None and da.train_path is None:
-        _fail("data.eval_path", "is set without data.train_path")
+    _check_model_and_run(cfg)
+    _check_algorithm(cfg)
+    _check_teachers(cfg)
+    _check_pools(cfg)
+    _check_routing(cfg)
+    _check_batch(cfg)
     validate_rewards(cfg)
-
-    # cluster and logging
-    _check_choice("cluster.mode", cl.mode, ("local", "cluster"))
-    _check_choice("logging.wandb_mode", cfg.logging.wandb_mode, ("offline", "online", "disabled"))
-    if cl.mode == "local" and cl.dashboard_host not in ("127.0.0.1", "localhost", "::1"):
-        _fail("cluster.dashboard_host", f"local mode binds to loopback only; got {cl.dashboard_host!r}")
+    _check_cluster(cfg)
     _check_resources(cfg)
     _check_demo(cfg)
+
+
+def _active_teachers_cfg(cfg):
+    """The teachers section, or an empty one when no teacher takes part (signal none: their checks skipped)."""
+    return TeachersConfig() if cfg.algorithm.signal == "none" else cfg.teachers
 
 
 def validate_rewards(cfg) -> None:

@@ -49,6 +49,26 @@ def describe_plan(cfg, model_paths: dict[str, str], started: list | None = None)
     return "\n".join(lines)
 
 
+def _prepare(cfg, out: Path) -> tuple:
+    """Everything checked before any engine starts: models, tokenizers, data, storage, whose checkpoints
+    this launch may load. Returns (model paths, prompt pool, RunStart); raises on bad input."""
+    from transformers import AutoTokenizer
+
+    from .data.prompts import build_prompt_pool
+    from .models.compat import check_local_tokenizers
+    from .models.prepare import prepare_models
+    from .run_identity import plan_run
+    from .storage import check_writable_locations
+
+    model_paths = prepare_models(cfg)
+    check_local_tokenizers(cfg)
+    # data problems surface here (and prompts are rendered once)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
+    pool = build_prompt_pool(cfg, tokenizer)
+    check_writable_locations(cfg, str(out))
+    return model_paths, pool, plan_run(cfg)
+
+
 def run(cfg: DictConfig) -> int:
     try:
         validate(cfg)
@@ -60,25 +80,10 @@ def run(cfg: DictConfig) -> int:
     (out / "resolved_config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     if cfg.run.dry_run or cfg.logging.verbose:
         print(OmegaConf.to_yaml(cfg, resolve=True))
-    from .models.compat import check_local_tokenizers
-    from .models.prepare import prepare_models
-
-    from transformers import AutoTokenizer
-
-    from .data.prompts import build_prompt_pool
-
-    from .run_identity import plan_run
-    from .storage import StorageError, check_writable_locations
+    from .storage import StorageError
 
     try:
-        model_paths = prepare_models(cfg)
-        check_local_tokenizers(cfg)
-        # data problems surface here, before any engine starts (and prompts are rendered once)
-        tokenizer = AutoTokenizer.from_pretrained(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
-        pool = build_prompt_pool(cfg, tokenizer)
-        # whose checkpoints this launch may load, and where it writes: refused here, before any engine starts
-        check_writable_locations(cfg, str(out))
-        start = plan_run(cfg)
+        model_paths, pool, start = _prepare(cfg, out)
     except (FileNotFoundError, ValueError, StorageError) as e:  # RunIdentityError is a ValueError
         log.error("%s", e)
         return 2

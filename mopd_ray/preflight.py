@@ -79,7 +79,7 @@ def run(cfg, roles, student_fp: dict, tokenizer) -> str:
 def check_teachers(cfg, teachers: dict, student_fp: dict, probes: list) -> dict:
     """Tokenizer, end-of-turn and template checks of every teacher, and the probe of each replica against
     a transformers forward of its folder and against replica 0. Returns the worst gaps and notes."""
-    from .roles import teacher_model_path
+    from .config import teacher_model_path
 
     pf = cfg.teachers.preflight
     max_bytes = int(pf.reference_max_gb * 2**30)

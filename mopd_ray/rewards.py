@@ -215,20 +215,6 @@ class Rewards:
             self._sandbox = None
 
 
-def rewards_spec(cfg, train: bool = False) -> dict:
-    """The keyword arguments of Rewards for a run's config (sent to the rollout actors): the judge
-    (data.rewards), or with ``train`` the rewards the rollouts are trained on (data.train_rewards on top)."""
-    from .data.domains import DOMAINS
-
-    by_domain = {**dict(cfg.data.rewards), **(dict(cfg.data.train_rewards) if train else {})}
-    return {"by_domain": by_domain, "timeout_s": float(cfg.data.reward_timeout_s),
-            "builtin_domains": sorted(DOMAINS), "search_path": [os.getcwd()]}
-
-
-def rewards_from_cfg(cfg) -> Rewards:
-    return Rewards(**rewards_spec(cfg))
-
-
 class _Timeout(Exception):
     pass
 

@@ -11,9 +11,9 @@ from omegaconf import OmegaConf
 
 from .algo.mismatch import needs_rollout_logprobs
 from .cluster import ActorGroup, Bundle, get_with_deadline
-from .config import SELF_TEACHER, resolved_backend, resolved_signal
+from .config import resolved_backend, resolved_signal, teacher_model_path
+from .data.run_rewards import rewards_spec
 from .models.compat import tokenizer_fingerprint
-from .rewards import rewards_spec
 from .workers.learner import LearnerWorker
 from .workers.rollout import RolloutWorker
 from .workers.teacher import PooledTeacherWorker, TeacherWorker
@@ -62,11 +62,6 @@ def ray_get(refs, timeout_s: float = 120.0):
 def active_teachers(cfg) -> list:
     """Sorted teacher names taking part in the run (none for reward-only training)."""
     return [] if cfg.algorithm.signal == "none" else sorted(cfg.teachers.models)
-
-
-def teacher_model_path(cfg, name: str) -> str:
-    t = cfg.teachers.models[name]
-    return cfg.model.path if (name == SELF_TEACHER and not t.model_path) else t.model_path
 
 
 def _common(cfg) -> dict:

@@ -28,11 +28,10 @@ from pathlib import Path
 from typing import Optional
 
 from . import checkpoint as ckpt
+from .models.compat import architecture_hash
 
 log = logging.getLogger(__name__)
 
-# config.json keys that do not change what the weights mean
-_VOLATILE_MODEL_KEYS = ("_name_or_path", "transformers_version", "torch_dtype", "dtype", "use_cache")
 # resolved-config keys whose change between launches of one run is expected and not worth a line
 _EXPECTED_CHANGES = ("run.resume", "run.id", "run.output_dir", "run.steps_per_launch", "logging.", "cluster.address")
 
@@ -66,37 +65,23 @@ def new_run_id() -> str:
     return f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
 
 
-def model_architecture(path: str) -> str:
-    """A short hash of the folder's config.json without the keys that do not change the weights' meaning."""
-    f = Path(path, "config.json")
-    if not f.exists():
-        return "missing"
-    try:
-        raw = json.loads(f.read_text())
-    except (OSError, ValueError):
-        return "unreadable"
-    for k in _VOLATILE_MODEL_KEYS:
-        raw.pop(k, None)
-    return hashlib.sha256(json.dumps(raw, sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-
 def _abs(path: Optional[str]) -> Optional[str]:
     return None if path in (None, "") else str(Path(path).expanduser().resolve())
 
 
 def fingerprint_parts(cfg) -> dict:
     """The settings a run's state is only meaningful with, as a small nested dict."""
-    from .config import SELF_TEACHER, resolved_signal, routes
+    from .config import SELF_TEACHER, resolved_signal, routes, teacher_model_path
 
     d, a = cfg.data, cfg.algorithm
     teachers = {}
     for name, t in cfg.teachers.models.items():
-        path = cfg.model.path if (name == SELF_TEACHER and not t.model_path) else t.model_path
-        teachers[name] = {"model": "self (the initial student)" if path == cfg.model.path and name == SELF_TEACHER
-                          else _abs(path), "architecture": model_architecture(path), "weight": float(t.weight),
+        path = teacher_model_path(cfg, name)
+        teachers[name] = {"model": "self (the initial student)" if name == SELF_TEACHER and not t.model_path
+                          else _abs(path), "architecture": architecture_hash(path), "weight": float(t.weight),
                           "signal": resolved_signal(cfg, name)}
     return {
-        "student": {"model": _abs(cfg.model.path), "architecture": model_architecture(cfg.model.path)},
+        "student": {"model": _abs(cfg.model.path), "architecture": architecture_hash(cfg.model.path)},
         "data": {"train_path": _abs(d.train_path), "eval_path": _abs(d.eval_path), "domains": list(d.domains),
                  "num_train_per_domain": d.num_train_per_domain, "prompts_per_step": d.prompts_per_step,
                  "max_prompt_len": d.max_prompt_len, "shuffle": d.shuffle, "seed": d.seed,

@@ -1,6 +1,6 @@
 """Which weight-sync failures the orchestrator treats as a lost engine (rebuild the group, resend)."""
 
-from mopd_ray.orchestrator import _peer_lost
+from mopd_ray.recovery import _peer_lost
 
 
 def test_lost_peer_errors_are_recognised_and_others_are_not():

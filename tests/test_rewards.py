@@ -51,7 +51,7 @@ def test_similarity_gives_partial_credit_and_full_credit_only_for_an_exact_match
 
 def test_train_rewards_replace_the_judge_for_training_only():
     from mopd_ray.config import compose_config
-    from mopd_ray.rewards import rewards_spec
+    from mopd_ray.data.run_rewards import rewards_spec
 
     cfg = compose_config(["data.rewards.math=numeric", "data.train_rewards.sort=similarity",
                           "data.train_rewards.math=similarity"])

@@ -122,10 +122,46 @@ def check_local_tokenizers(cfg) -> None:
             continue
         if Path(t.model_path, "config.json").exists():
             check_compatible(student, cfg.model.path, fp(t.model_path), f"{name} ({t.model_path})", t.skip_checks)
-    from ..workers.teacher import check_pool_architectures
-
     for pool in cfg.teachers.pools:
         members = {n: (cfg.model.path if n == SELF_TEACHER and not t.model_path else t.model_path)
                    for n, t in cfg.teachers.models.items() if t.pool == pool}
         if members and all(Path(p, "config.json").exists() for p in members.values()):
             check_pool_architectures(pool, members)
+
+
+# config.json keys that do not change what a model computes
+_NOT_ARCHITECTURE = {"_name_or_path", "transformers_version", "torch_dtype", "dtype", "use_cache"}
+
+
+def architecture_hash(path: str) -> str:
+    """A short hash of the folder's config.json up to the keys that do not change what the model computes
+    ("missing" / "unreadable" when there is none to read)."""
+    from pathlib import Path
+
+    f = Path(path, "config.json")
+    if not f.exists():
+        return "missing"
+    try:
+        raw = json.loads(f.read_text())
+    except (OSError, ValueError):
+        return "unreadable"
+    kept = {k: v for k, v in raw.items() if k not in _NOT_ARCHITECTURE}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def check_pool_architectures(pool: str, members: dict) -> None:
+    """Raise ValueError unless every folder of ``members`` (teacher -> folder) has the first one's
+    config.json, up to keys that do not change what the model computes."""
+    import json
+    from pathlib import Path
+
+    first = sorted(members)[0]
+    ref = json.loads(Path(members[first], "config.json").read_text())
+    for name, path in sorted(members.items()):
+        other = json.loads(Path(path, "config.json").read_text())
+        diff = sorted(k for k in set(ref) | set(other) if k not in _NOT_ARCHITECTURE and ref.get(k) != other.get(k))
+        if diff:
+            raise ValueError(f"teacher pool '{pool}': teacher '{name}' ({path}) has another architecture than "
+                             f"'{first}' ({members[first]}): config.json differs in {diff}; a pool's teachers share "
+                             f"one engine, so give '{name}' its own engine (drop teachers.models.{name}.pool) or pool "
+                             "it with teachers of its architecture")

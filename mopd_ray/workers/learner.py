@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Optional
 
 import numpy as np
 
-from ..algo.mismatch import needs_rollout_logprobs
-from ..batch import RolloutBatch, batch_nbytes
 from .base import RoleWorker
+from .learner_advantages import LearnerAdvantages
+from .learner_metrics import LearnerMetrics
+from .learner_rows import LearnerRows, _check_scored
+from .learner_weights import LearnerWeights
+
 
 def lr_factor(step: int, total: int, warmup: int, schedule: str, min_ratio: float) -> float:
     if warmup and step < warmup:
@@ -30,7 +32,11 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str, min_ratio: floa
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * frac))
 
 
-class LearnerWorker(RoleWorker):
+class LearnerWorker(LearnerRows, LearnerAdvantages, LearnerWeights, LearnerMetrics, RoleWorker):
+    """One DeepSpeed rank: the model, its optimizer and a step's loss. Its mixins: the step's rows
+    (learner_rows.py), pi_old and advantages (learner_advantages.py), weight export and checkpoints
+    (learner_weights.py), metrics (learner_metrics.py)."""
+
     def __init__(self, rank: int, world_size: int, model_path: str, learner_cfg: dict, algo_cfg: dict,
                  teacher_names: list, teacher_weights: list, teacher_signals: list, total_steps: int,
                  rows_per_step: int, temperature: float = 1.0, seed: int = 0, trust_remote_code: bool = False):
@@ -163,180 +169,6 @@ class LearnerWorker(RoleWorker):
 
     # each named step of train_step below
 
-    def _fetch_rows(self, parts: list) -> dict:
-        """ray.get this rank's rollout parts: local [n, L] arrays and each row's mini-batch. Their teacher
-        scores are fetched later by ``_await_rows`` (all at once, or micro-batch by micro-batch)."""
-        import ray
-        import torch
-        import torch.distributed as dist
-
-        t0 = time.perf_counter()
-        batches: list[RolloutBatch] = ray.get([p["batch"] for p in parts])
-        g = _layout(batches, self.teacher_names)
-        g["score_refs"] = [list(p["scores"]) for p in parts]
-        g["fetched_bytes"] = sum(batch_nbytes(b) for b in batches)
-        g["mini_B"] = np.concatenate([np.full(b.num_rows, p["mini_batch"], np.int64) for b, p in zip(batches, parts)])
-        n_mini = self.cfg["mini_batches_per_step"]
-        mine = [np.nonzero(g["mini_B"] == m)[0] for m in range(n_mini)]
-        if self.teacher_heads:  # group rows by teacher so one output head is used at a time
-            mine = [r[np.lexsort(g["teacher_index"][r].T[::-1])] for r in mine]
-        g["rows_by_mini"] = mine
-        # global denominators of each mini-batch: response tokens and non-empty sequences over all ranks
-        totals = torch.tensor([[g["mask"][r].sum(), (g["mask"][r].sum(-1) > 0).sum()] for r in mine], dtype=torch.float64)
-        dist.all_reduce(totals)
-        g["totals"] = totals
-        g["fetch_s"] = time.perf_counter() - t0  # waiting for rollouts / scores still in flight, and the copy
-        return g
-
-    def _await_rows(self, g: dict, t: Optional[dict], rows) -> int:
-        """Fetch and place the teacher scores of every part holding some of ``rows`` (None: all parts);
-        refresh the teacher tensors of ``t`` for those rows. The wait counts as fetch time. Returns how many
-        of those scores were still being computed when called (0: all were in)."""
-        import ray
-
-        todo = [k for k in range(len(g["offsets"]) - 1) if k not in g["placed"] and (
-            rows is None or ((rows >= g["offsets"][k]) & (rows < g["offsets"][k + 1])).any())]
-        if not todo:
-            return 0
-        t0 = time.perf_counter()
-        refs = [r for k in todo for r in g["score_refs"][k]]
-        pending = len(refs) - len(ray.wait(refs, num_returns=len(refs), timeout=0)[0])
-        got = ray.get(refs)
-        g["fetch_s"] += time.perf_counter() - t0
-        for k in todo:
-            mine, got = got[:len(g["score_refs"][k])], got[len(g["score_refs"][k]):]
-            _place(g, k, mine, self.teacher_names)
-            g["fetched_bytes"] += sum(s.nbytes() for s in mine)
-            if t is not None:
-                self._teacher_tensors(g, t, np.arange(g["offsets"][k], g["offsets"][k + 1]))
-        return pending
-
-    def _tensors(self, g: dict) -> dict:
-        """Torch views of the local rows, each slot's teacher, signal and per-token coefficient, outcome
-        advantages. ``teacher_lp`` is [S, N, L]: slot s of every row (zeros where the slot is empty)."""
-        import torch
-
-        from ..algo import OUTCOME_ESTIMATORS, mix_advantages
-        from .loss import SIGNAL_IDS
-
-        dev = self.device
-        tidx = torch.from_numpy(g["teacher_index"].astype(np.int64)).to(dev)  # [N, S]
-        t = {"tokens": torch.from_numpy(g["tokens"].astype(np.int64)).to(dev),
-             "mask": torch.from_numpy(g["mask"].astype(np.float32)).to(dev),
-             "attn": torch.from_numpy(g["attn"]).long().to(dev),
-             "rollout_lp": torch.from_numpy(g["rollout_lp"]).to(dev), "tidx": tidx}
-        S, (N, L) = len(g["slots"]), g["mask"].shape
-        t["teacher_lp"] = torch.zeros((S, N, L), dtype=torch.float32, device=dev)  # filled as scores arrive
-        t["coef"] = torch.zeros((S, N, L), dtype=torch.float32, device=dev)
-        empty = tidx < 0
-        safe = tidx.clamp(min=0)
-        if self.teacher_names:
-            w = torch.tensor(self.teacher_weights, dtype=torch.float32, device=dev)[safe]
-            coef = torch.where(empty, 0.0, w * torch.from_numpy(g["route_weight"]).to(dev))  # [N, S]
-            signal = torch.tensor([SIGNAL_IDS[x] for x in self.teacher_signals], device=dev)[safe]
-            t["signal"] = torch.where(empty, -1, signal)
-        else:  # reward-only (GRPO): no distillation term, the outcome advantage alone
-            coef = torch.zeros(tidx.shape, dtype=torch.float32, device=dev)
-            t["signal"] = torch.full(tidx.shape, -1, dtype=torch.long, device=dev)
-        t["coef_NS"] = coef
-        if len(g["placed"]) == len(g["offsets"]) - 1:
-            self._teacher_tensors(g, t, np.arange(N))
-        a = self.algo
-        t["outcome"] = torch.zeros_like(t["mask"])
-        if a["alpha"] > 0 and g["has_reward"].any():  # groups never straddle ranks (dispatch plan)
-            rewards = torch.from_numpy(np.nan_to_num(g["rewards"])).to(dev)
-            t["outcome"] = mix_advantages(torch.zeros_like(t["mask"]), OUTCOME_ESTIMATORS.get(a["outcome_estimator"])(
-                rewards, torch.from_numpy(g["group_ids"]).to(dev), t["mask"]).float(), a["alpha"],
-                torch.from_numpy(g["has_reward"]).to(dev))
-        return t
-
-    def _teacher_tensors(self, g: dict, t: dict, rows: np.ndarray) -> None:
-        """Teacher log-probs [S, n, L] and per-token coefficients of ``rows``, from their placed scores."""
-        import torch
-
-        r = torch.from_numpy(rows).to(self.device)
-        lp = torch.from_numpy(np.stack([sl["lp"][rows] for sl in g["slots"]])).to(self.device)
-        t["teacher_lp"][:, r] = lp
-        t["coef"][:, r] = self._token_coefficients(t["coef_NS"][r], lp)
-
-    def _token_coefficients(self, coef_NS, teacher_lp_SNL):
-        """[S, N, L] coefficient of each slot at each token. ``fixed``: the slot's weight everywhere;
-        ``confidence``: a row's total weight shared among its teachers in proportion to weight x the
-        teacher's probability of the sampled token (a teacher unsure of a token cedes it to the others)."""
-        import torch
-
-        fixed = coef_NS.T[:, :, None].expand_as(teacher_lp_SNL)
-        if self.algo.get("teacher_combine", "fixed") == "fixed" or coef_NS.shape[1] == 1:
-            return fixed.contiguous()
-        logit = torch.where(fixed > 0, torch.log(fixed.clamp(min=1e-30)) + teacher_lp_SNL, float("-inf"))
-        share = torch.nan_to_num(torch.softmax(logit, dim=0), nan=0.0)  # rows without a teacher: 0
-        return (share * coef_NS.sum(-1)[None, :, None]).detach()
-
-    def _fused_old_logprobs(self) -> bool:
-        """pi_old equals the training forward when one mini-batch is trained and nothing needs pi_old of
-        every row before the first backward (advantage normalisation): skip the extra forward then."""
-        return (self.cfg["recompute_old_logprobs"] and self.cfg["mini_batches_per_step"] == 1
-                and self.algo["normalize_advantages"] == "none")
-
-    def _old_logprobs(self, g: dict, t: dict):
-        """pi_old of every local row with the weights before this step's updates."""
-        import torch
-
-        from .loss import token_logprobs_from_logits
-
-        old_lp = t["rollout_lp"].clone()
-        mine = np.concatenate(g["rows_by_mini"])
-        self.engine.eval()
-        with torch.no_grad():
-            for s in range(0, len(mine), self.micro):
-                r = torch.from_numpy(mine[s: s + self.micro]).to(self.device)
-                old_lp[r] = token_logprobs_from_logits(self._forward_logits(t["tokens"][r], t["attn"][r]),
-                                                       t["tokens"][r], self.temperature)
-        self.engine.train()
-        return old_lp
-
-    def _sampled_advantage(self, t: dict, old_lp, r=slice(None)):
-        """Per slot, the sampled-token reverse-KL advantage of rows ``r`` (0 for slots of other signals):
-        [S, n, L]; their sum over slots is the distillation advantage."""
-        import torch
-
-        from ..algo import reverse_kl_advantage
-        from .loss import SIGNAL_IDS
-
-        sampled = (t["signal"][r] == SIGNAL_IDS["sampled"]).T[:, :, None]  # [S, n, 1]
-        return torch.stack([reverse_kl_advantage(t["teacher_lp"][s][r], old_lp[r], t["mask"][r],
-                                                 t["coef"][s][r] * sampled[s], gamma=self.algo["kl_gamma"])
-                            for s in range(sampled.shape[0])])
-
-    def _distill_advantages(self, t: dict, old_lp):
-        """Sampled-token reverse-KL advantage, normalised with moments summed over every rank's rows:
-        ``teacher*`` normalises each teacher's terms over its own tokens (a row's slots separately), then
-        sums the slots; ``batch*`` normalises the sum over the rows that have a sampled-signal teacher."""
-        import torch.distributed as dist
-
-        from ..algo import advantage_moments, normalize_advantages
-        from .loss import SIGNAL_IDS
-
-        adv_S = self._sampled_advantage(t, old_lp)
-        norm = self.algo["normalize_advantages"]
-        if norm == "none":
-            return adv_S.sum(0)
-        scale = not norm.endswith("_mean")
-        sampled = t["signal"] == SIGNAL_IDS["sampled"]  # [N, S]
-        if not norm.startswith("teacher"):
-            mask = t["mask"] * sampled.any(-1)[:, None]
-            groups = t["tidx"].new_zeros(t["tidx"].shape[0])
-            moments = advantage_moments(adv_S.sum(0), mask, groups, 1)
-            dist.all_reduce(moments)
-            return normalize_advantages(adv_S.sum(0), mask, groups, moments, scale=scale)
-        T = max(len(self.teacher_names), 1)
-        groups = t["tidx"].clamp(min=0)  # an empty slot is masked out below
-        masks = [t["mask"] * sampled[:, s, None] for s in range(adv_S.shape[0])]
-        moments = sum(advantage_moments(adv_S[s], masks[s], groups[:, s], T) for s in range(adv_S.shape[0]))
-        dist.all_reduce(moments)
-        return sum(normalize_advantages(adv_S[s], masks[s], groups[:, s], moments, scale=scale)
-                   for s in range(adv_S.shape[0]))
-
     def _optimize(self, g: dict, t: dict, old_lp, adv, step: int, fused: bool) -> dict:
         """``mini_batches_per_step`` optimizer steps over this rank's rows, micro-batch by micro-batch."""
         loop = {"loss": 0.0, "is_clip_fraction": 0.0, "pg_clip_fraction": 0.0, "approx_kl": 0.0,
@@ -442,57 +274,6 @@ class LearnerWorker(RoleWorker):
             loop["n_micro"] += 1
         return True
 
-    def _metrics(self, g: dict, t: dict, old_lp, loop: dict, t0: float) -> dict:
-        """Per-teacher and step statistics summed over every rank (one all-reduce), as step metrics."""
-        import torch
-        import torch.distributed as dist
-
-        T, n_mini, ws = len(self.teacher_names), self.cfg["mini_batches_per_step"], self.world_size
-        mask, tidx = t["mask"].double(), t["tidx"]
-        stats = torch.zeros(9 + 3 * T, dtype=torch.float64)
-        for s in range(tidx.shape[1]):  # each teacher over the tokens it scored, in whichever slot
-            log_ratio = t["teacher_lp"][s] - old_lp
-            k1, k3 = -log_ratio.double() * mask, (torch.expm1(log_ratio) - log_ratio).double() * mask
-            for i in range(T):
-                sel = tidx[:, s] == i
-                stats[9 + 3 * i: 12 + 3 * i] += torch.stack([mask[sel].sum(), k1[sel].sum(), k3[sel].sum()])
-        stats[0] = mask.sum()
-        stats[1] = ((old_lp - t["rollout_lp"]).abs().double() * mask).sum()
-        stats[2:9] = torch.tensor([loop["entropy_sum"], loop["loss"], loop["is_clip_fraction"] / max(loop["n_micro"], 1),
-                                   loop["pg_clip_fraction"] / max(loop["n_micro"], 1),
-                                   loop["distill_loss"] / (ws * self.grad_accum), float(g["tokens"].shape[0]),
-                                   float(g["fetched_bytes"])], dtype=torch.float64)
-        stats.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)  # garbage rows are reported, not averaged in
-        dist.all_reduce(stats)
-        tok = max(stats[0].item(), 1.0)
-        metrics = {"loss": stats[3].item() / n_mini, "entropy": stats[2].item() / tok,
-                   "is_clip_fraction": stats[4].item() / ws, "pg_clip_fraction": stats[5].item() / ws,
-                   "train_rollout_logprob_gap": stats[1].item() / tok,
-                   "grad_norm": float(np.mean(loop["grad_norms"])) if loop["grad_norms"] else float("nan"),
-                   "lr": self.scheduler.get_last_lr()[0], "learner_step_s": time.perf_counter() - t0,
-                   "response_tokens": stats[0].item(), "rows": int(stats[7].item()), "skipped_minibatches": loop["skipped"],
-                   "signal_free_minibatches": loop["signal_free"],
-                   "learner/fetched_bytes": g["fetched_bytes"], "learner/fetched_bytes_all_ranks": stats[8].item(),
-                   "learner/fetch_s": g["fetch_s"], "learner/start_s": g.get("start_s", float("nan")),
-                   "learner/forwards_ahead_of_scores": g.get("forwards_ahead", 0), "learner/compute_s": time.perf_counter() - t0 - g["fetch_s"]}
-        if not needs_rollout_logprobs(self.algo["is_correction"], self.cfg["recompute_old_logprobs"]):
-            del metrics["train_rollout_logprob_gap"]  # the rollout was not asked for its log-probs
-        if loop["nonfinite"]:
-            metrics["nonfinite"] = loop["nonfinite"]
-        if any(s != "sampled" for s in self.teacher_signals):
-            metrics["distill_loss"] = stats[6].item() / n_mini
-        for i, name in enumerate(self.teacher_names):
-            n_t = stats[9 + 3 * i].item()
-            metrics[f"teacher/{name}/token_share"] = n_t / tok
-            metrics[f"teacher/{name}/tokens"] = n_t
-            if n_t > 0:
-                metrics[f"teacher/{name}/reverse_kl"] = stats[10 + 3 * i].item() / n_t
-                metrics[f"teacher/{name}/reverse_kl_k3"] = stats[11 + 3 * i].item() / n_t
-        # over every (token, teacher) pair: a row with two teachers counts against each
-        metrics["reverse_kl"] = (sum(stats[10 + 3 * i].item() for i in range(T))
-                                 / max(sum(stats[9 + 3 * i].item() for i in range(T)), 1.0))
-        return metrics
-
     def sft_step(self, sequences: list, prompt_lens: list) -> dict:
         """One supervised step (bootstrap of teachers and the base student): token-mean cross-entropy on
         the response tokens of every row, rows split across ranks, one optimizer step."""
@@ -524,115 +305,7 @@ class LearnerWorker(RoleWorker):
         self.optimizer_steps += 1
         return {"sft_loss": total}
 
-    def _nonfinite_inputs(self, g: dict, rows: np.ndarray, old_lp) -> Optional[dict]:
-        """None if every input of these rows is finite at response positions, else what was not.
-        ``old_lp`` None: pi_old comes from the training forward (a non-finite one shows in the loss)."""
-        import torch
-
-        m = g["mask"][rows]
-        old = None if old_lp is None else old_lp[torch.from_numpy(rows)].cpu().numpy()
-        slots = g["slots"]
-        checks = {"teacher_logprobs": np.concatenate([sl["lp"][rows][m] for sl in slots]),
-                  "rollout_logprobs": g["rollout_lp"][rows][m]}
-        if old is not None:
-            checks["old_logprobs"] = old[m]
-        if any(sl["topk_lp"] is not None for sl in slots):
-            checks["topk_logprobs"] = np.concatenate([sl["topk_lp"][rows][m] for sl in slots if sl["topk_lp"] is not None])
-        if any(sl["hidden"] is not None for sl in slots):
-            checks["hidden_states"] = np.concatenate([sl["hidden"][torch.from_numpy(rows)][torch.from_numpy(m)].float().numpy()
-                                                      for sl in slots if sl["hidden"] is not None])
-        counts = {k: int((~np.isfinite(v)).sum()) for k, v in checks.items()}
-        if not any(counts.values()):
-            return None
-        bad_slot = np.stack([~np.isfinite(np.where(g["mask"][rows], sl["lp"][rows], 0)).all(-1) for sl in slots], -1)
-        bad = bad_slot.any(-1)
-        if old is not None:
-            bad |= ~np.isfinite(np.where(g["mask"][rows], old, 0)).all(-1)
-        bad_rows = rows[bad]
-        # the teachers whose scores were not finite (every teacher of a row whose pi_old was not)
-        culprit = np.where(bad_slot[bad] | ~bad_slot[bad].any(-1, keepdims=True), g["teacher_index"][bad_rows], -1)
-        teachers = self._names(culprit)
-        return {"teachers": teachers, "stats": {"rows": int(len(rows)), "response_tokens": int(m.sum()),
-                                                "nonfinite_counts": counts, "bad_rows": int(len(bad_rows))}}
-
-    def _names(self, tidx: np.ndarray) -> list:
-        """Sorted names of the teachers among slot indices ``tidx`` (-1: none)."""
-        return sorted({self.teacher_names[i] for i in np.asarray(tidx).ravel().tolist() if i >= 0})
-
     # ------------------------------------------------------------------ weights
-    def compute_logprobs(self, sequences: list, temperature: Optional[float] = None) -> list:
-        """Log-probs of given token ids under the current weights, at ``temperature`` (default: the run's
-        sampling temperature; collective under ZeRO-3: call on all ranks)."""
-        import torch
-
-        from ..batch import pad_sequences
-        from .loss import token_logprobs_from_logits
-
-        tokens = torch.from_numpy(pad_sequences(sequences, 0).astype(np.int64)).to(self.device)
-        lens = torch.tensor([len(s) for s in sequences])
-        attn = (torch.arange(tokens.shape[1])[None] < lens[:, None]).long().to(self.device)
-        self.engine.eval()
-        with torch.no_grad():
-            lp = token_logprobs_from_logits(self._forward_logits(tokens, attn), tokens,
-                                            self.temperature if temperature is None else temperature)
-        self.engine.train()
-        return [lp[i, : len(s)].cpu().numpy() for i, s in enumerate(sequences)]
-
-    def param_metas(self) -> list:
-        from ..sync import param_meta
-
-        return param_meta(self.engine.module, self.zero_stage)
-
-    def export_to_store(self):
-        """All ranks call (ZeRO-3 gathers are collective); rank 0 puts {name: ndarray} and returns [ref]."""
-        import ray
-
-        from ..sync import iter_full_params, to_numpy_state
-
-        state = to_numpy_state(iter_full_params(self.engine.module, self.zero_stage))
-        return [ray.put(state)] if self.rank == 0 else None
-
-    def init_sync_group(self, host: str, port: int, world_size: int, timeout_s: float) -> bool:
-        from ..sync import make_group
-
-        self.sync_group = make_group(host, port, 0, world_size, timeout_s)
-        return True
-
-    def broadcast_weights(self, bucket_bytes: int) -> int:
-        from ..sync import broadcast_send, iter_full_params
-
-        return broadcast_send(self.sync_group, iter_full_params(self.engine.module, self.zero_stage),
-                              self.param_metas(), bucket_bytes, is_sender=self.rank == 0)
-
-    def save_checkpoint(self, path: str) -> bool:
-        """DeepSpeed state of this rank (collective) into <path>/learner; rank 0 exports <path>/student."""
-        self.engine.save_checkpoint(f"{path}/learner", tag="state",
-                                    client_state={"optimizer_steps": self.optimizer_steps})
-        self.save_pretrained(f"{path}/student")
-        return True
-
-    def load_checkpoint(self, path: str) -> int:
-        _, client = self.engine.load_checkpoint(f"{path}/learner", tag="state")
-        if client is None:
-            raise RuntimeError(f"rank {self.rank}: no learner state in {path}/learner")
-        self.optimizer_steps = int(client.get("optimizer_steps", 0))
-        return self.optimizer_steps
-
-    def save_pretrained(self, path: str) -> Optional[str]:
-        """Transformers-format export (safetensors) of the student; all ranks call, rank 0 writes."""
-        from ..sync import iter_full_params
-
-        state = {n: t.cpu() for n, t in iter_full_params(self.engine.module, self.zero_stage)}
-        if self.rank != 0:
-            return None
-        from transformers import AutoTokenizer
-
-        self.engine.module.save_pretrained(path, state_dict={k: v.contiguous() for k, v in state.items()},
-                                           safe_serialization=True)
-        AutoTokenizer.from_pretrained(self.model_path, trust_remote_code=self.trust_remote_code).save_pretrained(path)
-        return path
-
-
 def _any_rank(flag: bool) -> bool:
     """True on every rank if ``flag`` is true on any (so all ranks take the same branch)."""
     import torch
@@ -643,99 +316,3 @@ def _any_rank(flag: bool) -> bool:
     return bool(t.item() > 0)
 
 
-def _assemble(shards: list, scores: list, teacher_names: list) -> dict:
-    """Concatenate shards into [N, L] arrays and place each teacher's scores in its rows' slots.
-
-    ``slots[s]`` holds slot s of every row: ``lp`` [N, L], and ``topk_ids`` / ``topk_lp`` [N, L, K] and
-    ``hidden`` [N, L, H] where some teacher of that slot serves those signals (else None).
-    """
-    out = _layout(shards, teacher_names)
-    for k, s_list in enumerate(scores):
-        _place(out, k, s_list, teacher_names)
-    _check_scored(out, teacher_names)
-    return out
-
-
-def _layout(shards: list, teacher_names: list) -> dict:
-    """The rollout side of ``_assemble``: [N, L] arrays of the shards' rows, empty teacher slots."""
-    L = max(b.tokens_BL.shape[1] for b in shards)
-    N = sum(b.num_rows for b in shards)
-
-    def cat(get, fill=0, dtype=None):
-        parts = []
-        for b in shards:
-            a = get(b)
-            pad = [(0, 0), (0, L - a.shape[1])] + [(0, 0)] * (a.ndim - 2)
-            parts.append(np.pad(a, pad, constant_values=fill))
-        return np.concatenate(parts).astype(dtype or parts[0].dtype)
-
-    out = {"tokens": cat(lambda b: b.tokens_BL), "rollout_lp": cat(lambda b: b.rollout_logprobs_BL, dtype=np.float32),
-           "mask": cat(lambda b: b.response_mask_BL())}
-    lens = np.concatenate([b.prompt_lens_B + b.response_lens_B for b in shards])
-    out["attn"] = np.arange(L)[None, :] < lens[:, None]
-    S = max(b.teacher_index_BS.shape[1] for b in shards)
-    pad_slots = (lambda a, fill: np.pad(a, [(0, 0), (0, S - a.shape[1])], constant_values=fill))
-    tidx = np.concatenate([pad_slots(b.teacher_index_BS, -1) for b in shards])
-    if not teacher_names:
-        tidx[:] = -1  # reward-only: no row has a teacher
-    out["teacher_index"] = tidx
-    out["route_weight"] = np.concatenate([pad_slots(b.route_weight_BS, 0.0) for b in shards])
-    out["group_ids"] = np.concatenate([b.group_ids_B for b in shards])
-    out["rewards"] = np.concatenate([b.rewards_B for b in shards])
-    out["has_reward"] = np.concatenate([b.has_reward_B for b in shards])
-    out["slots"] = [{"lp": np.zeros((N, L), np.float32), "topk_ids": None, "topk_lp": None, "hidden": None}
-                    for _ in range(S)]
-    out["scored"] = np.zeros((N, S), np.int32)
-    out["offsets"] = np.cumsum([0] + [b.num_rows for b in shards])
-    out["response_lens"] = [b.response_lens_B for b in shards]
-    out["placed"] = set()
-    return out
-
-
-def _place(out: dict, k: int, s_list: list, teacher_names: list) -> None:
-    """Place the TeacherScores of shard ``k`` in its rows' slots (``out`` from ``_layout``)."""
-    import torch
-
-    from .teacher import expand_hidden
-
-    tidx, slots, scored = out["teacher_index"], out["slots"], out["scored"]
-    N, L = out["mask"].shape
-    offset, resp_lens = out["offsets"][k], out["response_lens"][k]
-    for sc in s_list:
-        rows = offset + sc.rows_R.astype(np.int64)
-        hit = tidx[rows] == teacher_names.index(sc.teacher)
-        if not hit.any(-1).all():
-            raise RuntimeError(f"teacher '{sc.teacher}' scored rows {rows[~hit.any(-1)][:8].tolist()} that are "
-                               "not routed to it")
-        slot_R = hit.argmax(-1)
-        scored[rows, slot_R] += 1
-        r, pos, ok = sc.positions(L)
-        ok = ok & (np.arange(pos.shape[1])[None, :] < resp_lens[sc.rows_R][:, None])
-        for s in np.unique(slot_R):
-            sel = ok & (slot_R == s)[:, None]
-            rr, pp = rows[r[sel]], pos[sel]
-            sl = slots[s]
-            sl["lp"][rr, pp] = sc.teacher_logprobs_RT[sel]
-            if sc.topk_ids_RTK is not None:
-                if sl["topk_ids"] is None:
-                    K = sc.topk_ids_RTK.shape[-1]
-                    sl["topk_ids"] = np.zeros((N, L, K), np.int32)
-                    sl["topk_lp"] = np.full((N, L, K), -1e4, np.float32)
-                sl["topk_ids"][rr, pp] = sc.topk_ids_RTK[sel]
-                sl["topk_lp"][rr, pp] = np.maximum(sc.topk_logprobs_RTK[sel], -1e4)
-            if sc.hidden_RTH is not None:
-                h = expand_hidden(sc.hidden_RTH, sc.hidden_dtype)
-                if sl["hidden"] is None:
-                    sl["hidden"] = torch.zeros((N, L, h.shape[-1]), dtype=h.dtype)
-                sl["hidden"][torch.from_numpy(rr), torch.from_numpy(pp)] = h[torch.from_numpy(sel)]
-    out["placed"].add(k)
-
-
-def _check_scored(out: dict, teacher_names: list) -> None:
-    """Every (row, teacher slot) was scored exactly once."""
-    tidx, scored = out["teacher_index"], out["scored"]
-    want = (tidx >= 0).astype(np.int32)
-    if teacher_names and not (scored == want).all():
-        bad = np.nonzero((scored != want).any(-1))[0][:8]
-        raise RuntimeError(f"rows {bad.tolist()} were scored {scored[bad].tolist()} times per teacher slot "
-                           f"(teachers {tidx[bad].tolist()}); every teacher of a row scores it exactly once")

@@ -124,7 +124,7 @@ class RolloutWorker(RoleWorker):
 
     def evaluate(self, prompts: list, k: int, seed: int) -> dict:
         """Greedy accuracy and pass@k per domain under the engine's current weights."""
-        from ..evaluate import evaluate_llm
+        from .evaluation import evaluate_llm
 
         return evaluate_llm(self.llm, self.tokenizer, prompts, self.rewards, k, seed, self.cfg["max_new_tokens"])
 

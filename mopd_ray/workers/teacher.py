@@ -21,6 +21,7 @@ from typing import Optional
 import numpy as np
 
 from ..batch import RolloutBatch, TeacherScores, response_windows
+from ..models.compat import check_pool_architectures
 from .base import RoleWorker
 
 
@@ -276,27 +277,6 @@ def head_from_checkpoint(model_path: str) -> tuple:
 
 
 # Keys of config.json that do not change what a model computes: the pool's teachers may differ in these only.
-_NOT_ARCHITECTURE = {"_name_or_path", "transformers_version", "torch_dtype", "dtype", "use_cache"}
-
-
-def check_pool_architectures(pool: str, members: dict) -> None:
-    """Raise ValueError unless every folder of ``members`` (teacher -> folder) has the first one's
-    config.json, up to keys that do not change what the model computes."""
-    import json
-    from pathlib import Path
-
-    first = sorted(members)[0]
-    ref = json.loads(Path(members[first], "config.json").read_text())
-    for name, path in sorted(members.items()):
-        other = json.loads(Path(path, "config.json").read_text())
-        diff = sorted(k for k in set(ref) | set(other) if k not in _NOT_ARCHITECTURE and ref.get(k) != other.get(k))
-        if diff:
-            raise ValueError(f"teacher pool '{pool}': teacher '{name}' ({path}) has another architecture than "
-                             f"'{first}' ({members[first]}): config.json differs in {diff}; a pool's teachers share "
-                             f"one engine, so give '{name}' its own engine (drop teachers.models.{name}.pool) or pool "
-                             "it with teachers of its architecture")
-
-
 class PooledTeacherWorker(TeacherWorker):
     """One replica of a teacher pool: a vLLM engine serving several teachers of one architecture,
     swapping their weights in place between calls (workers/vllm_ext.py ``mopd_pool_swap``: from the

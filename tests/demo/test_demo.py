@@ -79,7 +79,8 @@ def test_bootstrap_and_every_run_of_the_demo_and_the_cascade(tmp_path):
     stage, so they are not run again here."""
     from mopd_ray.demo import run_demo
 
-    overrides = [f"run.artifacts_dir={tmp_path}/art", f"run.output_dir={tmp_path}/out", "demo.base_steps=3",
+    overrides = [f"run.artifacts_dir={tmp_path}/art", f"run.output_dir={tmp_path}/out", f"run.checkpoint_dir={tmp_path}/ck",
+                 "demo.base_steps=3",
                  "demo.teacher_steps=4", "demo.batch=8", "demo.model.hidden_size=64", "demo.model.num_layers=1",
                  "demo.model.num_heads=2", "demo.model.num_kv_heads=1", "demo.model.intermediate_size=64",
                  "data.num_train_per_domain=50", "data.num_eval_per_domain=6", "data.prompts_per_step=4",

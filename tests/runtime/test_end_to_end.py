@@ -278,6 +278,7 @@ def test_async_rollouts_up_to_max_staleness_and_every_row_once(local_ray, artifa
 
     cfg = compose_cfg("experiment=local_smoke", f"run.artifacts_dir={artifacts}", "run.total_steps=5",
                       "algorithm.max_staleness=2", "rollout.shards_per_replica=3", "logging.wandb_mode=disabled",
+                      f"run.checkpoint_dir={tmp_path}/ck",
                       "rollout.temperature=0.7",
                       "teachers.routing.add=[{teacher: add_expert}, {teacher: self, weight: 0.2}]",
                       "logging.progress_bar=false", *[f"teachers.models.{t}.backend=hf" for t in
@@ -304,6 +305,7 @@ def test_a_shard_split_among_teacher_replicas_trains_as_one_replica(local_ray, a
     for replicas in (1, 2):
         cfg = compose_cfg("experiment=local_smoke", f"run.artifacts_dir={artifacts}", "run.total_steps=2",
                           "logging.wandb_mode=disabled", "logging.progress_bar=false", "run.eval_every=0",
+                          f"run.checkpoint_dir={tmp_path}/ck",
                           f"teachers.models.add_expert.replicas={replicas}", "teachers.models.add_expert.backend=hf",
                           "data.domains=[add]")  # only the teacher under test starts
         Orchestrator(cfg, str(tmp_path / f"r{replicas}")).run()

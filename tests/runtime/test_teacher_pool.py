@@ -70,7 +70,7 @@ def test_pooled_teachers_score_exactly_as_dedicated_engines(local_ray, artifacts
 
 
 def test_a_teacher_of_another_architecture_cannot_join_a_pool(artifacts):
-    from mopd_ray.workers.teacher import check_pool_architectures
+    from mopd_ray.models.compat import check_pool_architectures
 
     folders = {"add_expert": f"{artifacts}/tiny/teacher_add", "reverse_expert": f"{artifacts}/tiny/teacher_reverse"}
     with pytest.raises(ValueError, match=r"teacher pool 'shared': teacher 'reverse_expert' .* has another "

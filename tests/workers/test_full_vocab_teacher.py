@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from mopd_ray.algo import full_vocab_reverse_kl, reverse_kl_from_logits
 from mopd_ray.batch import RolloutBatch, pad_sequences
-from mopd_ray.workers.learner import _assemble
+from mopd_ray.workers.learner_rows import _assemble
 from mopd_ray.workers.teacher import TeacherWorker
 
 SEQS = [[1, 298, 201, 67, 70, 70, 19, 20, 2, 201, 1, 275, 307, 201, 21, 22, 2],

@@ -1,0 +1,98 @@
+"""What a step reports beyond the learners' own metrics: generation speed and lengths, staleness, rewards,
+faults, per-teacher latency and payload, teacher-pool swaps, the driver's own footprint; and the
+evaluation through the rollout engines every ``run.eval_every`` steps."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from .run_state import PendingRollout
+
+log = logging.getLogger("mopd_ray.orchestrator")
+
+
+class Reporting:
+    """Metrics and evaluation (a mixin of mopd_ray.orchestrator.Orchestrator: its state)."""
+
+    def _maybe_evaluate(self, force: bool = False) -> None:
+        """Greedy accuracy and pass@k on the held-out split, through the rollout engines."""
+        every, step = self.cfg.run.eval_every, self.state.step
+        if every <= 0 or not self.pool.eval or not (force or step % every == 0):
+            return
+        if getattr(self, "_last_eval_step", None) == step:
+            return
+        self._last_eval_step = step
+        from .evaluate import merge_results, per_domain_subset
+
+        prompts = per_domain_subset(self.pool.eval, self.cfg.run.eval_max_prompts)
+        items = [{"prompt_ids": p["prompt_ids"], "domain": p["domain"], "answer": p.get("answer")} for p in prompts]
+        shards = np.array_split(np.arange(len(items)), len(self.roles.rollout))
+        refs = [a.evaluate.remote([items[j] for j in idx], self.cfg.run.eval_pass_k, self.cfg.run.seed)
+                for a, idx in zip(self.roles.rollout.actors, shards)]
+        self.eval_history.append((step, self.logger.log_eval(step, merge_results(self._get(refs, "evaluate")))))
+
+    def _count_teacher_restarts(self, scores: list) -> int:
+        """A replica that answers from a new process was restarted by Ray (its calls were retried)."""
+        pids = self.__dict__.setdefault("_teacher_pids", {})
+        for m in scores:
+            key = (m.get("pool") or m["teacher"], m["replica"])  # a pool replica is one process for its teachers
+            if key in pids and pids[key] != m["pid"]:
+                self.state.teacher_restarts += 1
+            pids[key] = m["pid"]
+        return self.state.teacher_restarts
+
+    def _side_metrics(self, pending: PendingRollout, score_meta_refs: list, step_s: float) -> dict:
+        """Small numbers the roles report about their own work (never the payloads)."""
+        import psutil
+
+        gen = self._get(pending.meta_refs, "rollout meta")
+        scores = self._get(score_meta_refs, "teacher meta")
+        tokens = sum(m["response_tokens"] for m in gen)
+        busy: dict = {}  # a replica generates its shards one after another
+        for m in gen:
+            busy[m["replica"]] = busy.get(m["replica"], 0.0) + m["generate_s"]
+        gen_s = max(busy.values())
+        rows = sum(m["rows"] for m in gen)
+        out = {"step_s": step_s, "rollout/tokens_per_s": tokens / max(gen_s, 1e-9), "rollout/generate_s": gen_s,
+               "rollout/mean_response_len": tokens / max(rows, 1),
+               "rollout/finished_fraction": sum(m["finished"] for m in gen) / max(rows, 1),
+               "weight_version": self.state.weight_version,
+               # how many updates behind the learner the trained rollouts were (0 on-policy, 1 with overlap)
+               "rollout/staleness": self.state.weight_version - 1 - min(m["weight_version"] for m in gen),
+               # of the batch trained (the sampler itself may be ahead: a next rollout already launched)
+               "data/epoch": pending.sampler_after["epoch"], "data/consumed": pending.sampler_after["consumed"],
+               "data/dropped_too_long": self.pool.dropped_too_long, "faults/rollout_retries": self.state.rollout_retries,
+               "faults/skipped_steps": self.state.skipped_steps, "faults/learner_restarts": self.learner_restarts,
+               "faults/steps_redone": self.steps_redone,
+               "faults/teacher_restarts": self._count_teacher_restarts(scores)}
+        sums, counts = {}, {}
+        for m in gen:
+            for d, v in m["reward_sum_by_domain"].items():
+                sums[d] = sums.get(d, 0.0) + v
+                counts[d] = counts.get(d, 0) + m["reward_count_by_domain"][d]
+        for d in sums:
+            out[f"reward/{d}"] = sums[d] / counts[d]
+        if sums:
+            out["reward/mean"] = sum(sums.values()) / sum(counts.values())
+        out["reward/timeouts"] = sum(m.get("reward_timeouts", 0) for m in gen)
+        out["driver/fetched_bytes"] = self.driver_fetched_bytes - self._fetched_at_last_log
+        out["driver/rss_mb"] = psutil.Process().memory_info().rss / 2**20
+        self._fetched_at_last_log = self.driver_fetched_bytes
+        for name in self.roles.teacher_names:
+            lat = [m["latency_s"] for m in scores if m["teacher"] == name]
+            if lat:
+                out[f"teacher/{name}/score_latency_s"] = float(np.mean(lat))
+                out[f"teacher/{name}/payload_bytes"] = sum(m["bytes"] for m in scores if m["teacher"] == name)
+                out[f"teacher/{name}/replicas_busy"] = len({m["replica"] for m in scores if m["teacher"] == name})
+            else:
+                log.warning("teacher '%s' got no rows at step %d", name, pending.step)
+        for m in scores:  # teacher pools: swaps, their seconds, and rows per teacher per replica
+            if "pool" in m:
+                key = f"pool/{m['pool']}"
+                out[f"{key}/swaps"] = out.get(f"{key}/swaps", 0) + m["swaps"]
+                out[f"{key}/swap_s"] = out.get(f"{key}/swap_s", 0.0) + m["swap_s"]
+                rows_key = f"{key}/rows/{m['teacher']}/replica{m['replica']}"
+                out[rows_key] = out.get(rows_key, 0) + m["rows"]
+        return out

@@ -182,8 +182,10 @@ def _bootstrap_locked(cfg, out: Path, recipe: dict) -> dict:
             losses[f"teacher_{dom}"] = sft(cfg, str(base), str(p), rows, d.teacher_steps, d.teacher_lr, d.batch,
                                            d.seed + 1 + i, learners)
             paths[f"teacher_{dom}"] = str(p)
-    finally:
-        learners.shutdown()
+    finally:  # kept warm for the runs after the bootstrap when their learner group is of this shape
+        from .warm import WARM
+
+        WARM.park(learners) if cfg.cluster.reuse_engines else learners.shutdown()
     accuracy = held_out_accuracy(cfg, paths, evals)
     manifest = {"recipe": recipe, "paths": paths, "accuracy": accuracy, "final_sft_loss":
                 {k: v[-1] for k, v in losses.items()}, "seconds": time.time() - t0}

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import uuid
 import socket
 import time
 from dataclasses import dataclass
@@ -53,7 +54,6 @@ class WorkerDiedError(RuntimeError):
 def rendezvous_file() -> str:
     """A fresh file:// URL for a process group's store on this node (torch removes the file when done)."""
     import tempfile
-    import uuid
 
     return f"file://{tempfile.gettempdir()}/mopd_rdzv_{uuid.uuid4().hex}"
 
@@ -137,9 +137,15 @@ class Bundle:
         return d
 
 
-def reserve(name: str, bundles: list[Bundle], strategy: str, timeout_s: float):
+# called with the bundles about to be reserved (mopd_ray/warm.py frees parked groups' resources for them)
+BEFORE_RESERVE: list = []
+
+
+def reserve(name: str, bundles: list[Bundle], strategy: str, timeout_s: float, pg_name: Optional[str] = None):
     """A placement group for one role, ready within ``timeout_s`` or a PlacementError."""
-    pg = placement_group([b.as_dict() for b in bundles], strategy=strategy, name=name)
+    for hook in BEFORE_RESERVE:
+        hook(bundles)
+    pg = placement_group([b.as_dict() for b in bundles], strategy=strategy, name=pg_name or name)
     ready, _ = ray.wait([pg.ready()], timeout=timeout_s)
     if not ready:
         asked = [b.as_dict() for b in bundles]
@@ -162,7 +168,8 @@ class ActorGroup:
                  runtime_env: Optional[dict] = None, max_restarts: int = 0, max_task_retries: int = 0):
         self.name = name
         self.call_timeout_s = call_timeout_s
-        self.pg = reserve(name, [bundle] * n, strategy, placement_timeout_s)
+        # unique in the Ray namespace: a warm group of the same role may still hold its own (mopd_ray/warm.py)
+        self.pg = reserve(name, [bundle] * n, strategy, placement_timeout_s, f"{name}-{uuid.uuid4().hex[:8]}")
         remote_cls = ray.remote(actor_cls) if not hasattr(actor_cls, "remote") else actor_cls
         self.actors = []
         for i in range(n):
@@ -190,7 +197,18 @@ class ActorGroup:
     def gather(self, refs, what: str = "call", timeout_s: Optional[float] = None):
         return get_with_deadline(refs, f"{self.name}.{what}", timeout_s or self.call_timeout_s)
 
+    def alive(self, timeout_s: float = 10.0) -> bool:
+        """Every actor answers within ``timeout_s``."""
+        try:
+            ray.get([a.ready.remote() for a in self.actors], timeout=timeout_s)
+            return True
+        except Exception:
+            return False
+
     def shutdown(self) -> None:
+        if getattr(self, "_down", False):
+            return
+        self._down = True
         for a in self.actors:
             ray.kill(a, no_restart=True)
         remove_placement_group(self.pg)

@@ -447,6 +447,9 @@ class ClusterConfig:
     # receive_weights. null: never (the default; not for production runs)
     fault_exit_in_sync_version: Optional[int] = None
     object_store_memory: Optional[int] = None
+    # keep the engines and learner ranks of a run that ends cleanly for the next run of this driver process
+    # whose spec matches (demo variants, cascade stages, sweep jobs): mopd_ray/warm.py
+    reuse_engines: bool = True
 
 
 def _check_cluster(cfg) -> None:

@@ -57,9 +57,10 @@ class Orchestrator(StepPipeline, Recovery, Reporting):
     def run(self) -> dict:
         cfg = self.cfg
         t_start = time.perf_counter()
-        self._start()
         last: dict = {}
+        clean = False
         try:
+            self._start()
             self._maybe_evaluate(force=True)
             stop_at = cfg.run.total_steps
             if cfg.run.steps_per_launch > 0:  # time-limited allocations: a slice now, resume=auto later
@@ -100,9 +101,12 @@ class Orchestrator(StepPipeline, Recovery, Reporting):
                 self._maybe_evaluate(force=self.state.step == stop_at)
             self._get(self.roles.learners.call_all("save_pretrained", f"{self.run_dir}/student_final"),
                       "export student")
+            clean = True
         finally:
-            self.logger.close()
-            self.roles.shutdown()
+            if getattr(self, "logger", None) is not None:
+                self.logger.close()
+            if getattr(self, "roles", None) is not None:  # a clean end keeps them warm for a next run
+                self.roles.shutdown(park=clean and self.cfg.cluster.reuse_engines)
             self.wall_s = time.perf_counter() - t_start
         return last
 
@@ -144,6 +148,7 @@ class Orchestrator(StepPipeline, Recovery, Reporting):
         init_ray(cfg.cluster, demand["CPU"], gpu=demand["GPU"] > 0)
         self.roles = build_roles(cfg, tokenizer, self.pool.teacher_names)
         probe_shared_storage([self.start.root, self.run_dir], self.roles.learners, cfg.cluster.call_timeout_s)
+        self.rollout_pids = dict(enumerate(self._get(self.roles.rollout.call_all("pid"), "rollout pids")))
         # each teacher replica's process now: a call answered from another process later is a restart
         self._teacher_pids = {}
         for name, group in self.roles.teachers.items():

@@ -74,8 +74,8 @@ class Recovery:
         if in_sync:  # the engines may hold half-loaded weights or sit in a receive from the dead sender
             for a in roles.rollout.actors:
                 ray.kill(a, no_restart=False)
-            for i in range(len(roles.rollout)):
-                self._wait_for_rollout(i)
+            for i in range(len(roles.rollout)):  # the kill is asynchronous: wait for the new process
+                self._wait_for_rollout(i, not_pid=self.rollout_pids.get(i))
         if cfg.rollout.weight_sync == "broadcast":
             init_broadcast_group(cfg, roles.learners, roles.rollout)  # a new group with the new rank 0
         # this run's own state only: its newest checkpoint, else what it started from
@@ -110,14 +110,23 @@ class Recovery:
             init_broadcast_group(self.cfg, self.roles.learners, rollout)  # the group had the dead member
         sync_weights(self.cfg, self.roles.learners, rollout, self.state.weight_version)
 
-    def _wait_for_rollout(self, i: int) -> None:
-        """Until rollout replica ``i`` (restarted by Ray) answers, within ``cluster.call_timeout_s``."""
+    def _wait_for_rollout(self, i: int, not_pid=None) -> None:
+        """Until rollout replica ``i`` (restarted by Ray) answers from a live process (other than
+        ``not_pid``: the one just killed), within ``cluster.call_timeout_s``."""
         timeout = self.cfg.cluster.call_timeout_s
         deadline = time.monotonic() + timeout
-        while not _alive(self.roles.rollout.actors[i], timeout_s=max(1.0, deadline - time.monotonic())):
+        actor = self.roles.rollout.actors[i]
+        while True:
+            try:
+                pid = ray.get(actor.pid.remote(), timeout=max(1.0, deadline - time.monotonic()))
+                if pid != not_pid:
+                    self.rollout_pids[i] = pid
+                    return
+            except Exception:  # restarting, or not yet scheduled
+                pass
             if time.monotonic() > deadline:
                 raise RemoteCallError(f"rollout replica {i} did not come back within {timeout:g} s")
-            time.sleep(1.0)
+            time.sleep(0.5)
 
     def _sync_weights(self) -> float:
         version = self.state.weight_version + 1

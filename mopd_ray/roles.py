@@ -14,6 +14,7 @@ from .cluster import ActorGroup, Bundle, get_with_deadline
 from .config import resolved_backend, resolved_signal, teacher_model_path
 from .data.run_rewards import rewards_spec
 from .models.compat import tokenizer_fingerprint
+from .warm import WARM, GroupSpec, reuse_key
 from .workers.learner import LearnerWorker
 from .workers.rollout import RolloutWorker
 from .workers.teacher import PooledTeacherWorker, TeacherWorker
@@ -38,11 +39,12 @@ class Roles:
     learners: ActorGroup
     teacher_names: list  # sorted; a row's teacher_index points here
 
-    def shutdown(self) -> None:
+    def shutdown(self, park: bool = False) -> None:
+        """Shut every group down, or with ``park`` keep them warm for the next run (mopd_ray/warm.py)."""
         groups = [self.rollout, self.learners, *self.teachers.values()]
         for g in [g for i, g in enumerate(groups) if all(g is not o for o in groups[:i])]:  # a pool once
             try:
-                g.shutdown()
+                WARM.park(g) if park else g.shutdown()
             except Exception:  # best effort at exit
                 pass
 
@@ -68,7 +70,28 @@ def _common(cfg) -> dict:
     return dict(placement_timeout_s=cfg.cluster.placement_timeout_s, call_timeout_s=cfg.cluster.call_timeout_s)
 
 
+def _warm(cfg, spec: GroupSpec, with_args: bool = True, extra=None) -> GroupSpec:
+    spec.reuse_key = reuse_key(spec, with_args, extra) if cfg.cluster.reuse_engines else None
+    return spec
+
+
 def make_rollout_group(cfg, name: str = "rollout") -> ActorGroup:
+    return WARM.realize([rollout_spec(cfg, name)])[0]
+
+
+def make_teacher_group(cfg, name: str) -> ActorGroup:
+    return WARM.realize([teacher_spec(cfg, name)])[0]
+
+
+def make_pool_group(cfg, pool: str, members: list) -> ActorGroup:
+    return WARM.realize([pool_spec(cfg, pool, members)])[0]
+
+
+def make_learner_group(cfg, teacher_names: list) -> ActorGroup:
+    return WARM.realize([learner_spec(cfg, teacher_names)])[0]
+
+
+def rollout_spec(cfg, name: str = "rollout") -> GroupSpec:
     """The vLLM rollout engines; ``name`` names the placement group (unique in the Ray namespace)."""
     ro = cfg.rollout
     max_len = cfg.data.max_prompt_len + ro.max_new_tokens
@@ -77,40 +100,41 @@ def make_rollout_group(cfg, name: str = "rollout") -> ActorGroup:
     if cfg.cluster.fault_exit_in_sync_version is not None:  # chaos testing (cluster.fault_exit_in_sync_version)
         spec["fault_exit"] = {"version": int(cfg.cluster.fault_exit_in_sync_version),
                               "marker": os.path.join(os.path.abspath(cfg.run.checkpoint_dir), "fault_exit_in_sync.done")}
-    return ActorGroup(
+    return _warm(cfg, GroupSpec(
         name, RolloutWorker, ro.replicas,
         Bundle(ro.num_cpus_per_shard * ro.tensor_parallel_size, ro.num_gpus_per_shard * ro.tensor_parallel_size,
                dict(ro.custom_resources) or None),
-        init_args=lambda i: ((cfg.model.path, spec, max_len, i, cfg.model.trust_remote_code),
-                             {"rewards": rewards_spec(cfg), "train_rewards": rewards_spec(cfg, train=True)}),
-        # a restarted engine comes back with the initial weights: the driver re-syncs, then retries
-        max_restarts=cfg.cluster.max_restarts, max_task_retries=0, runtime_env={"env_vars": ROLLOUT_ENV},
-        **_common(cfg))
+        dict(init_args=lambda i: ((cfg.model.path, spec, max_len, i, cfg.model.trust_remote_code),
+                                  {"rewards": rewards_spec(cfg), "train_rewards": rewards_spec(cfg, train=True)}),
+             # a restarted engine comes back with the initial weights: the driver re-syncs, then retries
+             max_restarts=cfg.cluster.max_restarts, max_task_retries=0, runtime_env={"env_vars": ROLLOUT_ENV},
+             **_common(cfg))))
 
 
-def make_teacher_group(cfg, name: str) -> ActorGroup:
+def teacher_spec(cfg, name: str) -> GroupSpec:
     t = cfg.teachers.models[name]
-    return ActorGroup(
+    return _warm(cfg, GroupSpec(
         f"teacher:{name}", TeacherWorker, t.replicas,
         Bundle(t.num_cpus_per_shard * t.tensor_parallel_size, t.num_gpus_per_shard * t.tensor_parallel_size,
                dict(t.custom_resources) or None),
-        init_args=lambda i: ((name, teacher_model_path(cfg, name), {**_plain(t), "backend": resolved_backend(cfg, name)},
-                              i, cfg.model.trust_remote_code), {}),
-        # teachers are frozen and stateless: Ray restarts a dead replica and retries its calls
-        max_restarts=cfg.cluster.max_restarts, max_task_retries=cfg.cluster.max_restarts, **_common(cfg))
+        dict(init_args=lambda i: ((name, teacher_model_path(cfg, name),
+                                   {**_plain(t), "backend": resolved_backend(cfg, name)}, i,
+                                   cfg.model.trust_remote_code), {}),
+             # teachers are frozen and stateless: Ray restarts a dead replica and retries its calls
+             max_restarts=cfg.cluster.max_restarts, max_task_retries=cfg.cluster.max_restarts, **_common(cfg))))
 
 
-def make_pool_group(cfg, pool: str, members: list) -> ActorGroup:
+def pool_spec(cfg, pool: str, members: list) -> GroupSpec:
     """The engines of teacher pool ``pool``, serving the teachers ``members`` (names)."""
     p = cfg.teachers.pools[pool]
     folders = {n: teacher_model_path(cfg, n) for n in members}
-    return ActorGroup(
+    return _warm(cfg, GroupSpec(
         f"teacher_pool:{pool}", PooledTeacherWorker, p.replicas,
         Bundle(p.num_cpus_per_shard * p.tensor_parallel_size, p.num_gpus_per_shard * p.tensor_parallel_size,
                dict(p.custom_resources) or None),
-        init_args=lambda i: ((pool, folders, _plain(p), i, cfg.model.trust_remote_code), {}),
-        # a restarted replica serves its first teacher again; every call names (and swaps in) its own
-        max_restarts=cfg.cluster.max_restarts, max_task_retries=cfg.cluster.max_restarts, **_common(cfg))
+        dict(init_args=lambda i: ((pool, folders, _plain(p), i, cfg.model.trust_remote_code), {}),
+             # a restarted replica serves its first teacher again; every call names (and swaps in) its own
+             max_restarts=cfg.cluster.max_restarts, max_task_retries=cfg.cluster.max_restarts, **_common(cfg))))
 
 
 def pool_replica(cfg, teacher_names: list, name: str):
@@ -124,19 +148,24 @@ def pool_replica(cfg, teacher_names: list, name: str):
     return members.index(name) % cfg.teachers.pools[pool].replicas
 
 
-def make_learner_group(cfg, teacher_names: list) -> ActorGroup:
+def learner_spec(cfg, teacher_names: list) -> GroupSpec:
+    """The DeepSpeed ranks. Reused by size, resources and ZeRO stage: a taken group is rebuilt with this
+    run's model and settings (LearnerWorker.reuse, then setup in the same process group)."""
     ln, ro = cfg.learner, cfg.rollout
     rows = cfg.data.prompts_per_step * ro.n_samples_per_prompt
     weights = [cfg.teachers.models[n].weight for n in teacher_names]
     signals = [resolved_signal(cfg, n) for n in teacher_names]
-    return ActorGroup(
+    spec = GroupSpec(
         "learner", LearnerWorker, ln.world_size,
         Bundle(ln.num_cpus_per_rank, ln.num_gpus_per_rank, dict(ln.custom_resources) or None),
-        init_args=lambda i: ((i, ln.world_size, cfg.model.path, _plain(ln),
-                              {**_plain(cfg.algorithm), "teacher_combine": cfg.teachers.combine}, teacher_names,
-                              weights, signals, cfg.run.total_steps, rows, ro.temperature, cfg.run.seed,
-                              cfg.model.trust_remote_code), {}),
-        **_common(cfg))
+        dict(init_args=lambda i: ((i, ln.world_size, cfg.model.path, _plain(ln),
+                                   {**_plain(cfg.algorithm), "teacher_combine": cfg.teachers.combine}, teacher_names,
+                                   weights, signals, cfg.run.total_steps, rows, ro.temperature, cfg.run.seed,
+                                   cfg.model.trust_remote_code), {}),
+             **_common(cfg)))
+    # ZeRO-3 leaves process-wide state in transformers (its HfDeepSpeedConfig): a group keeps its stage
+    return _warm(cfg, spec, with_args=False, extra={"zero_stage": ln.zero_stage,
+                                                    "trust_remote_code": cfg.model.trust_remote_code})
 
 
 def _single_node(cfg) -> bool:
@@ -162,21 +191,21 @@ def build_roles(cfg, tokenizer, teacher_names: list | None = None) -> Roles:
     teacher_names = active_teachers(cfg) if teacher_names is None else list(teacher_names)
     groups = []
     try:
-        rollout = make_rollout_group(cfg)
-        groups.append(rollout)
-        teachers, pools = {}, {}
+        # every group at once: warm ones of an earlier run are taken before any is built (mopd_ray/warm.py)
+        pooled = {}  # pool -> its members, in teacher order
         for name in teacher_names:
-            pool = cfg.teachers.models[name].pool
-            if pool is None:
-                teachers[name] = make_teacher_group(cfg, name)
-                groups.append(teachers[name])
-                continue
-            if pool not in pools:
-                pools[pool] = make_pool_group(cfg, pool, [n for n in teacher_names if cfg.teachers.models[n].pool == pool])
-                groups.append(pools[pool])
-            teachers[name] = pools[pool]
-        learners = make_learner_group(cfg, teacher_names)
-        groups.append(learners)
+            if cfg.teachers.models[name].pool is not None:
+                pooled.setdefault(cfg.teachers.models[name].pool, []).append(name)
+        dedicated = [n for n in teacher_names if cfg.teachers.models[n].pool is None]
+        specs = [rollout_spec(cfg), *(teacher_spec(cfg, n) for n in dedicated),
+                 *(pool_spec(cfg, pool, members) for pool, members in pooled.items()),
+                 learner_spec(cfg, teacher_names)]
+        groups = WARM.realize(specs)
+        rollout, learners = groups[0], groups[-1]
+        teachers = dict(zip(dedicated, groups[1:1 + len(dedicated)]))
+        for pool, g in zip(pooled, groups[1 + len(dedicated):-1]):
+            teachers.update(dict.fromkeys(pooled[pool], g))
+        teachers = {n: teachers[n] for n in teacher_names}
         roles = Roles(rollout, teachers, learners, teacher_names)
         # Engines load and learners initialise DeepSpeed in parallel; a failure (bad model folder, OOM)
         # surfaces here with its role named.

@@ -19,6 +19,11 @@ class RoleWorker:
 
         return os.getpid()
 
+    def reuse(self, *args, **kwargs) -> bool:
+        """Taken by another run with these constructor arguments (mopd_ray/warm.py): a frozen role's own
+        are equal to them, so nothing changes (roles with state reset it)."""
+        return True
+
     def read_token(self, path: str) -> tuple:
         """(this node's address, the file's text or None): the shared-storage probe (mopd_ray/storage.py)."""
         import ray

@@ -65,10 +65,25 @@ class LearnerWorker(LearnerRows, LearnerAdvantages, LearnerWeights, LearnerMetri
         ip = ray.util.get_node_ip_address()
         return ip, free_port(ip)
 
+    def reuse(self, *args, **kwargs) -> bool:
+        """Taken by another run (mopd_ray/warm.py): its settings replace this run's; ``setup`` then builds
+        its model, optimizer and engine in this process group."""
+        import gc
+
+        self.engine = self.optimizer = self.scheduler = None
+        gc.collect()
+        self.__init__(*args, **kwargs)
+        return True
+
     def setup(self, master_addr: str, master_port: int, timeout_s: float = 600.0) -> dict:
-        """Join the ranks' process group, then build the model, optimizer and DeepSpeed engine."""
+        """Join the ranks' process group (unless a reused group is in one), then build the model,
+        optimizer and DeepSpeed engine."""
+        import torch.distributed as dist
+
         from .deepspeed_env import init_distributed, set_dist_env
 
+        if dist.is_initialized():
+            return self._build_engine()
         if master_addr.startswith("file://"):
             set_dist_env(self.rank, self.world_size, "127.0.0.1", 0)
             init_distributed(timeout_s, init_method=master_addr, rank=self.rank, world_size=self.world_size)

@@ -30,6 +30,7 @@ class RolloutWorker(RoleWorker):
         same = not train_rewards or train_rewards["by_domain"] == (rewards or {}).get("by_domain")
         self.train_rewards = self.rewards if same else Rewards(**train_rewards)
         self.replica_index = replica_index
+        self.model_path = model_path
         self.tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         extra = {}
@@ -155,6 +156,19 @@ class RolloutWorker(RoleWorker):
         self.llm.collective_rpc("mopd_finish_load")
         self._loaded(version)
         return time.perf_counter() - t0
+
+    def reuse(self, *args, **kwargs) -> bool:
+        """Taken by another run with the same arguments (mopd_ray/warm.py): back to the folder's weights,
+        weight version 0 (the earlier run left its trained weights in the engine)."""
+        from pathlib import Path
+
+        from safetensors.numpy import load_file
+
+        state: dict = {}
+        for f in sorted(Path(self.model_path).glob("*.safetensors")):
+            state.update(load_file(str(f)))
+        self.update_weights_from_store(state, 0)
+        return True
 
     def init_sync_group(self, host: str, port: int, rank_base: int, world_size: int, metas: list,
                         bucket_bytes: int, timeout_s: float) -> list:

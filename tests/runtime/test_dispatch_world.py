@@ -6,7 +6,7 @@ import ray
 
 from mopd_ray.batch import RolloutBatch, TeacherScores, pad_sequences
 from mopd_ray.roles import make_learner_group, setup_learners
-
+from mopd_ray.warm import WARM
 from .conftest import compose_cfg
 from .test_weight_sync import SEQS, train_on
 
@@ -57,7 +57,7 @@ def _run(artifacts, world: int, overrides: list) -> tuple:
             steps.append(learners.gather(train_on(learners, batch, scores, step, cfg.learner.mini_batches_per_step)))
         after = learners.gather(learners.call(0, "compute_logprobs", SEQS))
     finally:
-        learners.shutdown()
+        WARM.park(learners)  # the next test of this shape takes it (mopd_ray/warm.py)
     return steps, after
 
 
@@ -113,7 +113,7 @@ def test_pi_old_from_the_training_forward_equals_a_separate_one(local_ray, artif
             metrics = learners.gather(train_on(learners, batch, scores))[0]
             results.append((metrics, learners.gather(learners.call(0, "compute_logprobs", SEQS))))
         finally:
-            learners.shutdown()
+            WARM.park(learners)  # the next test of this shape takes it (mopd_ray/warm.py)
     (fused, after_fused), (given, after_given) = results
     assert fused["train_rollout_logprob_gap"] < 1e-5  # the forward reproduced pi_old
     for key in ("loss", "reverse_kl", "grad_norm", "is_clip_fraction"):
@@ -142,7 +142,7 @@ def test_several_teachers_per_row_equal_across_world_sizes_with_exact_per_teache
             metrics = learners.gather(train_on(learners, batch, scores))[0]
             runs[world] = (metrics, learners.gather(learners.call(0, "compute_logprobs", SEQS)))
         finally:
-            learners.shutdown()
+            WARM.park(learners)  # the next test of this shape takes it (mopd_ray/warm.py)
     (m1, after1), (m2, after2) = runs[1], runs[2]
     for key in ("loss", "reverse_kl", "grad_norm", "teacher/self/reverse_kl", "teacher/add_expert/reverse_kl"):
         assert m2[key] == pytest.approx(m1[key], rel=2e-5, abs=1e-6), key
@@ -233,7 +233,7 @@ def test_streamed_scores_train_early_and_a_midaccumulation_nan_skips_on_every_ra
             last = learners.gather(train_on(learners, final, final_scores, 2))
             runs[mode] = (first, skipped, last, learners.gather(learners.call(0, "compute_logprobs", SEQS)))
         finally:
-            learners.shutdown()
+            WARM.park(learners)  # the next test of this shape takes it (mopd_ray/warm.py)
     (s_first, skipped, s_last, s_after), (h_first, _, h_last, h_after) = runs["streamed"], runs["in_hand"]
     # streamed: training began before the late scores arrived, and waited for them later
     assert s_first[0]["learner/start_s"] < 2.0 and s_first[0]["learner/fetch_s"] > 2.5
@@ -285,7 +285,7 @@ def test_reward_only_steps_without_a_learning_signal_leave_weights_and_adam_stat
                 out.append((metrics, learners.gather(learners.call(0, "compute_logprobs", SEQS))))
             runs[name] = out
         finally:
-            learners.shutdown()
+            WARM.park(learners)  # the next test of this shape takes it (mopd_ray/warm.py)
     skip, off, without = runs["skip"], runs["off"], runs["without_free"]
     (m_first, w_first), (m_free, w_free), (_, w_last) = skip
     assert [m["signal_free_minibatches"] for m in m_first] == [0, 0]  # the rank without a rewarded group steps too

@@ -9,6 +9,8 @@ from mopd_ray.dispatch import split_batch
 from mopd_ray.roles import (init_broadcast_group, make_learner_group, make_rollout_group, setup_learners,
                             sync_weights)
 
+from mopd_ray.warm import WARM
+
 from .conftest import compose_cfg
 
 pytestmark = pytest.mark.slow
@@ -84,7 +86,7 @@ def test_rollout_matches_learner_after_sync(rollout, artifacts, stage, transport
             assert np.abs(e - l0).max() > 1e-3  # the engine serves the updated weights, not the initial ones
         assert max(np.abs(e - s).max() for e, s in zip(engine_after, stale)) > 1e-4
     finally:
-        learners.shutdown()
+        WARM.park(learners)  # the next test of this shape takes it (mopd_ray/warm.py)
 
 
 

@@ -110,7 +110,7 @@ class TeacherConfig:
 def _check_teachers(cfg) -> None:
     """teachers.models.*: each teacher's settings against the run's lengths and signal."""
     ts, al, da, ro = _active_teachers_cfg(cfg), cfg.algorithm, cfg.data, cfg.rollout
-    if not ts.models:
+    if not ts.models and al.signal != "none":
         _fail("teachers.models", "no teacher is defined; add at least one (e.g. teachers=local_tiny)")
     for name, t in ts.models.items():
         key = f"teachers.models.{name}"

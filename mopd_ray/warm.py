@@ -63,12 +63,23 @@ class WarmGroups:
         return len(self._parked)
 
     def _job(self) -> Optional[str]:
-        return ray.get_runtime_context().get_job_id() if ray.is_initialized() else None
+        """This driver's Ray session (job ids repeat across local clusters: the driver's node id does not)."""
+        if not ray.is_initialized():
+            return None
+        ctx = ray.get_runtime_context()
+        return f"{ctx.get_node_id()}/{ctx.get_job_id()}"
+
+    @staticmethod
+    def _stop(group: ActorGroup) -> None:
+        try:
+            group.shutdown()
+        except Exception:  # its actors are gone already (a lost node, a finished session)
+            pass
 
     def park(self, group: ActorGroup) -> None:
         key = getattr(group, "reuse_key", None)
         if key is None or self._job() is None:
-            group.shutdown()
+            self._stop(group)
             return
         self._parked.append((key, self._job(), group))
 
@@ -80,7 +91,7 @@ class WarmGroups:
                 del self._parked[i]
                 if group.alive():
                     return group
-                group.shutdown()
+                self._stop(group)
                 return None
         return None
 
@@ -91,12 +102,11 @@ class WarmGroups:
             for k, v in b.as_dict().items():
                 need[k] = need.get(k, 0.0) + v
         while self._parked and any(ray.available_resources().get(k, 0.0) + 1e-9 < v for k, v in need.items()):
-            _, _, group = self._parked.pop(0)
-            group.shutdown()
+            self._stop(self._parked.pop(0)[2])
 
     def evict(self) -> None:
         while self._parked:
-            self._parked.pop(0)[2].shutdown()
+            self._stop(self._parked.pop(0)[2])
 
     def realize(self, specs: list) -> list:
         """One ActorGroup per spec: a parked one with its key (reset for the new run), else a new one."""
@@ -121,7 +131,7 @@ class WarmGroups:
                 built.append(groups[i])
         except BaseException:
             for g in [*built, *(g for g in groups if g is not None and g not in built)]:
-                g.shutdown()
+                self._stop(g)
             raise
         return groups
 

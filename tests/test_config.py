@@ -202,3 +202,7 @@ def test_only_teachers_a_training_domain_routes_to_take_part(tmp_path, tiny_mode
     pool = build_prompt_pool(_compose([f"run.artifacts_dir={tmp_path}", "data.domains=[add,reverse]",
                                        "data.num_train_per_domain=3", "data.num_eval_per_domain=2"]), tok)
     assert pool.teacher_names == ["add_expert", "reverse_expert"]  # sort -> self: no sort rows here
+
+
+def test_reward_only_training_needs_no_teacher():
+    validate(_compose(["algorithm.signal=none", "algorithm.alpha=1.0", "teachers=empty"]))  # the cascade's GRPO stage

@@ -112,7 +112,7 @@ def test_bootstrap_and_every_run_of_the_demo_and_the_cascade(tmp_path):
     from mopd_ray.cluster import init_ray
     from mopd_ray.config import resource_demand
 
-    cfg = _compose(overrides)
+    cfg = _compose([*overrides, "cluster.reuse_engines=false"])  # a fresh group, not a warm one
     init_ray(cfg.cluster, resource_demand(cfg)["CPU"])
     d, seed0 = cfg.demo, tmp_path / "art/demo/seed0"
     domains = list(cfg.data.domains)

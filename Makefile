@@ -4,7 +4,7 @@
 # nothing changed). Pass Hydra overrides with ARGS="...", pytest options with PYTEST_ARGS="...".
 VENV ?= .venv
 PY := $(VENV)/bin/python
-SUITE_BUDGET_S := 780
+SUITE_BUDGET_S := 840
 FAST_BUDGET_S := 180
 
 .PHONY: setup run run-main test test-fast lint-docker clean-artifacts

@@ -160,6 +160,15 @@ def reserve(name: str, bundles: list[Bundle], strategy: str, timeout_s: float, p
     return pg
 
 
+def answers(actors: list, timeout_s: float = 30.0) -> bool:
+    """Every one of ``actors`` answers ``ready`` within ``timeout_s`` (False: dead, restarting or hung)."""
+    try:
+        ray.get([a.ready.remote() for a in actors], timeout=timeout_s)
+        return True
+    except Exception:
+        return False
+
+
 class ActorGroup:
     """``n`` actors of ``actor_cls``, one per bundle of a placement group."""
 
@@ -199,11 +208,7 @@ class ActorGroup:
 
     def alive(self, timeout_s: float = 10.0) -> bool:
         """Every actor answers within ``timeout_s``."""
-        try:
-            ray.get([a.ready.remote() for a in self.actors], timeout=timeout_s)
-            return True
-        except Exception:
-            return False
+        return answers(self.actors, timeout_s)
 
     def shutdown(self) -> None:
         if getattr(self, "_down", False):

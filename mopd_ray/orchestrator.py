@@ -133,8 +133,9 @@ class Orchestrator(StepPipeline, Recovery, Reporting):
 
         from .storage import check_writable_locations, probe_shared_storage
 
-        check_writable_locations(cfg, self.run_dir)
-        self.start = self.start or plan_run(cfg)
+        if self.start is None:  # mopd_ray.main checked and planned before any engine started
+            check_writable_locations(cfg, self.run_dir)
+            self.start = plan_run(cfg)
         identity = self.start.identity
         log.info("run %s: id %s, checkpoints in %s", cfg.run.name, identity.run_id, self.start.root)
         (Path(self.run_dir) / "identity.json").write_text(json.dumps(identity.record(), indent=1))

@@ -14,7 +14,7 @@ import numpy as np
 import ray
 
 from . import checkpoint as ckpt
-from .cluster import RemoteCallError, WorkerDiedError
+from .cluster import RemoteCallError, WorkerDiedError, answers
 from .data.prompts import make_sampler
 from .roles import init_broadcast_group, make_learner_group, setup_learners, share_teacher_heads, sync_weights
 from .run_state import RunState
@@ -37,20 +37,12 @@ def _peer_lost(err: Exception) -> bool:
     return any(k in text for k in _PEER_LOST)
 
 
-def _alive(actor, timeout_s: float = 30.0) -> bool:
-    try:
-        ray.get(actor.ready.remote(), timeout=timeout_s)
-        return True
-    except Exception:
-        return False
-
-
 class Recovery:
     """The orchestrator's failure handling (a mixin of mopd_ray.orchestrator.Orchestrator: its state)."""
 
     def _recover_learners(self, err: Exception, step: int) -> tuple:
         """A learner rank died (``err`` surfaced on a call to the learners): tear the group down, start it
-        again, load the newest complete checkpoint (the initial student at step 0 without one), re-sync
+        again, load this run's newest complete checkpoint (without one, its own starting state), re-sync
         the engines (restarted too if the rank died while streaming weights into them) and continue from
         that step with the sampler and RNG of the checkpoint, so the rows after it are the same rows.
         Anything but a dead rank, or more than ``cluster.learner_restarts`` restarts, is raised. Returns the
@@ -135,11 +127,11 @@ class Recovery:
         except (*_REPLICA_GONE, RemoteCallError, ray.exceptions.RayTaskError) as e:
             # a learner rank that died mid-stream shows on the other members as a lost peer: the learner
             # group's recovery (which restarts the engines too, as they may sit in a receive from it)
-            gone = [i for i, a in enumerate(self.roles.learners.actors) if not _alive(a, timeout_s=5.0)]
+            gone = [i for i, a in enumerate(self.roles.learners.actors) if not answers([a], timeout_s=5.0)]
             if gone:
                 raise WorkerDiedError(f"learner rank {gone[0]} died during the weight sync ({type(e).__name__}). "
                                       f"{self._resume_hint()}") from None
-            dead = [i for i, a in enumerate(self.roles.rollout.actors) if not _alive(a, timeout_s=5.0)]
+            dead = [i for i, a in enumerate(self.roles.rollout.actors) if not answers([a], timeout_s=5.0)]
             # An engine killed mid-broadcast may surface on the sender's side (learner rank 0: "connection
             # closed by peer") and be restarted by Ray before we look: rebuild the group and resend then too.
             if not dead and not _peer_lost(e):

@@ -42,9 +42,11 @@ def check_writable_locations(cfg, run_dir: str) -> None:
 def probe_shared_storage(folders: list, learners, timeout_s: float) -> None:
     """Every learner rank reads a token the driver wrote into each folder, else StorageError naming the
     folder, the node and the fix."""
-    tokens = {}
+    tokens, made = {}, []
     try:
         for folder in folders:
+            if not Path(folder).exists():
+                made.append(Path(folder))
             Path(folder).mkdir(parents=True, exist_ok=True)
             path = Path(folder) / f".mopd_storage_probe-{uuid.uuid4().hex[:12]}"
             token = uuid.uuid4().hex
@@ -62,3 +64,6 @@ def probe_shared_storage(folders: list, learners, timeout_s: float) -> None:
     finally:
         for path in tokens:
             Path(path).unlink(missing_ok=True)
+        for folder in made:  # a run's checkpoint folder appears with its first checkpoint
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()

@@ -40,23 +40,51 @@ def dtype_name(dtype: torch.dtype) -> str:
     return {v: k for k, v in _DTYPES.items()}[dtype]
 
 
-def iter_full_params(module: torch.nn.Module, zero_stage: int) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (HF name, full tensor) for every parameter. Collective under ZeRO-3: call on all ranks."""
+def checkpoint_layout(module: torch.nn.Module):
+    """``(name, tensor) -> [(name, tensor)]``: a parameter as the model's checkpoint files hold it.
+
+    transformers >= 5 may keep a model in memory in another layout than its files (Qwen3-MoE, Mixtral,
+    DeepSeek: every expert's gate/up/down fused into 3-D tensors); vLLM loads the files' layout, and a
+    fused tensor sent under its in-memory name is not loaded (measured: a Qwen3-MoE engine 0.35 nats off
+    after one sync). The model's own reverse conversion (what ``save_pretrained`` writes) is applied per
+    parameter; works on meta tensors too (``param_meta``)."""
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:  # transformers < 5: memory layout == file layout
+        return lambda name, t: [(name, t)]
+    if not getattr(module, "_weight_conversions", None):
+        from transformers.conversion_mapping import get_model_conversion_mapping
+
+        if not hasattr(module, "config") or not get_model_conversion_mapping(module, add_legacy=False):
+            return lambda name, t: [(name, t)]
+    return lambda name, t: list(revert_weight_conversion(module, {name: t}).items())
+
+
+def iter_full_params(module: torch.nn.Module, zero_stage: int,
+                     checkpoint_names: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (HF name, full tensor) for every parameter, in the checkpoint's layout (``checkpoint_layout``;
+    ``checkpoint_names=False``: the in-memory one). Collective under ZeRO-3: call on all ranks."""
     gathered = None
     if zero_stage == 3:
         import deepspeed
 
         gathered = deepspeed.zero.GatheredParameters
+    convert = checkpoint_layout(module) if checkpoint_names else (lambda name, t: [(name, t)])
     for name, p in module.named_parameters():
         ctx = gathered([p], modifier_rank=None) if gathered is not None else nullcontext()
         with ctx:
-            yield name, p.data.detach().clone()
+            yield from convert(name, p.data.detach().clone())
 
 
 def param_meta(module: torch.nn.Module, zero_stage: int) -> list[ParamMeta]:
-    if zero_stage == 3:
-        return [ParamMeta(n, tuple(p.ds_shape), dtype_name(p.dtype)) for n, p in module.named_parameters()]
-    return [ParamMeta(n, tuple(p.shape), dtype_name(p.dtype)) for n, p in module.named_parameters()]
+    """(name, shape, dtype) of what ``iter_full_params`` yields, in its order, without gathering."""
+    convert = checkpoint_layout(module)
+    out = []
+    for n, p in module.named_parameters():
+        shape = tuple(p.ds_shape) if zero_stage == 3 else tuple(p.shape)
+        for name, t in convert(n, torch.empty(shape, dtype=p.dtype, device="meta")):
+            out.append(ParamMeta(name, tuple(t.shape), dtype_name(t.dtype)))
+    return out
 
 
 def make_group(host: str, port: int, rank: int, world_size: int, timeout_s: float = 600.0):

@@ -74,7 +74,7 @@ class LearnerWeights:
         """Transformers-format export (safetensors) of the student; all ranks call, rank 0 writes."""
         from ..sync import iter_full_params
 
-        state = {n: t.cpu() for n, t in iter_full_params(self.engine.module, self.zero_stage)}
+        state = {n: t.cpu() for n, t in iter_full_params(self.engine.module, self.zero_stage, checkpoint_names=False)}
         if self.rank != 0:
             return None
         from transformers import AutoTokenizer

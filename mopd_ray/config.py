@@ -34,11 +34,16 @@ def _open_dict() -> DictConfig:
     return OmegaConf.create({}, flags={"struct": False})
 
 
+# The families a tiny model can be built of (mopd_ray/models/tiny.py; the architecture matrix:
+# tests/runtime/test_model_families.py).
+TINY_ARCHS = ("qwen2", "llama", "qwen3", "qwen3_moe", "mistral", "gemma2", "gemma3", "olmo2", "phi3")
+
+
 @dataclass
 class TinyModelConfig:
-    """Shape of a tiny Qwen2/Llama-style model that the project builds itself (no hub)."""
+    """Shape of a tiny model that the project builds itself (no hub), of one of several families."""
 
-    arch: str = "qwen2"  # qwen2 | llama
+    arch: str = "qwen2"  # one of TINY_ARCHS (qwen2, llama, qwen3, qwen3_moe, gemma3, ...)
     hidden_size: int = 64
     num_layers: int = 2
     num_heads: int = 2
@@ -262,6 +267,10 @@ class RolloutConfig:
     custom_resources: Dict[str, float] = field(default_factory=dict)
     weight_sync: str = "broadcast"  # broadcast (torch.distributed group: NCCL/gloo) | object_store
     weight_sync_bucket_mb: int = 256  # bucket size of the weight stream (0: one tensor per bucket)
+    # after every sync, engines and learner score a fixed probe; a mean gap above the tolerance (null: the
+    # pre-flight's, 1e-3 nats/token in fp32, else 5e-2) stops the run naming what did not load (sync_check.py)
+    check_weight_sync: bool = True
+    weight_sync_check_tolerance: Optional[float] = None
     # rollout shards per replica and step: > 1 lets teachers score finished shards while the rest generate,
     # at the cost of smaller engine batches (on 2 CPU cores with a tiny model, 2 shards generated 40%
     # slower than 1, which the overlap did not win back: benchmarks/bench_vs_trl.py)
@@ -647,7 +656,7 @@ def _check_positive(key: str, value, allow_zero: bool = False) -> None:
 def _tiny_ok(key: str, tiny) -> None:
     if tiny is None:
         return
-    _check_choice(f"{key}.arch", tiny.arch, ("qwen2", "llama"))
+    _check_choice(f"{key}.arch", tiny.arch, TINY_ARCHS)
     if tiny.hidden_size % tiny.num_heads:
         _fail(f"{key}.hidden_size", f"{tiny.hidden_size} is not divisible by num_heads={tiny.num_heads}")
     head_dim = tiny.hidden_size // tiny.num_heads

@@ -100,6 +100,7 @@ def run(cfg: DictConfig) -> int:
     from .orchestrator import Orchestrator
     from .preflight import PreflightError
     from .rewards import RewardError
+    from .sync_check import WeightSyncCheckError
 
     orch = Orchestrator(cfg, str(out), pool=pool, start=start)
     try:
@@ -108,6 +109,9 @@ def run(cfg: DictConfig) -> int:
         log.error("%s", getattr(e, "cause", None) or e)
         return 2
     except (PreflightError, TokenizerMismatchError, StorageError) as e:  # a start-up check failed
+        log.error("%s", e)
+        return 2
+    except WeightSyncCheckError as e:  # the checkpoints written so far are kept
         log.error("%s", e)
         return 2
     mode = cfg.logging.wandb_mode

@@ -121,6 +121,9 @@ class Orchestrator(StepPipeline, Recovery, Reporting):
         self._count_nonfinite(step, metrics)
         self._phase = "sync"
         metrics["weight_sync_s"] = self._sync_weights()
+        check = getattr(self.roles.rollout, "last_sync_check", None)
+        if check:
+            metrics["weight_sync/probe_gap"], metrics["weight_sync/check_s"] = check["probe_gap"], check["check_s"]
         self._phase = "train"
         return metrics
 

@@ -254,7 +254,8 @@ def init_broadcast_group(cfg, learners: ActorGroup, rollout: ActorGroup) -> None
 
 
 def sync_weights(cfg, learners: ActorGroup, rollout: ActorGroup, version: int) -> float:
-    """Push the learners' current weights to every rollout engine. Returns seconds."""
+    """Push the learners' current weights to every rollout engine, then check that the engines serve them
+    (``rollout.check_weight_sync``: its figures in ``rollout.last_sync_check``). Returns the sync's seconds."""
     t0 = time.perf_counter()
     ro = cfg.rollout
     if ro.weight_sync == "broadcast":
@@ -265,7 +266,12 @@ def sync_weights(cfg, learners: ActorGroup, rollout: ActorGroup, version: int) -
         exported = learners.gather(learners.call_all("export_to_store"), "weight export")
         state_ref = exported[0][0]  # an ObjectRef owned by learner rank 0; engines resolve it themselves
         rollout.gather(rollout.call_all("update_weights_from_store", state_ref, version), "weight sync (store)")
-    return time.perf_counter() - t0
+    seconds = time.perf_counter() - t0
+    if ro.check_weight_sync:
+        from .sync_check import check_engines
+
+        rollout.last_sync_check = check_engines(cfg, learners, rollout, version)
+    return seconds
 
 
 def student_fingerprint(tokenizer, model_path: str) -> dict:

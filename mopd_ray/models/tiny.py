@@ -5,7 +5,7 @@ project's prompt templates, with special tokens and a ChatML chat template. Digi
 token and the corpus holds no upper-case words, so task payloads (numbers, upper-case letters) are
 character-level while template words are merged: tiny models can learn the synthetic domains.
 
-``build_tiny_model(out_dir, spec)`` writes a Qwen2- or Llama-style model in transformers format
+``build_tiny_model(out_dir, spec)`` writes a model of one of ``TINY_ARCHS`` in transformers format
 (config.json, model.safetensors, tokenizer files) that loads in transformers, vLLM (CPU build) and
 under DeepSpeed. Weights depend only on ``spec.seed``; the tokenizer only on the tokenizer seed.
 """
@@ -20,6 +20,8 @@ import shutil
 import tempfile
 from dataclasses import asdict
 from pathlib import Path
+
+from ..config import TINY_ARCHS  # the families a tiny model can be built of
 
 PAD, EOS, IM_START, IM_END = "<|endoftext|>", "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 SPECIAL_TOKENS = [PAD, IM_START, IM_END]
@@ -82,12 +84,19 @@ def _padded(n: int, multiple: int) -> int:
     return n if multiple <= 1 else ((n + multiple - 1) // multiple) * multiple
 
 
-def tiny_model_config(spec, tokenizer):
-    """A transformers config for ``spec`` (a TinyModelConfig or anything with its fields)."""
-    from transformers import LlamaConfig, Qwen2Config
 
-    cls = {"qwen2": Qwen2Config, "llama": LlamaConfig}[spec.arch]
-    return cls(
+
+def tiny_model_config(spec, tokenizer):
+    """A transformers config for ``spec`` (a TinyModelConfig or anything with its fields): the family's
+    own config class with its defaults (Gemma 2's logit soft-caps, Gemma 3's sliding window, Qwen3's q/k
+    norms, Qwen3-MoE's experts), sized by the spec."""
+    import transformers
+
+    arch = spec.arch
+    if arch not in TINY_ARCHS:
+        raise ValueError(f"tiny model arch '{arch}' is not one of {', '.join(TINY_ARCHS)}")
+    head_dim = spec.hidden_size // spec.num_heads
+    common = dict(
         vocab_size=_padded(len(tokenizer), spec.vocab_pad_to),
         hidden_size=spec.hidden_size,
         intermediate_size=spec.intermediate_size,
@@ -103,6 +112,20 @@ def tiny_model_config(spec, tokenizer):
         initializer_range=0.05,
         dtype="float32",
     )
+    extra = {
+        "qwen2": ("Qwen2Config", {}), "llama": ("LlamaConfig", {}), "olmo2": ("Olmo2Config", {}),
+        "phi3": ("Phi3Config", {}),
+        "qwen3": ("Qwen3Config", {"head_dim": head_dim}),
+        "mistral": ("MistralConfig", {"head_dim": head_dim, "sliding_window": None}),
+        "qwen3_moe": ("Qwen3MoeConfig", {"head_dim": head_dim, "num_experts": 4, "num_experts_per_tok": 2,
+                                         "moe_intermediate_size": max(spec.intermediate_size // 4, 16),
+                                         "decoder_sparse_step": 1}),
+        "gemma2": ("Gemma2Config", {"head_dim": head_dim, "sliding_window": 64, "query_pre_attn_scalar": head_dim}),
+        "gemma3": ("Gemma3TextConfig", {"head_dim": head_dim, "sliding_window": 64,
+                                        "query_pre_attn_scalar": head_dim}),
+    }
+    cls, kw = extra[arch]
+    return getattr(transformers, cls)(**common, **kw)
 
 
 def build_tiny_model(out_dir: str | os.PathLike, spec, tokenizer_seed: int = 0) -> Path:
@@ -175,7 +198,7 @@ def cli(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tokenizer-seed", type=int, default=0)
-    ap.add_argument("--arch", default="qwen2", choices=["qwen2", "llama"])
+    ap.add_argument("--arch", default="qwen2", choices=list(TINY_ARCHS))
     ap.add_argument("--hidden-size", type=int, default=64)
     ap.add_argument("--num-layers", type=int, default=2)
     ap.add_argument("--num-heads", type=int, default=2)

@@ -136,9 +136,11 @@ class RolloutWorker(RoleWorker):
 
         return os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0" and self.cfg["tensor_parallel_size"] == 1
 
-    def _loaded(self, version: int) -> None:
+    def _loaded(self, version: int, reports: list) -> None:
+        """``reports``: each worker's load report (modules that did not receive all their tensors)."""
         self.llm.reset_prefix_cache()  # stale prefix cache gave log-probs off by >1 after an update
         self.weight_version = version
+        self.incomplete = sorted({tuple(m) for r in reports if isinstance(r, dict) for m in r.get("incomplete", [])})
 
     def update_weights_from_store(self, state: dict, version: int) -> float:
         """``state`` is {name: ndarray}, resolved by Ray from the learner's ObjectRef in this process
@@ -153,8 +155,7 @@ class RolloutWorker(RoleWorker):
         for named in state_buckets(state, self.cfg["weight_sync_bucket_mb"] << 20):
             self.llm.collective_rpc("mopd_load_bucket", args=(named if local else save(
                 {n: t.contiguous() for n, t in named}),))
-        self.llm.collective_rpc("mopd_finish_load")
-        self._loaded(version)
+        self._loaded(version, self.llm.collective_rpc("mopd_finish_load"))
         return time.perf_counter() - t0
 
     def reuse(self, *args, **kwargs) -> bool:
@@ -188,8 +189,7 @@ class RolloutWorker(RoleWorker):
             os.makedirs(os.path.dirname(fault["marker"]), exist_ok=True)
             with open(fault["marker"], "w") as f:
                 f.write(f"rollout replica 0 exits inside the receive of weight version {version}\n")
-        self.llm.collective_rpc("mopd_receive_weights", args=(exit_now,))
-        self._loaded(version)
+        self._loaded(version, self.llm.collective_rpc("mopd_receive_weights", args=(exit_now,)))
         return time.perf_counter() - t0
 
     # ------------------------------------------------------------------ checks
@@ -203,6 +203,26 @@ class RolloutWorker(RoleWorker):
         for s, o in zip(sequences, outs):
             res.append(np.asarray([0.0] + [o.prompt_logprobs[i][s[i]].logprob for i in range(1, len(s))], np.float32))
         return res
+
+    def probe_sequences(self) -> list:
+        """The pre-flight's probe, rendered by this engine's tokenizer (mopd_ray/sync_check.py)."""
+        from ..models.compat import stop_ids
+        from ..preflight import probe_sequences
+
+        return probe_sequences(self.tokenizer, stop_ids(self.tokenizer, self.model_path) or [self.tokenizer.eos_token_id])
+
+    def sync_report(self, probes: list) -> dict:
+        """After a sync: the engine's log-probs of ``probes``, the modules the load left incomplete, the
+        architecture (mopd_ray/sync_check.py)."""
+        import json
+        from pathlib import Path
+
+        try:
+            arch = ",".join(json.loads(Path(self.model_path, "config.json").read_text()).get("architectures") or [])
+        except (OSError, ValueError):
+            arch = "?"
+        return {"logprobs": self.score_logprobs(probes), "incomplete": getattr(self, "incomplete", []),
+                "version": self.weight_version, "architecture": arch}
 
     def tokenizer_fingerprint(self, path: Optional[str] = None) -> dict:
         from ..models.compat import tokenizer_fingerprint

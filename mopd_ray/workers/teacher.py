@@ -36,6 +36,7 @@ class TeacherWorker(RoleWorker):
         self.name, self.cfg, self.replica_index, self.model_path = name, teacher_cfg, replica_index, model_path
         self.backend = teacher_cfg["backend"]
         self.tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+        self.trust_remote_code = trust_remote_code
         model_cfg = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
         self.embedding_rows = model_cfg.vocab_size
         self.hidden_size = getattr(model_cfg, "hidden_size", None) or model_cfg.get_text_config().hidden_size
@@ -82,13 +83,9 @@ class TeacherWorker(RoleWorker):
     def reference_logprobs(self, sequences: list, max_bytes: int, teacher: Optional[str] = None):
         """The same log-probs from a plain transformers forward of the folder, in the teacher's dtype
         (loaded once, then freed), or a string saying why there is none."""
-        import gc
         from pathlib import Path
 
-        import torch
-        from transformers import AutoModelForCausalLM
-
-        from .loss import token_logprobs_from_logits
+        from .reference import reference_logprobs
 
         if self.backend == "hf":
             return "its hf backend is the transformers forward itself"
@@ -96,19 +93,8 @@ class TeacherWorker(RoleWorker):
         if size > max_bytes:
             return (f"{size / 2**30:.1f} GB of weights > teachers.preflight.reference_max_gb "
                     f"({max_bytes / 2**30:g}); replicas checked against each other only")
-        model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=getattr(torch, self.cfg["dtype"]),
-                                                     use_safetensors=True)
-        try:
-            out = []
-            with torch.no_grad():
-                for s in sequences:
-                    ids = torch.tensor([s], dtype=torch.long)
-                    logits = model(input_ids=ids).logits[..., : len(self.tokenizer)].float()
-                    out.append(token_logprobs_from_logits(logits, ids)[0].numpy())
-            return out
-        finally:
-            del model
-            gc.collect()
+        return reference_logprobs(self.model_path, sequences, self.cfg["dtype"], len(self.tokenizer),
+                                  getattr(self, "trust_remote_code", False))
 
     def output_head(self, teacher: Optional[str] = None):
         """The frozen output head (and bias) as numpy, for the learner's full-vocabulary loss."""

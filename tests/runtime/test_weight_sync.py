@@ -124,3 +124,32 @@ def test_rollout_logprobs_are_asked_for_only_when_something_consumes_them(rollou
     resp = with_lp.response_mask_BL().astype(bool)
     assert resp.sum() >= 8 and (with_lp.rollout_logprobs_BL[resp] < 0).all()
     assert (without.rollout_logprobs_BL == 0).all()
+
+
+def test_a_sync_that_leaves_an_engine_on_other_weights_stops_naming_the_module(rollout, artifacts):
+    """The post-sync check (mopd_ray/sync_check.py): a sync that did not deliver one tensor leaves the engine
+    on a mix of weights; the check stops it with the engine module that missed its tensor. A complete
+    sync passes it, and its figures are kept for the step's metrics."""
+    from mopd_ray.sync_check import WeightSyncCheckError, check_engines
+
+    cfg = compose_cfg(f"run.artifacts_dir={artifacts}", "learner.lr=5e-2", "rollout.weight_sync=object_store",
+                      "data.prompts_per_step=4", "rollout.n_samples_per_prompt=2", "learner.micro_batch_size=2",
+                      "algorithm.is_correction=none")
+    learners = make_learner_group(cfg, sorted(cfg.teachers.models))
+    try:
+        setup_learners(cfg, learners)
+        batch, scores = _synthetic_batch(8, seed=5)
+        learners.gather(train_on(learners, batch, [scores]))
+        (state_ref,) = learners.gather(learners.call_all("export_to_store"))[0]
+        state = dict(ray.get(state_ref))
+        del state["model.layers.1.mlp.down_proj.weight"]
+        rollout.gather(rollout.call_all("update_weights_from_store", state, 7))
+        with pytest.raises(WeightSyncCheckError) as e:
+            check_engines(cfg, learners, rollout, 7)
+        msg = str(e.value)
+        assert "after weight sync 7, rollout replica 0" in msg and "model.layers.1.mlp.down_proj" in msg
+        assert "rollout.weight_sync_check_tolerance" in msg
+        sync_weights(cfg, learners, rollout, version=8)  # the whole state: the check passes
+        assert rollout.last_sync_check["probe_gap"] < 1e-4
+    finally:
+        WARM.park(learners)

@@ -161,7 +161,7 @@ class Orchestrator(StepPipeline, Recovery, Reporting):
                 self._teacher_pids[(key, i)] = pid
         placement = self.roles.placement()
         (Path(self.run_dir) / "placement.json").write_text(json.dumps(placement, indent=1))
-        log.debug("placement (node ids by role): %s", {k: [n[:8] for n in v] for k, v in placement.items()})
+        log.debug("placement (node ids by role): %s", {k: [n[:8] for n in v] for k, v in placement.items() if k != "learner_ranks"})
         if self.start.resume_from is not None:
             self._resume(self.start.resume_from)
         logged = OmegaConf.to_container(cfg, resolve=True)

@@ -54,6 +54,9 @@ class Roles:
                "learner": ray_get(self.learners.call_all("node_id"))}
         for name, g in self.teachers.items():
             out[f"teacher:{name}"] = ray_get(g.call_all("node_id"))
+        setup = getattr(self, "learner_setup", None) or []
+        out["learner_ranks"] = [{k: s.get(k) for k in ("rank", "node_local_rank", "device", "local_rank_env")}
+                                for s in setup]  # LOCAL_RANK is the device index, node_local_rank the rank on its node
         return out
 
 
@@ -176,7 +179,19 @@ def _single_node(cfg) -> bool:
 def start_learner_setup(cfg, learners: ActorGroup) -> list:
     """Start every rank's DeepSpeed init (refs; gather them with ``learners.gather``)."""
     addr, port = learners.gather(learners.call(0, "master_address", _single_node(cfg)), "master_address")
-    return learners.call_all("setup", addr, port, cfg.cluster.call_timeout_s)
+    nodes = learners.gather(learners.call_all("node_id"), "node_id")
+    ranks = node_local_ranks(nodes)
+    return [learners.call(i, "setup", addr, port, cfg.cluster.call_timeout_s, ranks[i]) for i in range(len(learners))]
+
+
+def node_local_ranks(nodes: list) -> list:
+    """[(index among the ranks on the same node, how many ranks that node holds)] per rank, in rank order."""
+    seen: dict = {}
+    out = []
+    for n in nodes:
+        out.append(seen.get(n, 0))
+        seen[n] = seen.get(n, 0) + 1
+    return [(i, seen[n]) for i, n in zip(out, nodes)]
 
 
 def setup_learners(cfg, learners: ActorGroup) -> list:
@@ -214,7 +229,8 @@ def build_roles(cfg, tokenizer, teacher_names: list | None = None) -> Roles:
         for name, g in teachers.items():
             g.gather(g.call_all("ready"), f"start (loading teacher '{name}'"
                      + (f", pool '{cfg.teachers.models[name].pool}')" if cfg.teachers.models[name].pool else ")"))
-        log.debug("learners ready: %s", learners.gather(learners_up, "setup (DeepSpeed init)")[0])
+        roles.learner_setup = learners.gather(learners_up, "setup (DeepSpeed init)")
+        log.debug("learners ready: %s", roles.learner_setup)
         log.info("%s", preflight.run(cfg, roles, student_fingerprint(tokenizer, cfg.model.path), tokenizer))
         share_teacher_heads(cfg, roles)
         if cfg.rollout.weight_sync == "broadcast":

@@ -22,6 +22,9 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from .collectives import broadcast
+from .collectives import make_group as group_on
+
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -98,9 +101,7 @@ def make_group(host: str, port: int, rank: int, world_size: int, timeout_s: floa
         store.set_timeout(timeout)
     else:
         store = dist.TCPStore(host, port, world_size, rank == 0, timeout=timeout)
-    if torch.cuda.is_available():
-        return dist.ProcessGroupNCCL(store, rank, world_size)
-    return dist.ProcessGroupGloo(store, rank, world_size, timeout)
+    return group_on(store, rank, world_size, timeout_s)
 
 
 def _buckets(metas: list[ParamMeta], bucket_bytes: int) -> list[list[ParamMeta]]:
@@ -132,7 +133,7 @@ def broadcast_send(group, named_params: Iterator[tuple[str, torch.Tensor]], meta
             parts.append(t.reshape(-1).to(_DTYPES[m.dtype]))
         if is_sender:
             flat = torch.cat(parts).to(device)
-            group.broadcast(flat, 0).wait()
+            broadcast(group, flat, 0)
             sent += flat.numel() * flat.element_size()
     return sent
 
@@ -145,7 +146,7 @@ def recv_buckets(group, metas: list[ParamMeta], bucket_bytes: int, device="cpu")
     """
     for bucket in _buckets(metas, bucket_bytes):
         flat = torch.empty(sum(m.numel for m in bucket), dtype=_DTYPES[bucket[0].dtype], device=device)
-        group.broadcast(flat, 0).wait()
+        broadcast(group, flat, 0)
         named, offset = [], 0
         for m in bucket:
             named.append((m.name, flat[offset: offset + m.numel].view(m.shape)))

@@ -5,11 +5,14 @@ from __future__ import annotations
 import os
 
 
-def set_dist_env(rank: int, world_size: int, master_addr: str, master_port: int, local_rank: int | None = None):
-    """Every rank needs these five, else DeepSpeed falls back to MPI discovery."""
+def set_dist_env(rank: int, world_size: int, master_addr: str, master_port: int, device_index: int = 0):
+    """Every rank needs these five, else DeepSpeed falls back to MPI discovery. LOCAL_RANK is the CUDA
+    device DeepSpeed selects (``set_device(LOCAL_RANK)``): the index of this process's own device among
+    the ones it sees (0 when Ray gives each actor one GPU), never the global rank (rank >= 1 would ask for
+    a device that does not exist)."""
     os.environ.update({
         "MASTER_ADDR": master_addr, "MASTER_PORT": str(master_port), "RANK": str(rank),
-        "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(rank if local_rank is None else local_rank),
+        "WORLD_SIZE": str(world_size), "LOCAL_RANK": str(device_index),
     })
 
 

@@ -10,6 +10,7 @@ groups never straddle ranks.
 from __future__ import annotations
 
 import math
+import os
 import time
 
 import numpy as np
@@ -75,20 +76,30 @@ class LearnerWorker(LearnerRows, LearnerAdvantages, LearnerWeights, LearnerMetri
         self.__init__(*args, **kwargs)
         return True
 
-    def setup(self, master_addr: str, master_port: int, timeout_s: float = 600.0) -> dict:
+    def setup(self, master_addr: str, master_port: int, timeout_s: float = 600.0, node_rank: tuple = (0, 1)) -> dict:
         """Join the ranks' process group (unless a reused group is in one), then build the model,
-        optimizer and DeepSpeed engine."""
+        optimizer and DeepSpeed engine. ``node_rank``: (this rank's index among the learner ranks of its
+        node, their number), the torch LOCAL_RANK / LOCAL_WORLD_SIZE convention."""
+        import torch
         import torch.distributed as dist
 
+        from ..collectives import NCCL_ENV, local_device_index
         from .deepspeed_env import init_distributed, set_dist_env
 
+        self.node_local_rank, self.node_local_size = int(node_rank[0]), int(node_rank[1])
+        os.environ.update({"LOCAL_WORLD_SIZE": str(self.node_local_size), "MOPD_NODE_LOCAL_RANK": str(self.node_local_rank)})
         if dist.is_initialized():
             return self._build_engine()
+        self.device_index = local_device_index()  # not the rank: under Ray each actor sees its own GPU(s)
+        if torch.cuda.is_available():
+            torch.cuda.set_device(self.device_index)
+            for k, v in NCCL_ENV.items():
+                os.environ.setdefault(k, v)
         if master_addr.startswith("file://"):
-            set_dist_env(self.rank, self.world_size, "127.0.0.1", 0)
+            set_dist_env(self.rank, self.world_size, "127.0.0.1", 0, self.device_index)
             init_distributed(timeout_s, init_method=master_addr, rank=self.rank, world_size=self.world_size)
         else:
-            set_dist_env(self.rank, self.world_size, master_addr, master_port)
+            set_dist_env(self.rank, self.world_size, master_addr, master_port, self.device_index)
             init_distributed(timeout_s)
         return self._build_engine()
 
@@ -113,6 +124,9 @@ class LearnerWorker(LearnerRows, LearnerAdvantages, LearnerWeights, LearnerMetri
 
         torch.manual_seed(self.seed)
         self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        if self.device.type == "cuda" and torch.cuda.current_device() != getattr(self, "device_index", 0):
+            raise RuntimeError(f"learner rank {self.rank}: CUDA device {torch.cuda.current_device()} is current, "
+                               f"but this actor owns device {self.device_index} (ray.get_gpu_ids())")
         c = self.cfg
         dtype = getattr(torch, c["dtype"])
         model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=torch.float32 if dtype == torch.float32
@@ -136,7 +150,8 @@ class LearnerWorker(LearnerRows, LearnerAdvantages, LearnerWeights, LearnerMetri
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=opt, lr_scheduler=sched, config=ds_cfg)
         self.zero_stage = c["zero_stage"]
-        return {"rank": self.rank, "micro_batch_size": self.micro, "grad_accum": self.grad_accum,
+        return {"rank": self.rank, "node_local_rank": getattr(self, "node_local_rank", 0), "device": str(self.device),
+                "local_rank_env": os.environ.get("LOCAL_RANK"), "micro_batch_size": self.micro, "grad_accum": self.grad_accum,
                 "params": sum(p.numel() for p in model.parameters())}
 
     def set_teacher_heads_from_refs(self, head_refs: dict) -> bool:
@@ -322,12 +337,9 @@ class LearnerWorker(LearnerRows, LearnerAdvantages, LearnerWeights, LearnerMetri
 
     # ------------------------------------------------------------------ weights
 def _any_rank(flag: bool) -> bool:
-    """True on every rank if ``flag`` is true on any (so all ranks take the same branch)."""
-    import torch
-    import torch.distributed as dist
+    """True on every rank if ``flag`` is true on any (on the group's device: mopd_ray/collectives.py)."""
+    from ..collectives import any_rank
 
-    t = torch.tensor([1.0 if flag else 0.0])
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0)
+    return any_rank(flag)
 
 

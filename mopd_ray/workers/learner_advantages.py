@@ -49,7 +49,7 @@ class LearnerAdvantages:
         """Sampled-token reverse-KL advantage, normalised with moments summed over every rank's rows:
         ``teacher*`` normalises each teacher's terms over its own tokens (a row's slots separately), then
         sums the slots; ``batch*`` normalises the sum over the rows that have a sampled-signal teacher."""
-        import torch.distributed as dist
+        from ..collectives import all_reduce
 
         from ..algo import advantage_moments, normalize_advantages
         from .loss import SIGNAL_IDS
@@ -64,12 +64,12 @@ class LearnerAdvantages:
             mask = t["mask"] * sampled.any(-1)[:, None]
             groups = t["tidx"].new_zeros(t["tidx"].shape[0])
             moments = advantage_moments(adv_S.sum(0), mask, groups, 1)
-            dist.all_reduce(moments)
+            all_reduce(moments)
             return normalize_advantages(adv_S.sum(0), mask, groups, moments, scale=scale)
         T = max(len(self.teacher_names), 1)
         groups = t["tidx"].clamp(min=0)  # an empty slot is masked out below
         masks = [t["mask"] * sampled[:, s, None] for s in range(adv_S.shape[0])]
         moments = sum(advantage_moments(adv_S[s], masks[s], groups[:, s], T) for s in range(adv_S.shape[0]))
-        dist.all_reduce(moments)
+        all_reduce(moments)
         return sum(normalize_advantages(adv_S[s], masks[s], groups[:, s], moments, scale=scale)
                    for s in range(adv_S.shape[0]))

@@ -17,7 +17,7 @@ class LearnerMetrics:
     def _metrics(self, g: dict, t: dict, old_lp, loop: dict, t0: float) -> dict:
         """Per-teacher and step statistics summed over every rank (one all-reduce), as step metrics."""
         import torch
-        import torch.distributed as dist
+        from ..collectives import all_reduce
 
         T, n_mini, ws = len(self.teacher_names), self.cfg["mini_batches_per_step"], self.world_size
         mask, tidx = t["mask"].double(), t["tidx"]
@@ -35,7 +35,7 @@ class LearnerMetrics:
                                    loop["distill_loss"] / (ws * self.grad_accum), float(g["tokens"].shape[0]),
                                    float(g["fetched_bytes"])], dtype=torch.float64)
         stats.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)  # garbage rows are reported, not averaged in
-        dist.all_reduce(stats)
+        all_reduce(stats)
         tok = max(stats[0].item(), 1.0)
         metrics = {"loss": stats[3].item() / n_mini, "entropy": stats[2].item() / tok,
                    "is_clip_fraction": stats[4].item() / ws, "pg_clip_fraction": stats[5].item() / ws,

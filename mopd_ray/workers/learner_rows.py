@@ -20,7 +20,7 @@ class LearnerRows:
         scores are fetched later by ``_await_rows`` (all at once, or micro-batch by micro-batch)."""
         import ray
         import torch
-        import torch.distributed as dist
+        from ..collectives import all_reduce
 
         t0 = time.perf_counter()
         batches: list[RolloutBatch] = ray.get([p["batch"] for p in parts])
@@ -35,7 +35,7 @@ class LearnerRows:
         g["rows_by_mini"] = mine
         # global denominators of each mini-batch: response tokens and non-empty sequences over all ranks
         totals = torch.tensor([[g["mask"][r].sum(), (g["mask"][r].sum(-1) > 0).sum()] for r in mine], dtype=torch.float64)
-        dist.all_reduce(totals)
+        all_reduce(totals)
         g["totals"] = totals
         g["fetch_s"] = time.perf_counter() - t0  # waiting for rollouts / scores still in flight, and the copy
         return g

@@ -54,7 +54,7 @@ class LearnerWeights:
         from ..sync import broadcast_send, iter_full_params
 
         return broadcast_send(self.sync_group, iter_full_params(self.engine.module, self.zero_stage),
-                              self.param_metas(), bucket_bytes, is_sender=self.rank == 0)
+                              self.param_metas(), bucket_bytes, is_sender=self.rank == 0, device=self.device)
 
     def save_checkpoint(self, path: str) -> bool:
         """DeepSpeed state of this rank (collective) into <path>/learner; rank 0 exports <path>/student."""

@@ -87,7 +87,10 @@ def test_main_trains_student_against_two_domain_teachers_and_self(artifacts, tmp
 
     AutoModelForCausalLM.from_pretrained(run / "student_final")
     placement = json.loads((run / "placement.json").read_text())
-    assert set(placement) == {"rollout", "learner", "teacher:add_expert", "teacher:reverse_expert", "teacher:self"}
+    assert set(placement) == {"rollout", "learner", "teacher:add_expert", "teacher:reverse_expert", "teacher:self",
+                              "learner_ranks"}
+    assert [(r["rank"], r["node_local_rank"], r["local_rank_env"]) for r in placement["learner_ranks"]] == \
+        [(0, 0, "0"), (1, 1, "0")]  # one node: ranks 0 and 1 of it, each on the device it owns
 
 
 def test_multirun_sweep_each_in_its_own_dir_and_driver_memory_flat(artifacts, tmp_path):
@@ -261,6 +264,9 @@ def test_roles_on_different_nodes_of_a_multi_node_cluster(artifacts, tmp_path):
         teacher_nodes = {n for k, v in placement.items() if k.startswith("teacher:") for n in v}
         assert len(learner_nodes) == 2 and len(rollout_nodes) == len(teacher_nodes) == 1
         assert len(learner_nodes | rollout_nodes | teacher_nodes) == 4
+        # one rank per node: each is rank 0 of its node and owns device 0 (LOCAL_RANK), whatever its global rank
+        assert [(r["rank"], r["node_local_rank"], r["local_rank_env"]) for r in placement["learner_ranks"]] == \
+            [(0, 0, "0"), (1, 0, "0")]
     finally:
         ray.shutdown()
         cluster.shutdown()

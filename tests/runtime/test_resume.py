@@ -57,7 +57,7 @@ def test_resumed_losses_equal_uninterrupted(runs):
     assert resumed[-1]["rows_trained"] == straight[-1]["rows_trained"] == 4 * 8
     # no domain of [add, reverse] routes to `self`: it was not started
     assert set(json.loads((runs[0].parents[1] / "first" / "placement.json").read_text())) == {
-        "rollout", "learner", "teacher:add_expert", "teacher:reverse_expert"}
+        "rollout", "learner", "teacher:add_expert", "teacher:reverse_expert", "learner_ranks"}
 
 
 def test_resume_at_an_epoch_boundary_continues_into_the_next_epoch(runs):

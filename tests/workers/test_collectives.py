@@ -1,0 +1,72 @@
+"""mopd_ray/collectives.py: tensors go to the group's device, groups have timeouts, devices are the
+actor's own; the gloo path runs here for real, the NCCL decisions are checked without a GPU."""
+
+import datetime
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from mopd_ray import collectives as C
+from mopd_ray.roles import node_local_ranks
+
+
+@pytest.fixture
+def gloo_group(tmp_path):
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    return dist.ProcessGroupGloo(store, 0, 1, datetime.timedelta(seconds=30))
+
+
+def test_gloo_broadcast_and_the_default_group_reduce_on_cpu(gloo_group, tmp_path):
+    t = torch.arange(4, dtype=torch.float32)
+    assert C.backend_of(gloo_group) == "gloo" and C.group_device(gloo_group).type == "cpu"
+    assert torch.equal(C.broadcast(gloo_group, t.clone(), 0), t)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    try:
+        x = torch.tensor([1.0, 2.0], dtype=torch.float64)
+        assert C.all_reduce(x) is x and x.tolist() == [1.0, 2.0]
+        assert C.any_rank(True) and not C.any_rank(False)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_bucket_on_the_wrong_device_is_refused_by_name(gloo_group):
+    class ProcessGroupNCCL:  # what an NCCL sync group looks like to the code, without a GPU
+        def broadcast(self, t, src):
+            raise AssertionError("never reached with a CPU tensor")
+
+    assert C.backend_of(ProcessGroupNCCL()) == "nccl"
+    with pytest.raises(ValueError, match="cpu tensor on a nccl group: allocate the bucket on cuda"):
+        C.broadcast(ProcessGroupNCCL(), torch.zeros(2), 0)
+    with pytest.raises(ValueError, match="meta tensor on a gloo group"):
+        C.broadcast(gloo_group, torch.zeros(2, device="meta"), 0)
+
+
+@pytest.mark.parametrize("visible,gpu_ids,want", [("3", [3], 0), ("1,3", [3], 1), ("", [2], 2), ("0", [], 0)])
+def test_the_device_index_is_the_actors_own_gpu_not_the_rank(monkeypatch, visible, gpu_ids, want):
+    import ray
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(ray, "get_gpu_ids", lambda: gpu_ids)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    assert C.local_device_index() == want
+
+
+def test_no_cuda_means_device_zero(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert C.local_device_index() == 0
+
+
+def test_node_local_ranks_count_within_each_node():
+    assert node_local_ranks(["a", "b", "a", "b", "a"]) == [(0, 3), (0, 2), (1, 3), (1, 2), (2, 3)]
+
+
+def test_learner_env_local_rank_is_the_device_not_the_global_rank(monkeypatch):
+    import os
+
+    from mopd_ray.workers.deepspeed_env import set_dist_env
+
+    for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(k, raising=False)
+    set_dist_env(5, 8, "10.0.0.1", 29500)
+    assert os.environ["RANK"] == "5" and os.environ["LOCAL_RANK"] == "0"

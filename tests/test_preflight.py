@@ -73,3 +73,21 @@ def test_unknown_skip_check_is_a_config_error():
 
     with pytest.raises(ConfigError, match="teachers.models.self.skip_checks.*stop_ids, template, probe"):
         validate(compose_cfg("teachers.models.self.skip_checks=[eos]"))
+
+
+def test_a_full_vocab_head_the_learner_rebuilds_wrongly_is_refused_naming_the_teacher():
+    """The full-vocab teacher's rebuilt distribution (hidden states x head x the family's post-processing)
+    must be its engine's: a Gemma 2 cap left out gave 0.11 nats/token here (tests/runtime/test_model_families.py)."""
+    import numpy as np
+    import pytest
+
+    from mopd_ray.preflight import PreflightError, check_head
+
+    engine = [np.array([0.0, -1.0, -2.0], np.float32)]
+    out = {"notes": []}
+    check_head("chat", "/m/chat", [engine[0] + np.array([0, 1e-6, 0], np.float32)], engine, 1e-3, out)
+    assert out["head"] < 1e-5
+    with pytest.raises(PreflightError, match=r"teacher 'chat'.*output head of /m/chat.*signal=topk"):
+        check_head("chat", "/m/chat", [engine[0] + np.array([0, 0.11, 0.11], np.float32)], engine, 1e-3, out)
+    check_head("chat", "/m/chat", "its hf backend applies the model's own head", engine, 1e-3, out)
+    assert "full-vocab head not compared" in out["notes"][-1]

@@ -13,6 +13,12 @@ the forward keeps only KL_n, the backward rebuilds each chunk's teacher logits a
 memory is O(chunk_size * V) whatever N is. Gradients go to the student logits only (the teacher is
 frozen: h and W_T get none).
 
+Head post-processing: some families change the logits after the head: Gemma 2 / 3 soft-cap them
+(u <- c * tanh(u / c), ``final_logit_softcapping``), Cohere multiplies by ``logit_scale``, Granite divides
+by ``logits_scaling``. ``teacher_post = (scale, softcap)`` applies u <- u * scale, then the cap (0: none);
+the teacher's config gives it (workers/teacher.py ``head_post``), so the distribution rebuilt here is the
+teacher's own.
+
 Vocabulary padding: embeddings are often padded past the tokenizer (Qwen2.5: 152,064 rows for 151,665
 tokens). ``vocab_size`` truncates both sides to the shared tokenizer size before the softmax.
 """
@@ -28,11 +34,23 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _chunk_logprobs(student_logits_CV, teacher_hidden_CH, teacher_head_VH, teacher_bias_V, vocab_size, dtype):
-    log_p = torch.log_softmax(student_logits_CV[:, :vocab_size].to(dtype), dim=-1)
+def teacher_logits(teacher_hidden_CH, teacher_head_VH, teacher_bias_V, vocab_size, dtype, post=(1.0, 0.0)):
+    """The teacher's logits [C, vocab_size] from its hidden states, head, bias and post-processing."""
     u = teacher_hidden_CH.to(dtype) @ teacher_head_VH[:vocab_size].to(dtype).T
     if teacher_bias_V is not None:
         u = u + teacher_bias_V[:vocab_size].to(dtype)
+    scale, cap = float(post[0]), float(post[1])
+    if scale != 1.0:
+        u = u * scale
+    if cap > 0:
+        u = cap * torch.tanh(u / cap)
+    return u
+
+
+def _chunk_logprobs(student_logits_CV, teacher_hidden_CH, teacher_head_VH, teacher_bias_V, vocab_size, dtype,
+                    post=(1.0, 0.0)):
+    log_p = torch.log_softmax(student_logits_CV[:, :vocab_size].to(dtype), dim=-1)
+    u = teacher_logits(teacher_hidden_CH, teacher_head_VH, teacher_bias_V, vocab_size, dtype, post)
     return log_p, torch.log_softmax(u, dim=-1)
 
 
@@ -41,20 +59,20 @@ class ChunkedReverseKL(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, student_logits_NV, teacher_hidden_NH, teacher_head_VH, teacher_bias_V, mask_N,
-                chunk_size, vocab_size):
+                chunk_size, vocab_size, post=(1.0, 0.0)):
         dtype = _compute_dtype(student_logits_NV.dtype)
         n = student_logits_NV.shape[0]
         kl_N = torch.zeros(n, dtype=dtype, device=student_logits_NV.device)
         for s in range(0, n, chunk_size):
             e = min(n, s + chunk_size)
             log_p, log_q = _chunk_logprobs(student_logits_NV[s:e], teacher_hidden_NH[s:e], teacher_head_VH,
-                                           teacher_bias_V, vocab_size, dtype)
+                                           teacher_bias_V, vocab_size, dtype, post)
             kl_N[s:e] = (log_p.exp() * (log_p - log_q)).sum(-1)
         kl_N = torch.where(mask_N.bool(), kl_N, torch.zeros_like(kl_N))
         ctx.save_for_backward(student_logits_NV, teacher_hidden_NH, teacher_head_VH,
                               teacher_bias_V if teacher_bias_V is not None else torch.empty(0), mask_N, kl_N)
         ctx.has_bias = teacher_bias_V is not None
-        ctx.chunk_size, ctx.vocab_size = chunk_size, vocab_size
+        ctx.chunk_size, ctx.vocab_size, ctx.post = chunk_size, vocab_size, post
         return kl_N.to(student_logits_NV.dtype)
 
     @staticmethod
@@ -68,10 +86,10 @@ class ChunkedReverseKL(torch.autograd.Function):
         for s in range(0, n, ctx.chunk_size):
             e = min(n, s + ctx.chunk_size)
             log_p, log_q = _chunk_logprobs(student_logits_NV[s:e], teacher_hidden_NH[s:e], teacher_head_VH,
-                                           bias, v, dtype)
+                                           bias, v, dtype, ctx.post)
             g = log_p.exp() * (log_p - log_q - kl_N[s:e, None]) * scale_N[s:e, None]
             grad_z[s:e, :v] = g.to(grad_z.dtype)
-        return grad_z, None, None, None, None, None, None
+        return grad_z, None, None, None, None, None, None, None
 
 
 @DISTILL_LOSSES.register("full_vocab")
@@ -83,6 +101,7 @@ def full_vocab_reverse_kl(
     chunk_size: int = 1024,
     teacher_bias_V: torch.Tensor | None = None,
     vocab_size: int | None = None,
+    teacher_post: tuple = (1.0, 0.0),
 ) -> torch.Tensor:
     """Per-position exact reverse KL(student || teacher) [N], 0 where masked. See module docstring."""
     if chunk_size <= 0:
@@ -96,7 +115,7 @@ def full_vocab_reverse_kl(
                          f"{tuple(teacher_head_VH.shape)}")
     return ChunkedReverseKL.apply(student_logits_NV, teacher_hidden_NH.detach(), teacher_head_VH.detach(),
                                   None if teacher_bias_V is None else teacher_bias_V.detach(), mask_N,
-                                  int(chunk_size), int(v))
+                                  int(chunk_size), int(v), (float(teacher_post[0]), float(teacher_post[1])))
 
 
 def reverse_kl_from_logits(student_logits_NV, teacher_logits_NV, mask_N, vocab_size: int | None = None):

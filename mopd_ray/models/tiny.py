@@ -120,7 +120,10 @@ def tiny_model_config(spec, tokenizer):
         "qwen3_moe": ("Qwen3MoeConfig", {"head_dim": head_dim, "num_experts": 4, "num_experts_per_tok": 2,
                                          "moe_intermediate_size": max(spec.intermediate_size // 4, 16),
                                          "decoder_sparse_step": 1}),
-        "gemma2": ("Gemma2Config", {"head_dim": head_dim, "sliding_window": 64, "query_pre_attn_scalar": head_dim}),
+        # a final-logit cap small enough to bite at tiny logit sizes (its default, 30, would not), so that a
+        # full-vocab head that ignores it is caught by the tests
+        "gemma2": ("Gemma2Config", {"head_dim": head_dim, "sliding_window": 64, "query_pre_attn_scalar": head_dim,
+                                    "final_logit_softcapping": 0.5}),
         "gemma3": ("Gemma3TextConfig", {"head_dim": head_dim, "sliding_window": 64,
                                         "query_pre_attn_scalar": head_dim}),
     }

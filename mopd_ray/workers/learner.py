@@ -160,12 +160,16 @@ class LearnerWorker(LearnerRows, LearnerAdvantages, LearnerWeights, LearnerMetri
         return self.set_teacher_heads({i: ray.get(r) for i, r in head_refs.items()})
 
     def set_teacher_heads(self, heads: dict) -> bool:
-        """{teacher index: (W [V, H] ndarray, bias or None)} for full-vocabulary teachers (frozen)."""
+        """{teacher index: (W [V, H] ndarray, bias or None[, (scale, softcap)])} for full-vocabulary teachers
+        (frozen); the third item is the head's post-processing (workers/teacher.py ``head_post``)."""
         import torch
 
-        self.teacher_heads = {int(i): (torch.from_numpy(np.array(w)).to(self.device),
-                                       None if b is None else torch.from_numpy(np.array(b)).to(self.device))
-                              for i, (w, b) in heads.items()}
+        self.teacher_heads = {}
+        for i, head in heads.items():
+            w, b = head[0], head[1]
+            post = tuple(head[2]) if len(head) > 2 else (1.0, 0.0)
+            self.teacher_heads[int(i)] = (torch.from_numpy(np.array(w)).to(self.device),
+                                          None if b is None else torch.from_numpy(np.array(b)).to(self.device), post)
         return True
 
     # ------------------------------------------------------------------ training

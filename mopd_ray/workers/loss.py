@@ -128,12 +128,13 @@ def _dense_kl(logits_bLV, mb: MicroBatch, teacher_heads, temperature, vocab_size
         full = tok_mask & (sig_tok == SIGNAL_IDS["full_vocab"])
         for t in torch.unique(tidx[full]).tolist():  # rows arrive grouped by teacher: one head at a time
             sel = full & (tidx == t)
-            w, bias = teacher_heads[t]
+            w, bias, *post = teacher_heads[t]  # (W, bias[, (scale, softcap)]): the learner always sends all three
+            post = post[0] if post else (1.0, 0.0)
             hidden = mb.hidden_SbLH[s]
             kl = full_vocab_reverse_kl(logits[sel], hidden[:, 1:].reshape(-1, hidden.shape[-1])[sel], w,
                                        torch.ones(int(sel.sum()), device=logits.device),
                                        chunk_size=algo["full_vocab_chunk_size"], teacher_bias_V=bias,
-                                       vocab_size=vocab_size)
+                                       vocab_size=vocab_size, teacher_post=post)
             per_tok = per_tok.index_put((sel.nonzero().squeeze(-1),), kl)
         total = total + per_tok * mb.coef_SbL[s][:, 1:].reshape(-1)
     return torch.nn.functional.pad(total.view(b, L - 1), (1, 0))

@@ -96,6 +96,38 @@ class TeacherWorker(RoleWorker):
         return reference_logprobs(self.model_path, sequences, self.cfg["dtype"], len(self.tokenizer),
                                   getattr(self, "trust_remote_code", False))
 
+    def head_logprobs(self, sequences: list, teacher: Optional[str] = None):
+        """Log-probs of ``sequences`` as the learner rebuilds this teacher's full-vocabulary distribution
+        (the engine's last hidden states, in float32, x the folder's head and its post-processing), for the
+        pre-flight to compare with the engine's own; a string when there is nothing to compare."""
+        import torch
+
+        from ..algo.full_vocab import teacher_logits
+        from ..batch import pad_sequences
+
+        if self.backend != "vllm":
+            return "its hf backend applies the model's own head"
+        n = np.array([len(s) for s in sequences], np.int32)
+        B = len(sequences)
+        batch = RolloutBatch(pad_sequences(sequences, 0), np.zeros(B, np.int32), n, np.zeros((B, int(n.max())), np.float32),
+                             np.arange(B), np.zeros(B, np.int32), np.full(B, np.nan, np.float32), np.ones(B, bool),
+                             ("probe",) * B)
+        saved, self.cfg = self.cfg, {**self.cfg, "hidden_dtype": "float32"}
+        try:
+            ((_, _, _, hs, _, _),) = self._score_vllm([(batch, np.arange(B))], 0, True)
+        finally:
+            self.cfg = saved
+        w, b, post = self.output_head(teacher)
+        vocab = len(self.tokenizer)
+        out = []
+        for i, s in enumerate(sequences):
+            h = torch.from_numpy(np.ascontiguousarray(hs[i, 1: len(s)], np.float32))
+            lp = torch.log_softmax(teacher_logits(h, torch.from_numpy(np.asarray(w)), None if b is None else
+                                                  torch.from_numpy(np.asarray(b)), vocab, torch.float32, post), -1)
+            ids = torch.tensor(s[1:], dtype=torch.long)
+            out.append(np.concatenate([[0.0], lp.gather(-1, ids[:, None])[:, 0].numpy()]).astype(np.float32))
+        return out
+
     def output_head(self, teacher: Optional[str] = None):
         """The frozen output head (and bias) as numpy, for the learner's full-vocabulary loss."""
         if self.backend == "vllm":
@@ -103,7 +135,7 @@ class TeacherWorker(RoleWorker):
         head = self.model.get_output_embeddings()
         w = head.weight.detach().float().cpu().numpy()
         b = None if getattr(head, "bias", None) is None else head.bias.detach().float().cpu().numpy()
-        return w, b
+        return w, b, head_post(self.model.config.to_dict())
 
     def score(self, batch: RolloutBatch, rows: np.ndarray, topk: int = 0, hidden: bool = False) -> tuple:
         """(TeacherScores, meta) for some rows of one batch; call with ``num_returns=2``."""
@@ -238,9 +270,19 @@ def expand_hidden(hidden: np.ndarray, dtype_name: Optional[str]):
     return torch.from_numpy(np.array(hidden))
 
 
+def head_post(config: dict) -> tuple:
+    """(scale, softcap) applied to the head's logits by the family (algo/full_vocab.py): Gemma 2 / 3
+    ``final_logit_softcapping``, Cohere ``logit_scale``, Granite ``logits_scaling``; composite configs
+    (Gemma 3) read from their ``text_config``."""
+    c = {**config, **(config.get("text_config") or {})}
+    scale = float(c.get("logit_scale") or 1.0) / float(c.get("logits_scaling") or 1.0)
+    return scale, float(c.get("final_logit_softcapping") or 0.0)
+
+
 def head_from_checkpoint(model_path: str) -> tuple:
-    """(W [V, H], bias or None) as float32 numpy, read from the folder's safetensors (tied: the input
-    embedding), without building the model: the vLLM backend serves hidden states, the learner the head."""
+    """(W [V, H], bias or None, (scale, softcap)) as float32 numpy, read from the folder's safetensors
+    (tied: the input embedding) and config.json, without building the model: the vLLM backend serves
+    hidden states, the learner the head."""
     import json
     from pathlib import Path
 
@@ -258,7 +300,7 @@ def head_from_checkpoint(model_path: str) -> tuple:
     weight = next((found[n] for n in names if n in found), None)
     if weight is None:
         raise ValueError(f"{model_path}: no output head ({' or '.join(names)}) in its safetensors files")
-    return weight, found.get("lm_head.bias")
+    return weight, found.get("lm_head.bias"), head_post(config)
 
 
 
@@ -349,6 +391,10 @@ class PooledTeacherWorker(TeacherWorker):
 
     def output_head(self, teacher: Optional[str] = None):
         return head_from_checkpoint(self.members[teacher or self.name])
+
+    def head_logprobs(self, sequences: list, teacher: Optional[str] = None):
+        self._use(teacher or self.name)
+        return super().head_logprobs(sequences, teacher)
 
     def pool_stats(self) -> dict:
         return {"swaps": self.swaps, "swap_s": self.swap_s, "serving": self.name}

@@ -6,6 +6,9 @@ its transformers config (mopd_ray/models/tiny.py), through the rollout engine's 
 - after a real optimizer step of the transformers model, the weights streamed through the engine's load
   session (buckets small enough to split fused layers) are the ones it serves: log-probs equal the trained
   model's, and differ from the initial ones (Gemma 3 and tied Qwen3 heads, Qwen3-MoE experts failed this);
+- as a teacher: its scoring path, and the full-vocabulary distribution the learner rebuilds from its
+  hidden states and head (with the family's logit soft-cap / scale: Gemma 2's was missed), equal the
+  transformers forward;
 - the post-sync check's report (sync_report) names no module that missed its tensors.
 
 One Ray actor runs every family in turn (vLLM imported once: about 2 s per family after the first).
@@ -50,31 +53,45 @@ class Trainer:
 class Engine:
     """The rollout engine's side: a RolloutWorker (vLLM) per family in turn, in one process."""
 
-    def start(self, arch: str, root: str, rollout_cfg: dict) -> dict:
+    def start(self, arch: str, root: str, rollout_cfg: dict, teacher_cfg: dict) -> dict:
         from mopd_ray.config import TinyModelConfig
         from mopd_ray.models.tiny import build_tiny_model
         from mopd_ray.workers.reference import reference_logprobs
         from mopd_ray.workers.rollout import RolloutWorker
+        from mopd_ray.workers.teacher import TeacherWorker
 
         spec = TinyModelConfig(arch=arch, tie_word_embeddings=arch in TIED, max_position_embeddings=512)
         self.path = str(build_tiny_model(f"{root}/{arch}", spec))
+        # as a teacher: its scoring path and the full-vocab rebuild (hidden states x head x the family's logit
+        # post-processing) against the pre-flight's transformers reference, in a process where vLLM serves it
+        teacher = TeacherWorker(arch, self.path, teacher_cfg)
+        from mopd_ray.models.compat import stop_ids
+        from mopd_ray.preflight import probe_sequences
+
+        self.probes = probe_sequences(teacher.tokenizer, stop_ids(teacher.tokenizer, self.path))
+        ref = reference_logprobs(self.path, self.probes, "float32", len(teacher.tokenizer))
+        out = {"path": self.path, "probes": self.probes, "initial": ref,
+               "teacher_gap": _gap(teacher.probe_logprobs(self.probes), ref),
+               "head_gap": _gap(teacher.head_logprobs(self.probes), ref)}
+        del teacher
+        self._free()
         self.worker = RolloutWorker(self.path, {**rollout_cfg, "weight_sync_bucket_mb": 0}, 128)  # fused layers split
-        self.probes = self.worker.probe_sequences()
-        # the pre-flight's reference forward, in a process where vLLM serves this family
-        ref = reference_logprobs(self.path, self.probes, "float32", len(self.worker.tokenizer))
-        return {"path": self.path, "probes": self.probes, "gap_start": _gap(self.worker.score_logprobs(self.probes), ref),
-                "initial": ref}
+        out["gap_start"] = _gap(self.worker.score_logprobs(self.probes), ref)
+        return out
 
     def load(self, state: dict) -> dict:
         self.worker.update_weights_from_store(state, 1)
         return self.worker.sync_report(self.probes)
 
     def close(self) -> None:
+        del self.worker
+        self._free()
+
+    def _free(self) -> None:
         import gc
 
         from vllm.distributed import cleanup_dist_env_and_memory
 
-        del self.worker
         gc.collect()
         cleanup_dist_env_and_memory()
 
@@ -89,18 +106,21 @@ def family_results(local_ray, tmp_path_factory):
 
     from .conftest import compose_cfg
 
-    rollout_cfg = OmegaConf.to_container(compose_cfg().rollout, resolve=True)
+    cfg = compose_cfg("teachers.models.add_expert.hidden_dtype=float32")
+    rollout_cfg = OmegaConf.to_container(cfg.rollout, resolve=True)
+    teacher_cfg = {**OmegaConf.to_container(cfg.teachers.models.add_expert, resolve=True), "backend": "vllm"}
     root = str(tmp_path_factory.mktemp("families"))
     engine, trainer = Engine.remote(), Trainer.remote()
     out = []
     try:
         for arch in TINY_ARCHS:
             t0 = time.perf_counter()
-            r = ray.get(engine.start.remote(arch, root, rollout_cfg), timeout=600)
+            r = ray.get(engine.start.remote(arch, root, rollout_cfg, teacher_cfg), timeout=600)
             state, after, hf_class = ray.get(trainer.step.remote(r["path"], r["probes"]), timeout=600)
             report = ray.get(engine.load.remote(state), timeout=600)
             ray.get(engine.close.remote(), timeout=120)
-            out.append({"arch": arch, "hf_class": hf_class, "gap_start": r["gap_start"], "moved": _gap(after, r["initial"]),
+            out.append({"arch": arch, "hf_class": hf_class, "gap_start": r["gap_start"], "teacher_gap": r["teacher_gap"],
+                        "head_gap": r["head_gap"], "moved": _gap(after, r["initial"]),
                         "gap_after_sync": _gap(report["logprobs"], after), "incomplete": report["incomplete"],
                         "architecture": report["architecture"], "seconds": round(time.perf_counter() - t0, 1)})
         return out
@@ -112,7 +132,8 @@ def family_results(local_ray, tmp_path_factory):
 def test_every_family_serves_what_transformers_computes_before_and_after_a_sync(family_results):
     for r in family_results:
         print(r)
-        assert r["gap_start"] < 1e-4, r
+        assert r["gap_start"] < 1e-4 and r["teacher_gap"] < 1e-4, r  # as student engine and as teacher
+        assert r["head_gap"] < 1e-4, r  # the full-vocab rebuild is the teacher's own distribution
         assert r["moved"] > 1e-3, r  # the step changed what the model computes
         assert r["gap_after_sync"] < 1e-4, r  # the engine serves the trained weights
         assert r["incomplete"] == [], r

@@ -33,7 +33,7 @@ def test_loss_and_gradient_equal_those_from_teacher_logits(tiny_model_dir, tiny_
     batch = _batch()
     scores, meta = teacher.score(batch, np.array([0, 1], np.int32), topk=0, hidden=True)
     assert meta["bytes"] == scores.nbytes() and scores.hidden_dtype == hidden_dtype
-    w, b = teacher.output_head()
+    w, b, _ = teacher.output_head()
     # response positions only are shipped; the learner's assembly puts them back at token positions
     assert scores.hidden_RTH.shape[1] == batch.response_lens_B.max()
     g = _assemble([batch], [[scores]], ["t"])

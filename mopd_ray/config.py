@@ -254,6 +254,10 @@ class RolloutConfig:
     n_samples_per_prompt: int = 4
     temperature: float = 1.0
     top_p: float = 1.0
+    # ids that end a response besides the student's own EOS. null: every end-of-turn id of the student's and
+    # the teachers' folders (tokenizer EOS + generation_config.json eos_token_id), so a base student with an
+    # instruct teacher stops where the teacher expects (models/compat.py run_stop_ids); [] : the student's only
+    stop_token_ids: Optional[List[int]] = None
     max_new_tokens: int = 32
     max_logprobs: int = 20
     dtype: str = "float32"

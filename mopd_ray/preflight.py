@@ -91,12 +91,15 @@ def check_teachers(cfg, teachers: dict, student_fp: dict, probes: list) -> dict:
                        [group.call(i, "probe_logprobs", probes, name) for i in range(len(group))] if probe else None,
                        group.call(0, "reference_logprobs", probes, max_bytes, name) if probe else None,
                        group.call(0, "head_logprobs", probes, name) if full else None)
+    from .models.compat import run_stop_ids
+
+    run_stop = run_stop_ids(cfg)
     out = {"reference": 0.0, "replicas": 0.0, "notes": []}
     for name, group in teachers.items():
         t, path = cfg.teachers.models[name], teacher_model_path(cfg, name)
         fp_ref, probe_refs, ref_ref, head_ref = calls[name]
         out["notes"] += check_compatible(student_fp, cfg.model.path, group.gather(fp_ref, "fingerprint"),
-                                         f"{name} ({path})", t.skip_checks)
+                                         f"{name} ({path})", t.skip_checks, run_stop)
         if t.skip_checks:
             out["notes"].append(f"{name}: skipped {', '.join(t.skip_checks)} (teachers.models.{name}.skip_checks)")
         if probe_refs is None:

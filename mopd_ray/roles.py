@@ -99,7 +99,9 @@ def rollout_spec(cfg, name: str = "rollout") -> GroupSpec:
     ro = cfg.rollout
     max_len = cfg.data.max_prompt_len + ro.max_new_tokens
     logprobs = needs_rollout_logprobs(cfg.algorithm.is_correction, cfg.learner.recompute_old_logprobs)
-    spec = {**_plain(ro), "logprobs": logprobs}
+    from .models.compat import run_stop_ids
+
+    spec = {**_plain(ro), "logprobs": logprobs, "stop_token_ids": run_stop_ids(cfg)}
     if cfg.cluster.fault_exit_in_sync_version is not None:  # chaos testing (cluster.fault_exit_in_sync_version)
         spec["fault_exit"] = {"version": int(cfg.cluster.fault_exit_in_sync_version),
                               "marker": os.path.join(os.path.abspath(cfg.run.checkpoint_dir), "fault_exit_in_sync.done")}

@@ -33,6 +33,11 @@ def test_teacher_with_other_end_of_turn_ids_fails_naming_both(tiny_model_dir, tm
                                                      r"student 'stu' with \[2\].*skip_checks=\[stop_ids\]"):
         check_compatible(student, "stu", teacher, "math (/ckpt)")
     assert check_compatible(student, "stu", teacher, "math (/ckpt)", skip=["stop_ids"]) == []
+    # rollouts that stop at the teacher's ids too (rollout.stop_token_ids, by default every folder's): a note
+    (note,) = check_compatible(student, "stu", teacher, "math (/ckpt)", run_stop=[0, 2])
+    assert "rollouts stop at any of [0, 2]" in note
+    with pytest.raises(TokenizerMismatchError, match="rollout.stop_token_ids"):
+        check_compatible(student, "stu", teacher, "math (/ckpt)", run_stop=[2])
 
 
 def test_teacher_folder_with_another_chat_template_cannot_change_the_scored_ids(tiny_model_dir, tmp_path):

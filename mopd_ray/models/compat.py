@@ -34,6 +34,28 @@ def stop_ids(tokenizer, model_path: str | None = None) -> list:
     return sorted(ids)
 
 
+def run_stop_ids(cfg) -> list:
+    """``rollout.stop_token_ids``, or (null) the union of the end-of-turn ids of the student's folder and every
+    teacher folder visible here; folders not visible on the driver add nothing (their workers check theirs)."""
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    from ..config import teacher_model_path
+
+    if cfg.rollout.stop_token_ids is not None:
+        return sorted({int(i) for i in cfg.rollout.stop_token_ids})
+    paths = [cfg.model.path] + [teacher_model_path(cfg, n) for n in sorted(cfg.teachers.models)]
+    ids: set = set()
+    for path in dict.fromkeys(p for p in paths if p and Path(p, "config.json").exists()):
+        try:
+            tok = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code)
+        except (OSError, ValueError):
+            continue
+        ids |= set(stop_ids(tok, path))
+    return sorted(ids)
+
+
 def template_ids(tokenizer) -> list | None:
     """The probe conversation rendered by the folder's chat template (None: the folder has none)."""
     if not getattr(tokenizer, "chat_template", None):
@@ -54,9 +76,11 @@ def tokenizer_fingerprint(tokenizer, embedding_rows: int | None = None, model_pa
 SKIPPABLE = ("stop_ids", "template", "probe")  # teachers.models.NAME.skip_checks
 
 
-def check_compatible(student: dict, student_name: str, teacher: dict, teacher_name: str, skip=()) -> list:
+def check_compatible(student: dict, student_name: str, teacher: dict, teacher_name: str, skip=(),
+                     run_stop=None) -> list:
     """Raise TokenizerMismatchError naming the teacher, what differs and the fix; else return notes
-    for the summary line (vocabulary padding)."""
+    for the summary line (vocabulary padding). ``run_stop``: the ids the rollouts stop at
+    (``run_stop_ids``); a teacher whose end-of-turn ids are all among them is fine (a note)."""
     if student["vocab_sha256"] != teacher["vocab_sha256"]:
         raise TokenizerMismatchError(
             f"teacher '{teacher_name}' uses a different tokenizer vocabulary than the student '{student_name}' "
@@ -70,13 +94,19 @@ def check_compatible(student: dict, student_name: str, teacher: dict, teacher_na
             f"the student '{student_name}''s tokenizer")
     name = teacher_name.split(" ")[0]
     s_stop, t_stop = student.get("stop_ids"), teacher.get("stop_ids")
-    if "stop_ids" not in skip and s_stop is not None and t_stop is not None and s_stop != t_stop:
+    notes = []
+    covered = run_stop is not None and t_stop is not None and set(t_stop) <= set(run_stop)
+    if covered and s_stop != t_stop:
+        notes.append(f"{name} ends a turn with ids {t_stop}, the student with {s_stop}: rollouts stop at any of "
+                     f"{sorted(run_stop)} (rollout.stop_token_ids)")
+    if "stop_ids" not in skip and not covered and s_stop is not None and t_stop is not None and s_stop != t_stop:
         raise TokenizerMismatchError(
             f"teacher '{teacher_name}' ends a response with ids {t_stop}, the student '{student_name}' with "
             f"{s_stop} (tokenizer EOS + generation_config.json eos_token_id): the teacher would score the "
             "student's end of turn as unlikely and push responses to run on (a base student with an instruct "
             "teacher, ms-swift #9526). Use a student and teachers with the same end-of-turn ids (set "
-            "eos_token_id in generation_config.json), or, if this is intended, "
+            "eos_token_id in generation_config.json), let the rollouts stop at the teacher's ids too "
+            "(rollout.stop_token_ids=null takes every folder's), or, if this is intended, "
             f"teachers.models.{name}.skip_checks=[stop_ids]")
     s_tpl, t_tpl = student.get("template_ids"), teacher.get("template_ids")
     if "template" not in skip and t_tpl is not None and s_tpl != t_tpl:
@@ -87,7 +117,6 @@ def check_compatible(student: dict, student_name: str, teacher: dict, teacher_na
             "once with the student's template and every teacher scores exactly those ids, so a teacher trained "
             "on its own format would score text it never saw. Give the student the teacher's chat template, "
             f"or, if the teacher was trained on the student's format, teachers.models.{name}.skip_checks=[template]")
-    notes = []
     if rows is not None and rows > student["vocab_size"]:
         notes.append(f"{name}: {rows - student['vocab_size']} padded embedding rows (logits cut to the tokenizer)")
     return notes
@@ -117,11 +146,13 @@ def check_local_tokenizers(cfg) -> None:
     if not Path(cfg.model.path, "config.json").exists():
         return
     student = fp(cfg.model.path)
+    run_stop = run_stop_ids(cfg)
     for name, t in cfg.teachers.models.items():
         if name == SELF_TEACHER and not t.model_path:
             continue
         if Path(t.model_path, "config.json").exists():
-            check_compatible(student, cfg.model.path, fp(t.model_path), f"{name} ({t.model_path})", t.skip_checks)
+            check_compatible(student, cfg.model.path, fp(t.model_path), f"{name} ({t.model_path})", t.skip_checks,
+                             run_stop)
     for pool in cfg.teachers.pools:
         members = {n: (cfg.model.path if n == SELF_TEACHER and not t.model_path else t.model_path)
                    for n, t in cfg.teachers.models.items() if t.pool == pool}

@@ -17,7 +17,8 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - math.comb(n - c, k) / math.comb(n, k)
 
 
-def evaluate_llm(llm, tokenizer, prompts: list, rewards, k: int = 4, seed: int = 0, max_new_tokens: int = 16) -> dict:
+def evaluate_llm(llm, tokenizer, prompts: list, rewards, k: int = 4, seed: int = 0, max_new_tokens: int = 16,
+                 stop_token_ids=None) -> dict:
     """prompts: rows with prompt_ids, domain, answer; rewards: a mopd_ray.rewards.Rewards.
     Returns {domain: {accuracy, pass@k, n}} over the domains that have a reward."""
     from vllm import SamplingParams
@@ -26,7 +27,8 @@ def evaluate_llm(llm, tokenizer, prompts: list, rewards, k: int = 4, seed: int =
     if not prompts:
         return {}
     inputs = [{"prompt_token_ids": list(p["prompt_ids"])} for p in prompts]
-    greedy = llm.generate(inputs, SamplingParams(n=1, temperature=0.0, max_tokens=max_new_tokens), use_tqdm=False)
+    greedy = llm.generate(inputs, SamplingParams(n=1, temperature=0.0, max_tokens=max_new_tokens,
+                                                 stop_token_ids=list(stop_token_ids or [])), use_tqdm=False)
     decode = (lambda o: tokenizer.decode(o.token_ids, skip_special_tokens=True))
     scores = rewards.score([(p["domain"], decode(g.outputs[0]), p["answer"]) for p, g in zip(prompts, greedy)])
     correct, passk, count = defaultdict(float), defaultdict(float), defaultdict(int)
@@ -36,6 +38,7 @@ def evaluate_llm(llm, tokenizer, prompts: list, rewards, k: int = 4, seed: int =
     out = {d: {"accuracy": correct[d] / count[d], "n": count[d]} for d in count}
     if k > 0:
         sampled = llm.generate(inputs, [SamplingParams(n=k, temperature=1.0, max_tokens=max_new_tokens,
+                                                       stop_token_ids=list(stop_token_ids or []),
                                                        seed=seed * 7919 + i) for i in range(len(prompts))],
                                use_tqdm=False)
         items = [(p["domain"], decode(o), p["answer"]) for p, s in zip(prompts, sampled) for o in s.outputs]

@@ -60,6 +60,7 @@ class RolloutWorker(RoleWorker):
         parts = [list(range(len(prompts)))] if parts is None else parts
         params = [SamplingParams(n=n, temperature=self.cfg["temperature"], top_p=self.cfg["top_p"],
                                  max_tokens=self.cfg["max_new_tokens"],
+                                 stop_token_ids=list(self.cfg.get("stop_token_ids") or []),
                                  logprobs=0 if self.cfg.get("logprobs", True) else None,
                                  # text is decoded once below for rewards; vLLM's detokenizing of every
                                  # sampled token and its log-prob entry cost ~20% of the generate time
@@ -127,7 +128,8 @@ class RolloutWorker(RoleWorker):
         """Greedy accuracy and pass@k per domain under the engine's current weights."""
         from .evaluation import evaluate_llm
 
-        return evaluate_llm(self.llm, self.tokenizer, prompts, self.rewards, k, seed, self.cfg["max_new_tokens"])
+        return evaluate_llm(self.llm, self.tokenizer, prompts, self.rewards, k, seed, self.cfg["max_new_tokens"],
+                            stop_token_ids=self.cfg.get("stop_token_ids"))
 
     # ------------------------------------------------------------------ weight sync
     def _in_process(self) -> bool:

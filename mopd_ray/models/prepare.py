@@ -46,6 +46,16 @@ def check_model_folder(role: str, path: str, trust_remote_code: bool) -> None:
                          "(they can run code): convert with save_pretrained(..., safe_serialization=True)")
 
 
+def hub_id_message(role: str, repo: str) -> str:
+    """A model given as a hub id: the workers run offline (HF_HUB_OFFLINE=1) on nodes that may not share a
+    cache, so each would fail late, or download its own copy. Refused before any engine starts."""
+    key = "model.path" if role == "student" else f"teachers.models.{role.split(':', 1)[1]}.model_path"
+    return (f"{role}: {repo!r} is not a folder here (a model hub id?). Workers load models from a folder that every "
+            "node sees at the same path, without downloading: fetch it once onto shared storage, e.g. "
+            f"`huggingface-cli download {repo} --local-dir /shared/models/{repo.split('/')[-1]}`, and set "
+            f"{key}=/shared/models/{repo.split('/')[-1]}")
+
+
 def prepare_models(cfg) -> dict[str, str]:
     """Return {role: model path} for the student and every teacher, building tiny models as needed."""
     paths = {}
@@ -63,6 +73,8 @@ def prepare_models(cfg) -> dict[str, str]:
         elif _looks_local(path) and not Path(path, "config.json").exists():
             raise FileNotFoundError(f"{role}: model folder {path!r} has no config.json; give a transformers-format "
                                     "folder, or a 'tiny' spec to build one")
+        elif not _looks_local(path):
+            raise FileNotFoundError(hub_id_message(role, str(path)))
         if Path(path, "config.json").exists():
             check_model_folder(role, str(path), cfg.model.trust_remote_code)
         paths[role] = str(path)

@@ -24,11 +24,16 @@ NCCL_ENV = {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "1"}
 
 def backend_of(group=None) -> str:
     """"nccl" or "gloo" of a torch.distributed group (None: the default one) or a standalone ProcessGroup."""
-    if group is not None and not isinstance(group, dist.ProcessGroup):
-        return "nccl" if "NCCL" in type(group).__name__ else "gloo"
-    if group is not None and type(group).__name__ in ("ProcessGroupNCCL", "ProcessGroupGloo"):
-        return "nccl" if type(group).__name__ == "ProcessGroupNCCL" else "gloo"
+    name = type(group).__name__ if group is not None else ""
+    if "NCCL" in name or "Gloo" in name:  # a standalone ProcessGroupNCCL / ProcessGroupGloo
+        return "nccl" if "NCCL" in name else "gloo"
     return str(dist.get_backend(group)).lower()
+
+
+def nccl_defaults() -> None:
+    """NCCL's error handling for this process (before its first NCCL group); the user's own settings win."""
+    for k, v in NCCL_ENV.items():
+        os.environ.setdefault(k, v)
 
 
 def group_device(group=None) -> torch.device:
@@ -69,8 +74,7 @@ def make_group(store, rank: int, world_size: int, timeout_s: float):
     handling), else gloo."""
     timeout = datetime.timedelta(seconds=timeout_s)
     if torch.cuda.is_available():
-        for k, v in NCCL_ENV.items():
-            os.environ.setdefault(k, v)
+        nccl_defaults()
         opts = dist.ProcessGroupNCCL.Options()
         opts._timeout = timeout
         return dist.ProcessGroupNCCL(store, rank, world_size, opts)

@@ -8,6 +8,7 @@ so the token-to-id maps must be equal. A teacher whose embedding has more rows t
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 
@@ -39,8 +40,6 @@ def run_stop_ids(cfg) -> list:
     teacher folder visible here; folders not visible on the driver add nothing (their workers check theirs)."""
     from pathlib import Path
 
-    from transformers import AutoTokenizer
-
     from ..config import teacher_model_path
 
     if cfg.rollout.stop_token_ids is not None:
@@ -48,12 +47,29 @@ def run_stop_ids(cfg) -> list:
     paths = [cfg.model.path] + [teacher_model_path(cfg, n) for n in sorted(cfg.teachers.models)]
     ids: set = set()
     for path in dict.fromkeys(p for p in paths if p and Path(p, "config.json").exists()):
-        try:
-            tok = AutoTokenizer.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code)
-        except (OSError, ValueError):
-            continue
-        ids |= set(stop_ids(tok, path))
+        ids |= set(_folder_stop_ids(path, cfg.model.trust_remote_code, _mtimes(path)))
     return sorted(ids)
+
+
+def _mtimes(path: str) -> tuple:
+    """What a folder's end-of-turn ids depend on, by modification time (a folder rewritten in place re-reads)."""
+    from pathlib import Path
+
+    return tuple(Path(path, f).stat().st_mtime_ns if Path(path, f).exists() else 0
+                 for f in ("generation_config.json", "tokenizer_config.json", "tokenizer.json"))
+
+
+@functools.lru_cache(maxsize=64)
+def _folder_stop_ids(path: str, trust_remote_code: bool, _mtimes: tuple) -> tuple:
+    """A folder's end-of-turn ids, read once per process (the driver asks at the pre-checks, the pre-flight and
+    for the rollout spec); () when its tokenizer cannot be read here."""
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError):
+        return ()
+    return tuple(stop_ids(tok, path))
 
 
 def template_ids(tokenizer) -> list | None:

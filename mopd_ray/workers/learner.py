@@ -83,7 +83,7 @@ class LearnerWorker(LearnerRows, LearnerAdvantages, LearnerWeights, LearnerMetri
         import torch
         import torch.distributed as dist
 
-        from ..collectives import NCCL_ENV, local_device_index
+        from ..collectives import local_device_index, nccl_defaults
         from .deepspeed_env import init_distributed, set_dist_env
 
         self.node_local_rank, self.node_local_size = int(node_rank[0]), int(node_rank[1])
@@ -93,8 +93,7 @@ class LearnerWorker(LearnerRows, LearnerAdvantages, LearnerWeights, LearnerMetri
         self.device_index = local_device_index()  # not the rank: under Ray each actor sees its own GPU(s)
         if torch.cuda.is_available():
             torch.cuda.set_device(self.device_index)
-            for k, v in NCCL_ENV.items():
-                os.environ.setdefault(k, v)
+            nccl_defaults()
         if master_addr.startswith("file://"):
             set_dist_env(self.rank, self.world_size, "127.0.0.1", 0, self.device_index)
             init_distributed(timeout_s, init_method=master_addr, rank=self.rank, world_size=self.world_size)

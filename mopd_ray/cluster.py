@@ -217,6 +217,10 @@ class ActorGroup:
         for a in self.actors:
             ray.kill(a, no_restart=True)
         remove_placement_group(self.pg)
+        if getattr(self, "rebuilt", False):  # its actors' recorded arguments (RoleWorker.rebuild) go with them
+            from .workers.base import forget_init_args
+
+            forget_init_args([a._actor_id.hex() for a in self.actors])
 
 
 def gather_fail_fast(refs: list, names: list, what: str, timeout_s: float, hint: str = "") -> list:

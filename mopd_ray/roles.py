@@ -14,7 +14,7 @@ from .cluster import ActorGroup, Bundle, get_with_deadline
 from .config import resolved_backend, resolved_signal, teacher_model_path
 from .data.run_rewards import rewards_spec
 from .models.compat import tokenizer_fingerprint
-from .warm import WARM, GroupSpec, reuse_key
+from .warm import WARM, GroupSpec, host_key, reuse_key
 from .workers.learner import LearnerWorker
 from .workers.rollout import RolloutWorker
 from .workers.teacher import PooledTeacherWorker, TeacherWorker
@@ -73,8 +73,10 @@ def _common(cfg) -> dict:
     return dict(placement_timeout_s=cfg.cluster.placement_timeout_s, call_timeout_s=cfg.cluster.call_timeout_s)
 
 
-def _warm(cfg, spec: GroupSpec, with_args: bool = True, extra=None) -> GroupSpec:
+def _warm(cfg, spec: GroupSpec, with_args: bool = True, extra=None, rebuild: bool = False) -> GroupSpec:
+    """The spec's reuse keys (mopd_ray/warm.py); ``rebuild``: a parked group of its kind may become it."""
     spec.reuse_key = reuse_key(spec, with_args, extra) if cfg.cluster.reuse_engines else None
+    spec.host_key = host_key(spec) if cfg.cluster.reuse_engines and rebuild else None
     return spec
 
 
@@ -113,7 +115,7 @@ def rollout_spec(cfg, name: str = "rollout") -> GroupSpec:
                                   {"rewards": rewards_spec(cfg), "train_rewards": rewards_spec(cfg, train=True)}),
              # a restarted engine comes back with the initial weights: the driver re-syncs, then retries
              max_restarts=cfg.cluster.max_restarts, max_task_retries=0, runtime_env={"env_vars": ROLLOUT_ENV},
-             **_common(cfg))))
+             **_common(cfg))), rebuild=True)
 
 
 def teacher_spec(cfg, name: str) -> GroupSpec:
@@ -126,7 +128,8 @@ def teacher_spec(cfg, name: str) -> GroupSpec:
                                    {**_plain(t), "backend": resolved_backend(cfg, name)}, i,
                                    cfg.model.trust_remote_code), {}),
              # teachers are frozen and stateless: Ray restarts a dead replica and retries its calls
-             max_restarts=cfg.cluster.max_restarts, max_task_retries=cfg.cluster.max_restarts, **_common(cfg))))
+             max_restarts=cfg.cluster.max_restarts, max_task_retries=cfg.cluster.max_restarts, **_common(cfg))),
+        rebuild=True)
 
 
 def pool_spec(cfg, pool: str, members: list) -> GroupSpec:
@@ -139,7 +142,8 @@ def pool_spec(cfg, pool: str, members: list) -> GroupSpec:
                dict(p.custom_resources) or None),
         dict(init_args=lambda i: ((pool, folders, _plain(p), i, cfg.model.trust_remote_code), {}),
              # a restarted replica serves its first teacher again; every call names (and swaps in) its own
-             max_restarts=cfg.cluster.max_restarts, max_task_retries=cfg.cluster.max_restarts, **_common(cfg))))
+             max_restarts=cfg.cluster.max_restarts, max_task_retries=cfg.cluster.max_restarts, **_common(cfg))),
+        rebuild=True)
 
 
 def pool_replica(cfg, teacher_names: list, name: str):

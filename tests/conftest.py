@@ -63,3 +63,21 @@ def local_ray():
     yield ensure_local_ray()
     if ray.is_initialized():
         ray.shutdown()
+
+
+# The files that take longest (measured: `make test` prints the slowest tests), in that order.
+LONGEST_FIRST = ("tests/runtime/test_job_submit.py", "tests/demo/test_demo.py", "tests/runtime/test_model_families.py",
+                 "tests/runtime/test_end_to_end.py", "tests/runtime/test_multi_node.py", "tests/runtime/test_faults.py",
+                 "tests/runtime/test_run_ownership.py", "tests/runtime/test_multirun.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    """The longest files first, then the other tests with real engines, then the fast ones. `make test` runs
+    the suite on two workers, a file per worker at a time (pytest-xdist, --dist loadfile): a long file
+    started last would leave one worker alone at the end; the short fast files fill in the ends."""
+    def order(item):
+        path = item.nodeid.split("::")[0]
+        rank = LONGEST_FIRST.index(path) if path in LONGEST_FIRST else len(LONGEST_FIRST)
+        return rank, item.get_closest_marker("slow") is None
+
+    items.sort(key=order)

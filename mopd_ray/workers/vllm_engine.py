@@ -77,3 +77,18 @@ def make_llm(model_path: str, *, dtype: str = "float32", max_model_len: int = 25
         if tensor_parallel_size > 1:
             kwargs["distributed_executor_backend"] = "mp"
     return LLM(**kwargs)
+
+
+def close_llm(llm) -> None:
+    """Shut an engine down in this process (and its worker processes, with tensor parallelism) and free
+    its memory, so that another can be built here (vLLM's own way for several LLMs in one process)."""
+    import gc
+
+    core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+    if core is not None and hasattr(core, "shutdown"):
+        core.shutdown()
+    del llm, core
+    gc.collect()
+    from vllm.distributed import cleanup_dist_env_and_memory
+
+    cleanup_dist_env_and_memory()

@@ -118,6 +118,10 @@ def family_results(local_ray, tmp_path_factory):
     rollout_cfg = OmegaConf.to_container(cfg.rollout, resolve=True)
     teacher_cfg = {**OmegaConf.to_container(cfg.teachers.models.add_expert, resolve=True), "backend": "vllm"}
     root = str(tmp_path_factory.mktemp("families"))
+    from mopd_ray.cluster import Bundle
+    from mopd_ray.warm import WARM
+
+    WARM.free_for([Bundle(1), Bundle(1)])  # groups parked by earlier tests in this process hold the CPUs
     engine, trainer = Engine.remote(), Trainer.remote()
     out = []
     try:

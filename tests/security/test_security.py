@@ -11,17 +11,18 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 _LISTENERS = textwrap.dedent("""
-    import json, time, psutil
+    import json, os, time, psutil
     from omegaconf import OmegaConf
     from mopd_ray.cluster import init_ray
     from mopd_ray.config import ClusterConfig
-    before = {c.laddr for c in psutil.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN}
     init_ray(OmegaConf.structured(ClusterConfig(include_dashboard=True)), 2)
     import ray
     ray.get(ray.remote(lambda: 1).remote())
     time.sleep(2)
+    # this driver and what it started (Ray's processes, the worker): not other processes on the machine
+    ours = {os.getpid(), *(p.pid for p in psutil.Process().children(recursive=True))}
     new = sorted({c.laddr.ip for c in psutil.net_connections(kind="inet")
-                  if c.status == psutil.CONN_LISTEN and c.laddr not in before})
+                  if c.status == psutil.CONN_LISTEN and c.pid in ours})
     print(json.dumps({"listen": new, "node": [n["NodeManagerAddress"] for n in ray.nodes()]}))
     ray.shutdown()
 """)

@@ -2,8 +2,10 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -41,10 +43,13 @@ def test_ray_job_submit_to_a_loopback_head(artifacts, tmp_path):
     env = {**os.environ, "PATH": f"{venv_bin}:{os.environ['PATH']}", "RAY_AUTH_MODE": "token",
            "RAY_ADDRESS": f"http://127.0.0.1:{dash}", "PYTHON": sys.executable}
     ray_cli = str(Path(venv_bin) / "ray")
+    # its own temp folder: the job supervisor finds "its" cluster through <temp dir>/ray_current_cluster, which
+    # in the shared /tmp/ray names the newest cluster on the machine (another test's, when tests run in parallel)
+    temp_dir = tempfile.mkdtemp(prefix="ray_", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
     # --block keeps the head in this process group, so the test stops exactly this cluster
     # (`ray stop` would stop every Ray instance on the machine).
     head = subprocess.Popen([ray_cli, "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port",
-                             str(gcs), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
+                             str(gcs), "--temp-dir", temp_dir, "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
                              "--num-cpus", "8", "--disable-usage-stats",
                              # own agent ports: another Ray on this machine may hold the defaults
                              "--dashboard-agent-listen-port", str(_free_port()),
@@ -111,3 +116,4 @@ def test_ray_job_submit_to_a_loopback_head(artifacts, tmp_path):
             head.wait(timeout=60)
         except subprocess.TimeoutExpired:
             os.killpg(head.pid, signal.SIGKILL)
+        shutil.rmtree(temp_dir, ignore_errors=True)

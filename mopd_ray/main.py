@@ -55,13 +55,14 @@ def _prepare(cfg, out: Path) -> tuple:
     from transformers import AutoTokenizer
 
     from .data.prompts import build_prompt_pool
-    from .models.compat import check_local_tokenizers
+    from .models.compat import check_context_lengths, check_local_tokenizers
     from .models.prepare import prepare_models
     from .run_identity import plan_run
     from .storage import check_writable_locations
 
     model_paths = prepare_models(cfg)
     check_local_tokenizers(cfg)
+    check_context_lengths(cfg)
     # data problems surface here (and prompts are rendered once)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model.path, trust_remote_code=cfg.model.trust_remote_code)
     pool = build_prompt_pool(cfg, tokenizer)

@@ -176,6 +176,56 @@ def check_local_tokenizers(cfg) -> None:
             check_pool_architectures(pool, members)
 
 
+def model_context(path: str) -> int | None:
+    """The longest sequence a folder's model takes (config.json's max_position_embeddings, of its text
+    config for composite models); None when the folder does not say, or rope scaling extends it (the
+    engine derives the limit then)."""
+    import json
+    from pathlib import Path
+
+    f = Path(path, "config.json")
+    if not f.exists():
+        return None
+    config = json.loads(f.read_text())
+    config = config.get("text_config") or config
+    if config.get("rope_scaling") or (config.get("rope_parameters") or {}).get("factor"):
+        return None
+    ctx = config.get("max_position_embeddings")
+    return int(ctx) if isinstance(ctx, int) else None
+
+
+def check_context_lengths(cfg) -> None:
+    """Every vLLM engine's context fits its model, before any engine starts (vLLM refuses a longer one only
+    inside the engine's process, as a validation error of the actor's start): the rollout's prompt + response
+    for the student, each teacher's max_model_len for its folder. Raises ConfigError naming the keys."""
+    from ..config import SELF_TEACHER, ConfigError, resolved_backend
+
+    ctx = model_context(cfg.model.path)
+    need = cfg.data.max_prompt_len + cfg.rollout.max_new_tokens
+    if ctx is not None and need > ctx:
+        raise ConfigError(
+            f"data.max_prompt_len + rollout.max_new_tokens = {cfg.data.max_prompt_len} + {cfg.rollout.max_new_tokens} "
+            f"= {need} is longer than the student's context ({ctx}, max_position_embeddings in "
+            f"{cfg.model.path}/config.json): lower rollout.max_new_tokens or data.max_prompt_len")
+    for name, t in cfg.teachers.models.items():
+        if t.pool is not None or resolved_backend(cfg, name) != "vllm":
+            continue  # pools take their own max_model_len; the hf backend has no engine context
+        path = cfg.model.path if (name == SELF_TEACHER and not t.model_path) else t.model_path
+        ctx = model_context(path)
+        if ctx is not None and t.max_model_len > ctx:
+            raise ConfigError(
+                f"teachers.models.{name}.max_model_len = {t.max_model_len} is longer than teacher '{name}''s "
+                f"context ({ctx}, max_position_embeddings in {path}/config.json): set it to at most {ctx}")
+    for pool, p in cfg.teachers.pools.items():
+        for name, t in cfg.teachers.models.items():
+            path = cfg.model.path if (name == SELF_TEACHER and not t.model_path) else t.model_path
+            ctx = model_context(path) if t.pool == pool else None
+            if ctx is not None and p.max_model_len > ctx:
+                raise ConfigError(
+                    f"teachers.pools.{pool}.max_model_len = {p.max_model_len} is longer than teacher '{name}''s "
+                    f"context ({ctx}, max_position_embeddings in {path}/config.json): set it to at most {ctx}")
+
+
 # config.json keys that do not change what a model computes
 _NOT_ARCHITECTURE = {"_name_or_path", "transformers_version", "torch_dtype", "dtype", "use_cache"}
 

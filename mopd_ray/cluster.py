@@ -218,9 +218,23 @@ class ActorGroup:
             ray.kill(a, no_restart=True)
         remove_placement_group(self.pg)
         if getattr(self, "rebuilt", False):  # its actors' recorded arguments (RoleWorker.rebuild) go with them
-            from .workers.base import forget_init_args
-
             forget_init_args([a._actor_id.hex() for a in self.actors])
+
+
+# + an actor id: in Ray's KV store, the constructor arguments of the actor's latest in-place rebuild
+# (mopd_ray/workers/base.py RoleWorker.rebuild), which a restart of that actor takes instead of its first ones
+INIT_ARGS_KEY = "mopd/init_args/"
+
+
+def forget_init_args(actor_ids: list) -> None:
+    """Drop the recorded arguments of actors that are gone (the shutdown of a rebuilt group)."""
+    from ray.experimental.internal_kv import _internal_kv_del
+
+    for a in actor_ids:
+        try:
+            _internal_kv_del(INIT_ARGS_KEY + a)
+        except Exception:  # Ray is shutting down: the store goes with it
+            pass
 
 
 def gather_fail_fast(refs: list, names: list, what: str, timeout_s: float, hint: str = "") -> list:

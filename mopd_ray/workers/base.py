@@ -7,7 +7,6 @@ import functools
 import os
 from typing import Optional
 
-_INIT_KEY = "mopd/init_args/"  # + actor id: the arguments of an actor's latest rebuild (Ray's KV store)
 _PROCESS_ENV: Optional[dict] = None  # this process's environment before its first role changed it
 
 
@@ -103,7 +102,9 @@ def _record_init_args(args: tuple, kwargs: dict) -> None:
     import cloudpickle
     from ray.experimental.internal_kv import _internal_kv_put
 
-    _internal_kv_put(_INIT_KEY + actor, cloudpickle.dumps((args, kwargs)), overwrite=True)
+    from ..cluster import INIT_ARGS_KEY
+
+    _internal_kv_put(INIT_ARGS_KEY + actor, cloudpickle.dumps((args, kwargs)), overwrite=True)
 
 
 def _latest_init_args(args: tuple, kwargs: dict) -> tuple:
@@ -118,16 +119,8 @@ def _latest_init_args(args: tuple, kwargs: dict) -> tuple:
     import cloudpickle
     from ray.experimental.internal_kv import _internal_kv_get
 
-    blob = _internal_kv_get(_INIT_KEY + actor)
+    from ..cluster import INIT_ARGS_KEY
+
+    blob = _internal_kv_get(INIT_ARGS_KEY + actor)
     return (args, kwargs) if blob is None else cloudpickle.loads(blob)
 
-
-def forget_init_args(actor_ids: list) -> None:
-    """Drop the recorded arguments of actors that are gone (ActorGroup.shutdown of a rebuilt group)."""
-    from ray.experimental.internal_kv import _internal_kv_del
-
-    for a in actor_ids:
-        try:
-            _internal_kv_del(_INIT_KEY + a)
-        except Exception:  # Ray is shutting down: the store goes with it
-            pass

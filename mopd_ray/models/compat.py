@@ -198,7 +198,7 @@ def check_context_lengths(cfg) -> None:
     """Every vLLM engine's context fits its model, before any engine starts (vLLM refuses a longer one only
     inside the engine's process, as a validation error of the actor's start): the rollout's prompt + response
     for the student, each teacher's max_model_len for its folder. Raises ConfigError naming the keys."""
-    from ..config import SELF_TEACHER, ConfigError, resolved_backend
+    from ..config import ConfigError, resolved_backend, teacher_model_path
 
     ctx = model_context(cfg.model.path)
     need = cfg.data.max_prompt_len + cfg.rollout.max_new_tokens
@@ -210,7 +210,7 @@ def check_context_lengths(cfg) -> None:
     for name, t in cfg.teachers.models.items():
         if t.pool is not None or resolved_backend(cfg, name) != "vllm":
             continue  # pools take their own max_model_len; the hf backend has no engine context
-        path = cfg.model.path if (name == SELF_TEACHER and not t.model_path) else t.model_path
+        path = teacher_model_path(cfg, name)
         ctx = model_context(path)
         if ctx is not None and t.max_model_len > ctx:
             raise ConfigError(
@@ -218,7 +218,7 @@ def check_context_lengths(cfg) -> None:
                 f"context ({ctx}, max_position_embeddings in {path}/config.json): set it to at most {ctx}")
     for pool, p in cfg.teachers.pools.items():
         for name, t in cfg.teachers.models.items():
-            path = cfg.model.path if (name == SELF_TEACHER and not t.model_path) else t.model_path
+            path = teacher_model_path(cfg, name)
             ctx = model_context(path) if t.pool == pool else None
             if ctx is not None and p.max_model_len > ctx:
                 raise ConfigError(

@@ -20,7 +20,9 @@ the teacher's config gives it (workers/teacher.py ``head_post``), so the distrib
 teacher's own.
 
 Vocabulary padding: embeddings are often padded past the tokenizer (Qwen2.5: 152,064 rows for 151,665
-tokens). ``vocab_size`` truncates both sides to the shared tokenizer size before the softmax.
+tokens). ``vocab_size`` truncates both sides to the shared tokenizer size before the softmax: the
+project's one convention (models/compat.py ``token_rows``), which the engines follow by masking those
+rows, so the student distribution here is the one its engine samples from.
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@ end-of-turn ids and chat templates (the rest of the pre-flight checks: mopd_ray/
 
 Student ids fed to a teacher with another vocabulary give nonsense log-probs silently (TRL #4562),
 so the token-to-id maps must be equal. A teacher whose embedding has more rows than the tokenizer
-(padding, as Qwen2.5-7B's 152,064 vs 3B's 151,936) is fine: logits are truncated to the tokenizer.
+(padding, as Qwen2.5-7B's 152,064 vs 3B's 151,936) is fine: padded rows are in no distribution
+(``token_rows``: the engines mask them, the learner and the references cut the logits there).
 """
 
 from __future__ import annotations
@@ -72,6 +73,16 @@ def _folder_stop_ids(path: str, trust_remote_code: bool, _mtimes: tuple) -> tupl
     return tuple(stop_ids(tok, path))
 
 
+def token_rows(tokenizer) -> int:
+    """How many output rows are real tokens: every id the tokenizer can produce is below it. Rows past it
+    are embedding padding (Qwen2.5-7B: 152,064 rows for 151,665 tokens). The project's one convention: a
+    model's distribution is over these ids only; padded rows are masked wherever logits become a
+    distribution (the engines: workers/vllm_ext.py ``mopd_mask_padded_rows``; the learner, the hf teacher,
+    the full-vocab heads and the pre-flight's reference cut the logits to it), so no padded id is sampled
+    and every side normalises over the same support."""
+    return max(len(tokenizer), max(tokenizer.get_vocab().values(), default=-1) + 1)
+
+
 def template_ids(tokenizer) -> list | None:
     """The probe conversation rendered by the folder's chat template (None: the folder has none)."""
     if not getattr(tokenizer, "chat_template", None):
@@ -134,7 +145,8 @@ def check_compatible(student: dict, student_name: str, teacher: dict, teacher_na
             "on its own format would score text it never saw. Give the student the teacher's chat template, "
             f"or, if the teacher was trained on the student's format, teachers.models.{name}.skip_checks=[template]")
     if rows is not None and rows > student["vocab_size"]:
-        notes.append(f"{name}: {rows - student['vocab_size']} padded embedding rows (logits cut to the tokenizer)")
+        notes.append(f"{name}: {rows - student['vocab_size']} padded embedding rows (masked: never sampled, not in any "
+                     "distribution)")
     return notes
 
 

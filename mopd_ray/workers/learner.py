@@ -119,6 +119,7 @@ class LearnerWorker(LearnerRows, LearnerAdvantages, LearnerWeights, LearnerMetri
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        from ..models.compat import token_rows
         from .deepspeed_env import zero_config
 
         torch.manual_seed(self.seed)
@@ -133,7 +134,8 @@ class LearnerWorker(LearnerRows, LearnerAdvantages, LearnerWeights, LearnerMetri
                                                      use_safetensors=True)  # never unpickle weights
         if c["gradient_checkpointing"]:
             model.gradient_checkpointing_enable()
-        self.vocab_size = len(AutoTokenizer.from_pretrained(self.model_path, trust_remote_code=self.trust_remote_code))
+        tokenizer = AutoTokenizer.from_pretrained(self.model_path, trust_remote_code=self.trust_remote_code)
+        self.vocab_size = token_rows(tokenizer)  # logits past it (embedding padding) are cut: _forward_logits
         per_rank = self.rows_per_step // c["mini_batches_per_step"] // self.world_size
         self.micro = min(c["micro_batch_size"], per_rank)
         self.grad_accum = max(1, math.ceil(per_rank / self.micro))
@@ -173,7 +175,9 @@ class LearnerWorker(LearnerRows, LearnerAdvantages, LearnerWeights, LearnerMetri
 
     # ------------------------------------------------------------------ training
     def _forward_logits(self, tokens, attn):
-        return self.engine(input_ids=tokens, attention_mask=attn).logits.float()
+        """Logits over the tokenizer's ids: embedding rows past them are padding, in no distribution
+        (the engines mask them too: models/compat.py ``token_rows``)."""
+        return self.engine(input_ids=tokens, attention_mask=attn).logits[..., :self.vocab_size].float()
 
     def train_step(self, parts: list, step: int) -> dict:
         """One rollout batch on this rank's rows: fetch, pi_old, advantages, optimizer steps; metrics.

@@ -21,7 +21,7 @@ from typing import Optional
 import numpy as np
 
 from ..batch import RolloutBatch, TeacherScores, response_windows
-from ..models.compat import check_pool_architectures
+from ..models.compat import check_pool_architectures, token_rows
 from .base import RoleWorker
 
 
@@ -39,6 +39,7 @@ class TeacherWorker(RoleWorker):
         self.trust_remote_code = trust_remote_code
         model_cfg = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
         self.embedding_rows = model_cfg.vocab_size
+        self.token_rows = token_rows(self.tokenizer)  # rows past it are padding: masked (models/compat.py)
         self.hidden_size = getattr(model_cfg, "hidden_size", None) or model_cfg.get_text_config().hidden_size
         if self.backend == "vllm":
             from .vllm_engine import make_llm
@@ -93,7 +94,7 @@ class TeacherWorker(RoleWorker):
         if size > max_bytes:
             return (f"{size / 2**30:.1f} GB of weights > teachers.preflight.reference_max_gb "
                     f"({max_bytes / 2**30:g}); replicas checked against each other only")
-        return reference_logprobs(self.model_path, sequences, self.cfg["dtype"], len(self.tokenizer),
+        return reference_logprobs(self.model_path, sequences, self.cfg["dtype"], self.token_rows,
                                   getattr(self, "trust_remote_code", False))
 
     def head_logprobs(self, sequences: list, teacher: Optional[str] = None):
@@ -118,7 +119,7 @@ class TeacherWorker(RoleWorker):
         finally:
             self.cfg = saved
         w, b, post = self.output_head(teacher)
-        vocab = len(self.tokenizer)
+        vocab = self.token_rows
         out = []
         for i, s in enumerate(sequences):
             h = torch.from_numpy(np.ascontiguousarray(hs[i, 1: len(s)], np.float32))
@@ -227,7 +228,7 @@ class TeacherWorker(RoleWorker):
         tk = np.full((len(rows), L, topk), -np.inf, np.float32) if topk else None
         hdt = self.cfg.get("hidden_dtype", "bfloat16")
         hs = np.zeros((len(rows), L, H), np.uint16 if hdt == "bfloat16" else np.dtype(hdt)) if hidden else None
-        vocab = len(self.tokenizer)
+        vocab = self.token_rows
         mb = max(1, int(self.cfg.get("micro_batch_size", 16)))
         for s in range(0, len(rows), mb):
             sub = rows[s: s + mb]

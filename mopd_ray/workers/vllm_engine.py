@@ -76,7 +76,29 @@ def make_llm(model_path: str, *, dtype: str = "float32", max_model_len: int = 25
         kwargs.setdefault("max_num_seqs", 1024)
         if tensor_parallel_size > 1:
             kwargs["distributed_executor_backend"] = "mp"
-    return LLM(**kwargs)
+    kwargs.setdefault("worker_extension_cls", "mopd_ray.workers.vllm_ext.WorkerExtension")
+    llm = LLM(**kwargs)
+    mask_padded_rows(llm, model_path, trust_remote_code)
+    return llm
+
+
+def mask_padded_rows(llm, model_path: str, trust_remote_code: bool = False) -> int:
+    """Mask the embedding rows past the tokenizer in every worker of ``llm`` (a no-op when there are none);
+    returns how many. A worker that did not mask them stops here: the engine would sample ids no tokenizer
+    decodes and normalise its log-probs over rows the learner does not have."""
+    from transformers import AutoTokenizer
+
+    from ..models.compat import token_rows
+
+    rows = int(llm.llm_engine.model_config.get_vocab_size())
+    tokens = token_rows(AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code))
+    if rows <= tokens:
+        return 0
+    masked = llm.collective_rpc("mopd_mask_padded_rows", args=(tokens,))
+    if any(int(m) != rows - tokens for m in masked):
+        raise RuntimeError(f"{model_path}: the engine's workers masked {masked} padded rows, expected {rows - tokens} "
+                           f"each ({rows} output rows, {tokens} tokens)")
+    return rows - tokens
 
 
 def close_llm(llm) -> None:

@@ -71,6 +71,27 @@ class WorkerExtension:
                 fn()
         return {"incomplete": incomplete}
 
+    # ---------------------------------------------------------------- padded vocabulary rows
+    def mopd_mask_padded_rows(self, rows: int) -> int:
+        """Logits of ids >= ``rows`` (embedding padding past the tokenizer) become -inf wherever this
+        worker computes them: sampling never picks a padded id, and the sampled, top-k and prompt
+        log-probs are normalised over the tokenizer's ids, as the learner's are (models/compat.py
+        ``token_rows``). Wraps the model's ``compute_logits``, which vLLM calls outside the compiled or
+        graph-captured forward for sampling and prompt log-probs alike; survives weight reloads (the
+        model object stays). Returns the number of columns masked."""
+        model = self.model_runner.get_model()
+        inner = getattr(model, "_mopd_compute_logits", None) or model.compute_logits
+        model._mopd_compute_logits = inner
+
+        def compute_logits(hidden_states, *args, **kwargs):
+            logits = inner(hidden_states, *args, **kwargs)
+            if logits is not None and logits.shape[-1] > rows:  # None on non-last pipeline ranks
+                logits[..., rows:] = float("-inf")
+            return logits
+
+        model.compute_logits = compute_logits
+        return int(self.model_config.get_vocab_size()) - int(rows)
+
     # ---------------------------------------------------------------- broadcast transport
     def mopd_join_sync_group(self, host: str, port: int, rank_base: int, world_size: int, metas: list,
                              bucket_bytes: int, timeout_s: float) -> int:

@@ -9,7 +9,11 @@ its transformers config (mopd_ray/models/tiny.py), through the rollout engine's 
 - as a teacher: its scoring path, and the full-vocabulary distribution the learner rebuilds from its
   hidden states and head (with the family's logit soft-cap / scale: Gemma 2's was missed), equal the
   transformers forward;
-- the post-sync check's report (sync_report) names no module that missed its tensors.
+- the post-sync check's report (sync_report) names no module that missed its tensors;
+- a model whose embedding has rows past its tokenizer (``PADDED``: 384 rows for 320 tokens, at random
+  init a sixth of the mass on them) never samples a padded id, and as student and teacher its engine's
+  log-probs are those over the tokenizer's ids, as the learner's and the reference's are (the engine
+  normalised over all 384 rows: 0.18 nats/token off, and the pre-flight refused it).
 
 One Ray actor runs every family in turn (vLLM imported once: about 2 s per family after the first).
 """
@@ -28,7 +32,9 @@ TIED = {"qwen3", "gemma2", "gemma3"}  # as their small real checkpoints are (Qwe
 # families whose teacher side differs from the plain decoder's: a logit soft-cap (Gemma 2), a composite
 # config and tied head (Gemma 3), vLLM's Transformers backend (OLMo 2: hidden states captured through it),
 # experts (Qwen3-MoE). The others' teacher scoring is the engine's prompt log-probs, checked as student.
-TEACHER_SIDE = {"gemma2", "gemma3", "olmo2", "qwen3_moe"}
+TEACHER_SIDE = {"gemma2", "gemma3", "olmo2", "qwen3_moe", "qwen2_padded"}
+PADDED = {"qwen2_padded": ("qwen2", 128)}  # case name: (family, embedding rows padded to a multiple of)
+CASES = (*TINY_ARCHS, *PADDED)
 
 
 @ray.remote(num_cpus=1)
@@ -42,13 +48,18 @@ class Trainer:
         from mopd_ray.sync import iter_full_params, to_numpy_state
         from mopd_ray.workers.loss import token_logprobs_from_logits
 
+        from transformers import AutoTokenizer
+
+        from mopd_ray.models.compat import token_rows
+
+        n = token_rows(AutoTokenizer.from_pretrained(path))  # the learner's logits: over the tokenizer's ids
         hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
         opt = torch.optim.AdamW(hf.parameters(), lr=1e-2)
         ids = torch.tensor([probes[0]])
-        (-token_logprobs_from_logits(hf(input_ids=ids).logits.float(), ids)[0, 1:].mean()).backward()
+        (-token_logprobs_from_logits(hf(input_ids=ids).logits[..., :n].float(), ids)[0, 1:].mean()).backward()
         opt.step()
         with torch.no_grad():
-            after = [token_logprobs_from_logits(hf(input_ids=torch.tensor([s])).logits.float(),
+            after = [token_logprobs_from_logits(hf(input_ids=torch.tensor([s])).logits[..., :n].float(),
                                                 torch.tensor([s]))[0].numpy() for s in probes]
         return to_numpy_state(iter_full_params(hf, 0)), after, type(hf).__name__
 
@@ -64,7 +75,9 @@ class Engine:
         from mopd_ray.workers.rollout import RolloutWorker
         from mopd_ray.workers.teacher import TeacherWorker
 
-        spec = TinyModelConfig(arch=arch, tie_word_embeddings=arch in TIED, max_position_embeddings=512)
+        family, pad_to = PADDED.get(arch, (arch, 32))
+        spec = TinyModelConfig(arch=family, tie_word_embeddings=arch in TIED, max_position_embeddings=512,
+                               vocab_pad_to=pad_to)
         self.path = str(build_tiny_model(f"{root}/{arch}", spec))
         # as a teacher: its scoring path and the full-vocab rebuild (hidden states x head x the family's logit
         # post-processing) against the pre-flight's transformers reference, in a process where vLLM serves it
@@ -85,6 +98,15 @@ class Engine:
             self._free()
         self.worker = RolloutWorker(self.path, {**rollout_cfg, "weight_sync_bucket_mb": 0}, 128)  # fused layers split
         out["gap_start"] = _gap(self.worker.score_logprobs(self.probes), ref)
+        from vllm import SamplingParams
+
+        samples = self.worker.llm.generate([{"prompt_token_ids": p[:6]} for p in self.probes],
+                                           SamplingParams(n=8, max_tokens=16, temperature=1.0, seed=0), use_tqdm=False)
+        sampled = [i for r in samples for c in r.outputs for i in c.token_ids]
+        from transformers import AutoConfig
+
+        out.update(rows=AutoConfig.from_pretrained(self.path).vocab_size, tokens=len(tok),
+                   sampled=len(sampled), max_sampled_id=max(sampled))
         return out
 
     def load(self, state: dict) -> dict:
@@ -125,7 +147,7 @@ def family_results(local_ray, tmp_path_factory):
     engine, trainer = Engine.remote(), Trainer.remote()
     out = []
     try:
-        for arch in TINY_ARCHS:
+        for arch in CASES:
             t0 = time.perf_counter()
             r = ray.get(engine.start.remote(arch, root, rollout_cfg, teacher_cfg), timeout=600)
             state, after, hf_class = ray.get(trainer.step.remote(r["path"], r["probes"]), timeout=600)
@@ -135,7 +157,9 @@ def family_results(local_ray, tmp_path_factory):
                         "teacher_gap": r.get("teacher_gap", 0.0), "head_gap": r.get("head_gap", 0.0),
                         "teacher_side": "head_gap" in r, "moved": _gap(after, r["initial"]),
                         "gap_after_sync": _gap(report["logprobs"], after), "incomplete": report["incomplete"],
-                        "architecture": report["architecture"], "seconds": round(time.perf_counter() - t0, 1)})
+                        "architecture": report["architecture"], "rows": r["rows"], "tokens": r["tokens"],
+                        "sampled": r["sampled"], "max_sampled_id": r["max_sampled_id"],
+                        "seconds": round(time.perf_counter() - t0, 1)})
         return out
     finally:
         for a in (engine, trainer):
@@ -143,7 +167,7 @@ def family_results(local_ray, tmp_path_factory):
 
 
 def test_every_family_serves_what_transformers_computes_before_and_after_a_sync(family_results):
-    assert [r["arch"] for r in family_results] == list(TINY_ARCHS)
+    assert [r["arch"] for r in family_results] == list(CASES)
     assert {r["arch"] for r in family_results if r["teacher_side"]} == TEACHER_SIDE
     for r in family_results:
         print(r)
@@ -152,3 +176,6 @@ def test_every_family_serves_what_transformers_computes_before_and_after_a_sync(
         assert r["moved"] > 1e-3, r  # the step changed what the model computes
         assert r["gap_after_sync"] < 1e-4, r  # the engine serves the trained weights
         assert r["incomplete"] == [], r
+        assert r["sampled"] > 100 and r["max_sampled_id"] < r["tokens"], r  # never a padded id
+    padded = [r for r in family_results if r["arch"] in PADDED]
+    assert padded and all(r["rows"] > r["tokens"] for r in padded)  # the case really has padded rows

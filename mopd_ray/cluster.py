@@ -170,23 +170,41 @@ def answers(actors: list, timeout_s: float = 30.0) -> bool:
 
 
 class ActorGroup:
-    """``n`` actors of ``actor_cls``, one per bundle of a placement group."""
+    """``n`` actors of ``actor_cls``, one per bundle of a placement group; with ``shards`` > 1 (a
+    tensor-parallel engine), one placement group per actor of ``shards`` bundles of ``bundle`` each, packed
+    on one node (STRICT_PACK), the actor on bundle 0.
+
+    The shard layout is how vLLM places tensor-parallel workers on GPUs: its Ray executor takes the
+    engine actor's placement group and starts one worker per bundle (each bundle at most one GPU, the
+    actor itself holding none: workers/vllm_engine.py ``engine_placement``). On CPU the same groups are
+    reserved and vLLM's multiprocessing executor runs the shards as the actor's child processes on the
+    CPUs the other bundles hold (vLLM's CPU build has no Ray executor)."""
 
     def __init__(self, name: str, actor_cls, n: int, bundle: Bundle, *, strategy: str = "PACK",
                  placement_timeout_s: float = 120.0, call_timeout_s: float = 600.0, init_args=None,
-                 runtime_env: Optional[dict] = None, max_restarts: int = 0, max_task_retries: int = 0):
+                 runtime_env: Optional[dict] = None, max_restarts: int = 0, max_task_retries: int = 0,
+                 shards: int = 1):
         self.name = name
         self.call_timeout_s = call_timeout_s
+        self.shards = shards
         # unique in the Ray namespace: a warm group of the same role may still hold its own (mopd_ray/warm.py)
-        self.pg = reserve(name, [bundle] * n, strategy, placement_timeout_s, f"{name}-{uuid.uuid4().hex[:8]}")
+        tag = uuid.uuid4().hex[:8]
+        if shards == 1:
+            self.pgs = [reserve(name, [bundle] * n, strategy, placement_timeout_s, f"{name}-{tag}")]
+            places = [(self.pgs[0], i) for i in range(n)]
+        else:
+            self.pgs = [reserve(f"{name} replica {i}", [bundle] * shards, "STRICT_PACK", placement_timeout_s,
+                                f"{name}-{tag}-{i}") for i in range(n)]
+            places = [(pg, 0) for pg in self.pgs]
         remote_cls = ray.remote(actor_cls) if not hasattr(actor_cls, "remote") else actor_cls
         self.actors = []
-        for i in range(n):
+        for i, (pg, index) in enumerate(places):
             args, kwargs = init_args(i) if init_args else ((), {})
             opts: dict[str, Any] = dict(
-                num_cpus=bundle.cpus, num_gpus=bundle.gpus, name=None, max_restarts=max_restarts,
-                max_task_retries=max_task_retries,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=i),
+                # a sharded engine's GPUs belong to its tensor-parallel workers, one per bundle
+                num_cpus=bundle.cpus, num_gpus=bundle.gpus if shards == 1 else 0, name=None,
+                max_restarts=max_restarts, max_task_retries=max_task_retries,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=index),
             )
             if bundle.custom:
                 opts["resources"] = dict(bundle.custom)
@@ -216,7 +234,8 @@ class ActorGroup:
         self._down = True
         for a in self.actors:
             ray.kill(a, no_restart=True)
-        remove_placement_group(self.pg)
+        for pg in self.pgs:
+            remove_placement_group(pg)
         if getattr(self, "rebuilt", False):  # its actors' recorded arguments (RoleWorker.rebuild) go with them
             forget_init_args([a._actor_id.hex() for a in self.actors])
 

@@ -109,26 +109,25 @@ def rollout_spec(cfg, name: str = "rollout") -> GroupSpec:
                               "marker": os.path.join(os.path.abspath(cfg.run.checkpoint_dir), "fault_exit_in_sync.done")}
     return _warm(cfg, GroupSpec(
         name, RolloutWorker, ro.replicas,
-        Bundle(ro.num_cpus_per_shard * ro.tensor_parallel_size, ro.num_gpus_per_shard * ro.tensor_parallel_size,
-               dict(ro.custom_resources) or None),
+        Bundle(ro.num_cpus_per_shard, ro.num_gpus_per_shard, dict(ro.custom_resources) or None),
         dict(init_args=lambda i: ((cfg.model.path, spec, max_len, i, cfg.model.trust_remote_code),
                                   {"rewards": rewards_spec(cfg), "train_rewards": rewards_spec(cfg, train=True)}),
              # a restarted engine comes back with the initial weights: the driver re-syncs, then retries
              max_restarts=cfg.cluster.max_restarts, max_task_retries=0, runtime_env={"env_vars": ROLLOUT_ENV},
-             **_common(cfg))), rebuild=True)
+             shards=ro.tensor_parallel_size, **_common(cfg))), rebuild=True)
 
 
 def teacher_spec(cfg, name: str) -> GroupSpec:
     t = cfg.teachers.models[name]
     return _warm(cfg, GroupSpec(
         f"teacher:{name}", TeacherWorker, t.replicas,
-        Bundle(t.num_cpus_per_shard * t.tensor_parallel_size, t.num_gpus_per_shard * t.tensor_parallel_size,
-               dict(t.custom_resources) or None),
+        Bundle(t.num_cpus_per_shard, t.num_gpus_per_shard, dict(t.custom_resources) or None),
         dict(init_args=lambda i: ((name, teacher_model_path(cfg, name),
                                    {**_plain(t), "backend": resolved_backend(cfg, name)}, i,
                                    cfg.model.trust_remote_code), {}),
              # teachers are frozen and stateless: Ray restarts a dead replica and retries its calls
-             max_restarts=cfg.cluster.max_restarts, max_task_retries=cfg.cluster.max_restarts, **_common(cfg))),
+             max_restarts=cfg.cluster.max_restarts, max_task_retries=cfg.cluster.max_restarts,
+             shards=t.tensor_parallel_size, **_common(cfg))),
         rebuild=True)
 
 
@@ -138,11 +137,11 @@ def pool_spec(cfg, pool: str, members: list) -> GroupSpec:
     folders = {n: teacher_model_path(cfg, n) for n in members}
     return _warm(cfg, GroupSpec(
         f"teacher_pool:{pool}", PooledTeacherWorker, p.replicas,
-        Bundle(p.num_cpus_per_shard * p.tensor_parallel_size, p.num_gpus_per_shard * p.tensor_parallel_size,
-               dict(p.custom_resources) or None),
+        Bundle(p.num_cpus_per_shard, p.num_gpus_per_shard, dict(p.custom_resources) or None),
         dict(init_args=lambda i: ((pool, folders, _plain(p), i, cfg.model.trust_remote_code), {}),
              # a restarted replica serves its first teacher again; every call names (and swaps in) its own
-             max_restarts=cfg.cluster.max_restarts, max_task_retries=cfg.cluster.max_restarts, **_common(cfg))),
+             max_restarts=cfg.cluster.max_restarts, max_task_retries=cfg.cluster.max_restarts,
+             shards=p.tensor_parallel_size, **_common(cfg))),
         rebuild=True)
 
 

@@ -134,7 +134,7 @@ class WarmGroups:
                     rebuilt.add(i)
         fresh = [s for g, s in zip(groups, specs) if g is None]
         if fresh:
-            self.free_for([s.bundle for s in fresh for _ in range(s.n)])
+            self.free_for([s.bundle for s in fresh for _ in range(s.n * s.kwargs.get("shards", 1))])
         built = []
         try:
             for i, s in enumerate(specs):

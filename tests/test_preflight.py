@@ -61,7 +61,7 @@ def test_teacher_folder_with_another_chat_template_cannot_change_the_scored_ids(
 def test_padding_reported_and_probe_arithmetic(tiny_model_dir):
     fp = _fp(tiny_model_dir)
     assert check_compatible(fp, "stu", {**fp, "embedding_rows": fp["vocab_size"] + 64}, "big (x)") == [
-        "big: 64 padded embedding rows (logits cut to the tokenizer)"]
+        "big: 64 padded embedding rows (masked: never sampled, not in any distribution)"]
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     probes = probe_sequences(tok, stop_ids(tok, tiny_model_dir))
     assert len(probes) == 3 and all(p[-1] == 2 for p in probes)

@@ -39,6 +39,10 @@ class RoleWorker:
     def ready(self) -> bool:
         return True
 
+    def engine_placement(self):
+        """How this actor's vLLM engine placed its tensor-parallel workers (workers/vllm_engine.py), or None."""
+        return getattr(getattr(self, "llm", None), "mopd_placement", None)
+
     def pid(self) -> int:
         import os
 

@@ -39,6 +39,7 @@ class RolloutWorker(RoleWorker):
         self.llm = make_llm(
             model_path, dtype=rollout_cfg["dtype"], max_model_len=max_model_len, seed=rollout_cfg["seed"],
             max_logprobs=rollout_cfg["max_logprobs"], tensor_parallel_size=rollout_cfg["tensor_parallel_size"],
+            gpus_per_shard=rollout_cfg.get("num_gpus_per_shard", 1.0),
             kv_cache_memory_bytes=rollout_cfg["kv_cache_memory_bytes"], enforce_eager=rollout_cfg["enforce_eager"],
             gpu_memory_utilization=rollout_cfg["gpu_memory_utilization"], trust_remote_code=trust_remote_code,
             worker_extension_cls="mopd_ray.workers.vllm_ext.WorkerExtension", **extra)

@@ -52,14 +52,60 @@ def apply_cpu_engine_env(omp_bind: str | None, enforce_eager: bool, tensor_paral
     return env
 
 
+def current_placement_group():
+    """The placement group this Ray actor was scheduled in (ActorGroup), or None (no Ray, a driver)."""
+    try:
+        import ray
+
+        if not ray.is_initialized():
+            return None
+        from ray.util.placement_group import get_current_placement_group
+
+        return get_current_placement_group()
+    except Exception:  # not in a Ray worker
+        return None
+
+
+def engine_placement(tensor_parallel_size: int, gpus_per_shard: float, gpu: bool, placement_group) -> tuple:
+    """(LLM keyword arguments, environment) that place an engine's tensor-parallel workers.
+
+    On GPUs inside a Ray placement group (an ActorGroup with ``shards``: one group per replica, one bundle
+    of at most one GPU per shard, the engine actor on bundle 0 holding no GPU), vLLM's Ray executor starts
+    one worker per bundle: ``VLLM_RAY_BUNDLE_INDICES`` names the replica's bundles, ``VLLM_RAY_PER_WORKER_GPUS``
+    each worker's share of its GPU (fractional when roles share a GPU), and the actor's own
+    ``CUDA_VISIBLE_DEVICES`` (Ray sets it empty for an actor without GPUs) is dropped so that vLLM sees the
+    node's devices; its engine process joins the job's cluster through ``RAY_ADDRESS``. Elsewhere (CPU,
+    whose vLLM build has no Ray executor; a GPU engine outside Ray) vLLM's multiprocessing executor runs
+    the shards as child processes. ``None`` in the environment: drop the variable."""
+    if tensor_parallel_size <= 1:
+        return {}, {}
+    if gpu and placement_group is not None:
+        return ({"distributed_executor_backend": "ray"},
+                {"VLLM_RAY_BUNDLE_INDICES": ",".join(str(i) for i in range(tensor_parallel_size)),
+                 "VLLM_RAY_PER_WORKER_GPUS": f"{float(gpus_per_shard or 1.0):g}", "CUDA_VISIBLE_DEVICES": None})
+    return {"distributed_executor_backend": "mp"}, {}
+
+
 def make_llm(model_path: str, *, dtype: str = "float32", max_model_len: int = 256, seed: int = 0,
              max_logprobs: int = 20, tensor_parallel_size: int = 1, kv_cache_memory_bytes: int = 256 << 20,
              enforce_eager: bool = True, gpu_memory_utilization: float = 0.6, trust_remote_code: bool = False,
-             omp_bind: str | None = None, **extra):
-    """An ``LLM`` for ``model_path``. On CPU: in-process, KV cache sized in bytes, eager mode."""
+             omp_bind: str | None = None, gpus_per_shard: float = 1.0, **extra):
+    """An ``LLM`` for ``model_path``. On CPU: in-process, KV cache sized in bytes, eager mode.
+    Tensor-parallel workers are placed by ``engine_placement``; the choice is kept as ``llm.mopd_placement``."""
     gpu = on_gpu()
     if not gpu:
         apply_cpu_engine_env(omp_bind, enforce_eager, tensor_parallel_size)
+    pg = current_placement_group()
+    placement, env = engine_placement(tensor_parallel_size, gpus_per_shard, gpu, pg)
+    for key, value in env.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    if placement.get("distributed_executor_backend") == "ray" and not os.environ.get("RAY_ADDRESS"):
+        import ray
+
+        os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address  # the engine process joins this cluster
     from vllm import LLM
 
     kwargs = dict(model=model_path, dtype=dtype, max_model_len=max_model_len, seed=seed, max_logprobs=max_logprobs,
@@ -74,11 +120,14 @@ def make_llm(model_path: str, *, dtype: str = "float32", max_model_len: int = 25
         # not use offset"): give the scheduler a token budget that holds a whole batch's prefills.
         kwargs.setdefault("max_num_batched_tokens", 65536)
         kwargs.setdefault("max_num_seqs", 1024)
-        if tensor_parallel_size > 1:
-            kwargs["distributed_executor_backend"] = "mp"
+    kwargs.update(placement)
     kwargs.setdefault("worker_extension_cls", "mopd_ray.workers.vllm_ext.WorkerExtension")
     llm = LLM(**kwargs)
     mask_padded_rows(llm, model_path, trust_remote_code)
+    llm.mopd_placement = {"tensor_parallel_size": tensor_parallel_size,
+                          "backend": placement.get("distributed_executor_backend", "uni"),
+                          "placement_group": pg.id.hex() if pg is not None else None,
+                          "env": {k: v for k, v in env.items() if v is not None}}
     return llm
 
 

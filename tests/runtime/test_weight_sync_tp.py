@@ -26,6 +26,16 @@ def test_tensor_parallel_engine_workers_receive_the_broadcast_themselves(local_r
     learners = make_learner_group(cfg, sorted(cfg.teachers.models))
     try:
         rollout.gather(rollout.call_all("ready"))
+        # placed as on GPUs: the replica's own placement group of one bundle per shard, packed on one node,
+        # the engine actor on bundle 0 and its shards beside it (vLLM's CPU build: the multiprocessing executor)
+        from ray.util.placement_group import placement_group_table
+
+        assert len(rollout.pgs) == 1
+        table = placement_group_table(rollout.pgs[0])
+        assert table["strategy"] == "STRICT_PACK" and len(table["bundles"]) == 2
+        placed = rollout.gather(rollout.call(0, "engine_placement"))
+        assert placed["tensor_parallel_size"] == 2 and placed["backend"] == "mp"
+        assert placed["placement_group"] == rollout.pgs[0].id.hex()
         setup_learners(cfg, learners)
         init_broadcast_group(cfg, learners, rollout)
         batch, scores = _synthetic_batch(8, seed=7)

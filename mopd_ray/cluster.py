@@ -208,8 +208,13 @@ class ActorGroup:
             )
             if bundle.custom:
                 opts["resources"] = dict(bundle.custom)
-            if runtime_env:
-                opts["runtime_env"] = runtime_env
+            env = dict(runtime_env or {})
+            if shards > 1 and bundle.gpus:
+                # Ray would set an actor without GPUs to CUDA_VISIBLE_DEVICES="": the engine process could not
+                # see the node's GPUs it places its tensor-parallel workers on (vLLM's own Ray workers get this too)
+                env["env_vars"] = {**env.get("env_vars", {}), "RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES": "1"}
+            if env:
+                opts["runtime_env"] = env
             self.actors.append(remote_cls.options(**opts).remote(*args, **kwargs))
 
     def __len__(self) -> int:

@@ -97,3 +97,33 @@ def local_device_index() -> int:
     if ids and not visible:
         return int(ids[0])
     return 0
+
+
+def device_uuid(device=None) -> str | None:
+    """The physical GPU of this process (its CUDA UUID, unique across nodes), None without CUDA."""
+    if not torch.cuda.is_available():
+        return None
+    index = torch.cuda.current_device() if device is None else torch.device(device).index or 0
+    return str(torch.cuda.get_device_properties(index).uuid)
+
+
+class SharedGPUError(RuntimeError):
+    """Two members of one NCCL group on the same GPU: NCCL refuses them ("Duplicate GPU detected")."""
+
+
+def check_distinct_gpus(members: dict, group: str, fix: str) -> None:
+    """``members``: {process name: device_uuid() or None}. NCCL cannot put two ranks of a group on one GPU
+    (ncclInvalidUsage, "Duplicate GPU detected"): say which ones share, before the group is made, and how to
+    place them apart. Processes without a GPU (CPU, gloo) never conflict."""
+    seen: dict = {}
+    clashes = []
+    for name, uuid in members.items():
+        if uuid is None:
+            continue
+        if uuid in seen:
+            clashes.append(f"{seen[uuid]} and {name}")
+        else:
+            seen[uuid] = name
+    if clashes:
+        raise SharedGPUError(f"the {group} is an NCCL group, and NCCL cannot have two of its members on one GPU: "
+                             f"{'; '.join(clashes)} share one (GPU {next(iter(u for u in seen))[:13]}...). {fix}")

@@ -99,7 +99,10 @@ class TeacherConfig:
     num_cpus_per_shard: float = 1.0
     num_gpus_per_shard: float = 0.0
     custom_resources: Dict[str, float] = field(default_factory=dict)  # e.g. pin to nodes with {teacher_node: 1}
-    kv_cache_memory_bytes: int = 268435456
+    kv_cache_memory_bytes: int = 268435456  # on CPU; on GPUs gpu_memory_utilization sizes the engine
+    # fraction of its GPU's memory the engine may take (weights + KV cache + activations); roles that share a
+    # GPU (fractional num_gpus_per_shard) must fit their fractions together
+    gpu_memory_utilization: float = 0.6
     # vLLM's eager mode: no torch.compile (and on GPUs no CUDA graphs). False compiles the engine at
     # start-up (cached under ~/.cache/vllm across runs): on GPUs the normal setting; on CPU it starts
     # 10-45 s slower and scores ~5% faster at tiny sizes
@@ -140,6 +143,7 @@ def _check_teachers(cfg) -> None:
             _fail(f"{key}.weight", f"must be >= 0, got {t.weight}")
         _check_positive(f"{key}.replicas", t.replicas)
         _check_positive(f"{key}.tensor_parallel_size", t.tensor_parallel_size)
+        _check_fraction(f"{key}.gpu_memory_utilization", t.gpu_memory_utilization)
         need = da.max_prompt_len + ro.max_new_tokens
         if t.pool is None and t.max_model_len < need:  # a pooled teacher runs on the pool's engine settings
             _fail(f"{key}.max_model_len", f"{t.max_model_len} is shorter than prompt + response = "
@@ -166,6 +170,7 @@ class TeacherPoolConfig:
     num_gpus_per_shard: float = 0.0
     custom_resources: Dict[str, float] = field(default_factory=dict)
     kv_cache_memory_bytes: int = 268435456
+    gpu_memory_utilization: float = 0.6  # as teachers.models.NAME.gpu_memory_utilization
     enforce_eager: bool = True  # as teachers.models.NAME.enforce_eager
     # host memory per replica for the weights of the pool's teachers (one copy per replica, in its actor
     # process, handed to the engine's workers bucket by bucket at a swap); a teacher that does not fit is
@@ -180,6 +185,7 @@ def _check_pools(cfg) -> None:
         key = f"teachers.pools.{name}"
         _check_positive(f"{key}.replicas", p.replicas)
         _check_positive(f"{key}.tensor_parallel_size", p.tensor_parallel_size)
+        _check_fraction(f"{key}.gpu_memory_utilization", p.gpu_memory_utilization)
         _check_choice(f"{key}.dtype", p.dtype, DTYPES)
         _check_choice(f"{key}.hidden_dtype", p.hidden_dtype, DTYPES)
         _check_positive(f"{key}.cache_gb", p.cache_gb, allow_zero=True)
@@ -316,6 +322,7 @@ def _check_batch(cfg) -> None:
                    ("data.prompts_per_step", da.prompts_per_step), ("data.max_prompt_len", da.max_prompt_len),
                    ("run.total_steps", cfg.run.total_steps)):
         _check_positive(key, v)
+    _check_fraction("rollout.gpu_memory_utilization", ro.gpu_memory_utilization)
     if ro.temperature <= 0:
         _fail("rollout.temperature", f"must be > 0 for on-policy sampling, got {ro.temperature}")
     _check_choice("rollout.dtype", ro.dtype, DTYPES)
@@ -655,6 +662,11 @@ def _check_choice(key: str, value: Any, choices) -> None:
 def _check_positive(key: str, value, allow_zero: bool = False) -> None:
     if value is None or value < 0 or (value == 0 and not allow_zero):
         _fail(key, f"must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+
+
+def _check_fraction(key: str, value) -> None:
+    if not 0 < value <= 1:
+        _fail(key, f"must be in (0, 1] (a fraction of the GPU's memory), got {value}")
 
 
 def _tiny_ok(key: str, tiny) -> None:

@@ -96,6 +96,7 @@ def run(cfg: DictConfig) -> int:
           + (f", starting from {start.resume_from}" if start.resume_from else ""))
     if cfg.run.dry_run:
         return 0
+    from .collectives import SharedGPUError
     from .console import summary
     from .models.compat import TokenizerMismatchError
     from .orchestrator import Orchestrator
@@ -109,7 +110,7 @@ def run(cfg: DictConfig) -> int:
     except RewardError as e:  # raised where the responses are: Ray wraps it, the cause has the message
         log.error("%s", getattr(e, "cause", None) or e)
         return 2
-    except (PreflightError, TokenizerMismatchError, StorageError) as e:  # a start-up check failed
+    except (PreflightError, TokenizerMismatchError, StorageError, SharedGPUError) as e:  # a start-up check failed
         log.error("%s", e)
         return 2
     except WeightSyncCheckError as e:  # the checkpoints written so far are kept

@@ -183,6 +183,12 @@ def _single_node(cfg) -> bool:
 
 def start_learner_setup(cfg, learners: ActorGroup) -> list:
     """Start every rank's DeepSpeed init (refs; gather them with ``learners.gather``)."""
+    from .collectives import check_distinct_gpus
+
+    uuids = learners.gather(learners.call_all("gpu_uuid"), "gpu_uuid")
+    check_distinct_gpus({f"learner rank {i}": u for i, u in enumerate(uuids)}, "learners' process group",
+                        "Give each rank a GPU of its own: learner.num_gpus_per_rank > 0.5 (Ray packs fractional "
+                        "GPUs onto one device), or learner.world_size=1 when the roles share a single GPU.")
     addr, port = learners.gather(learners.call(0, "master_address", _single_node(cfg)), "master_address")
     nodes = learners.gather(learners.call_all("node_id"), "node_id")
     ranks = node_local_ranks(nodes)
@@ -263,8 +269,16 @@ def share_teacher_heads(cfg, roles: Roles) -> None:
 def init_broadcast_group(cfg, learners: ActorGroup, rollout: ActorGroup) -> None:
     """One process group: learner rank 0 (rank 0 of the group) + every worker process (TP shard) of
     every rollout engine, which receive the buckets themselves."""
+    from .collectives import check_distinct_gpus
+
     tp = cfg.rollout.tensor_parallel_size
     world = 1 + len(rollout) * tp
+    members = {"learner rank 0": learners.gather(learners.call(0, "gpu_uuid"), "gpu_uuid")}
+    for i, uuids in enumerate(rollout.gather(rollout.call_all("engine_gpu_uuids"), "engine_gpu_uuids")):
+        members.update({f"rollout replica {i} shard {s}": u for s, u in enumerate(uuids)})
+    check_distinct_gpus(members, "weight-sync group (rollout.weight_sync=broadcast)",
+                        "Use rollout.weight_sync=object_store when the learner and the engines share a GPU, or "
+                        "give them GPUs of their own (num_gpus_per_shard / learner.num_gpus_per_rank of 1).")
     host, port = learners.gather(learners.call(0, "master_address", _single_node(cfg)), "master_address")
     metas = learners.gather(learners.call(0, "param_metas"), "param_metas")
     bucket = cfg.rollout.weight_sync_bucket_mb << 20

@@ -39,6 +39,16 @@ class RoleWorker:
     def ready(self) -> bool:
         return True
 
+    def gpu_uuid(self):
+        """This actor's own GPU (collectives.device_uuid), None on CPU."""
+        from ..collectives import device_uuid
+
+        return device_uuid()
+
+    def engine_gpu_uuids(self) -> list:
+        """The GPU of every worker process of this actor's vLLM engine (one per tensor-parallel shard)."""
+        return list(self.llm.collective_rpc("mopd_device_uuid"))
+
     def engine_placement(self):
         """How this actor's vLLM engine placed its tensor-parallel workers (workers/vllm_engine.py), or None."""
         return getattr(getattr(self, "llm", None), "mopd_placement", None)

@@ -48,6 +48,7 @@ class TeacherWorker(RoleWorker):
                 model_path, dtype=teacher_cfg["dtype"], max_model_len=teacher_cfg["max_model_len"], seed=0,
                 max_logprobs=teacher_cfg["max_logprobs"], tensor_parallel_size=teacher_cfg["tensor_parallel_size"],
                 gpus_per_shard=teacher_cfg.get("num_gpus_per_shard", 1.0),
+                gpu_memory_utilization=teacher_cfg.get("gpu_memory_utilization", 0.6),
                 kv_cache_memory_bytes=teacher_cfg["kv_cache_memory_bytes"], trust_remote_code=trust_remote_code,
                 enforce_eager=teacher_cfg.get("enforce_eager", True),
                 worker_extension_cls="mopd_ray.workers.vllm_ext.WorkerExtension")  # hidden-state capture

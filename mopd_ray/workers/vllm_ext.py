@@ -71,6 +71,12 @@ class WorkerExtension:
                 fn()
         return {"incomplete": incomplete}
 
+    def mopd_device_uuid(self):
+        from ..collectives import device_uuid
+
+        device = getattr(self, "device", None)
+        return device_uuid(device) if device is not None and getattr(device, "type", "cpu") == "cuda" else None
+
     # ---------------------------------------------------------------- padded vocabulary rows
     def mopd_mask_padded_rows(self, rows: int) -> int:
         """Logits of ids >= ``rows`` (embedding padding past the tokenizer) become -inf wherever this

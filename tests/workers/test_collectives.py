@@ -70,3 +70,16 @@ def test_learner_env_local_rank_is_the_device_not_the_global_rank(monkeypatch):
         monkeypatch.delenv(k, raising=False)
     set_dist_env(5, 8, "10.0.0.1", 29500)
     assert os.environ["RANK"] == "5" and os.environ["LOCAL_RANK"] == "0"
+
+
+def test_members_of_an_nccl_group_on_one_gpu_are_named_before_the_group_is_made():
+    """NCCL refuses two ranks on one GPU ("Duplicate GPU detected"): the learners' group and the weight-sync
+    group check their members' GPU UUIDs first (None: a CPU process, gloo) and name who shares and the fix."""
+    from mopd_ray.collectives import SharedGPUError, check_distinct_gpus
+
+    check_distinct_gpus({"learner rank 0": None, "rollout replica 0 shard 0": None}, "weight-sync group", "fix")
+    check_distinct_gpus({"learner rank 0": "GPU-a", "learner rank 1": "GPU-b"}, "learners' group", "fix")
+    with pytest.raises(SharedGPUError, match="learner rank 0 and rollout replica 0 shard 1 share one.*object_store"):
+        check_distinct_gpus({"learner rank 0": "GPU-a", "rollout replica 0 shard 0": "GPU-b",
+                             "rollout replica 0 shard 1": "GPU-a"}, "weight-sync group",
+                            "Use rollout.weight_sync=object_store")

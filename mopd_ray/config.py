@@ -99,7 +99,9 @@ class TeacherConfig:
     num_cpus_per_shard: float = 1.0
     num_gpus_per_shard: float = 0.0
     custom_resources: Dict[str, float] = field(default_factory=dict)  # e.g. pin to nodes with {teacher_node: 1}
-    kv_cache_memory_bytes: int = 268435456  # on CPU; on GPUs gpu_memory_utilization sizes the engine
+    # the engine's KV cache. null: 256 MiB on CPU, sized from gpu_memory_utilization on GPUs; a number: that
+    # size on either (vLLM then skips its memory profiling: engines that share a GPU and start at once)
+    kv_cache_memory_bytes: Optional[int] = None
     # fraction of its GPU's memory the engine may take (weights + KV cache + activations); roles that share a
     # GPU (fractional num_gpus_per_shard) must fit their fractions together
     gpu_memory_utilization: float = 0.6
@@ -169,7 +171,7 @@ class TeacherPoolConfig:
     num_cpus_per_shard: float = 1.0
     num_gpus_per_shard: float = 0.0
     custom_resources: Dict[str, float] = field(default_factory=dict)
-    kv_cache_memory_bytes: int = 268435456
+    kv_cache_memory_bytes: Optional[int] = None  # as teachers.models.NAME.kv_cache_memory_bytes
     gpu_memory_utilization: float = 0.6  # as teachers.models.NAME.gpu_memory_utilization
     enforce_eager: bool = True  # as teachers.models.NAME.enforce_eager
     # host memory per replica for the weights of the pool's teachers (one copy per replica, in its actor
@@ -270,7 +272,7 @@ class RolloutConfig:
     # vLLM's eager mode. False: torch.compile (CUDA graphs on GPUs), compiled at start-up and cached under
     # ~/.cache/vllm; on 2 CPU cores a tiny student generated 1.2x faster compiled (benchmarks/bench_vs_trl.py)
     enforce_eager: bool = True
-    kv_cache_memory_bytes: int = 268435456
+    kv_cache_memory_bytes: Optional[int] = None  # as teachers.models.NAME.kv_cache_memory_bytes
     gpu_memory_utilization: float = 0.6
     num_cpus_per_shard: float = 1.0
     num_gpus_per_shard: float = 0.0

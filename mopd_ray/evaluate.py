@@ -66,9 +66,9 @@ def evaluate_model_dir(model_path: str, prompts: list, rewards, k: int = 4, seed
     """Stand-alone evaluation of a model folder (teachers, checkpoints) with an in-process engine."""
     from transformers import AutoTokenizer
 
-    from .workers.vllm_engine import make_llm
+    from .workers.vllm_engine import make_llm, on_gpu
 
-    llm = make_llm(model_path, dtype=dtype, max_model_len=max_model_len, kv_cache_memory_bytes=128 << 20,
+    llm = make_llm(model_path, dtype=dtype, max_model_len=max_model_len, kv_cache_memory_bytes=None if on_gpu() else 128 << 20,
                    tensor_parallel_size=tensor_parallel_size, trust_remote_code=trust_remote_code)
     try:
         tok = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)

@@ -5,6 +5,9 @@ from __future__ import annotations
 import os
 
 
+CPU_KV_CACHE_BYTES = 256 << 20  # a CPU engine's KV cache when the config leaves it to us
+
+
 def on_gpu() -> bool:
     import torch
 
@@ -87,10 +90,12 @@ def engine_placement(tensor_parallel_size: int, gpus_per_shard: float, gpu: bool
 
 
 def make_llm(model_path: str, *, dtype: str = "float32", max_model_len: int = 256, seed: int = 0,
-             max_logprobs: int = 20, tensor_parallel_size: int = 1, kv_cache_memory_bytes: int = 256 << 20,
+             max_logprobs: int = 20, tensor_parallel_size: int = 1, kv_cache_memory_bytes: int | None = None,
              enforce_eager: bool = True, gpu_memory_utilization: float = 0.6, trust_remote_code: bool = False,
              omp_bind: str | None = None, gpus_per_shard: float = 1.0, **extra):
-    """An ``LLM`` for ``model_path``. On CPU: in-process, KV cache sized in bytes, eager mode.
+    """An ``LLM`` for ``model_path``. On CPU: in-process, KV cache sized in bytes (``kv_cache_memory_bytes``,
+    default CPU_KV_CACHE_BYTES), eager mode. On GPUs: ``gpu_memory_utilization``, and a fixed KV cache when
+    ``kv_cache_memory_bytes`` is given.
     Tensor-parallel workers are placed by ``engine_placement``; the choice is kept as ``llm.mopd_placement``."""
     gpu = on_gpu()
     if not gpu:
@@ -114,8 +119,10 @@ def make_llm(model_path: str, *, dtype: str = "float32", max_model_len: int = 25
                   use_tqdm_on_load=os.environ.get("MOPD_VERBOSE") == "1", **extra)
     if gpu:
         kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+        if kv_cache_memory_bytes:  # a fixed KV cache: no profiling (engines sharing a GPU start together)
+            kwargs["kv_cache_memory_bytes"] = int(kv_cache_memory_bytes)
     else:
-        kwargs["kv_cache_memory_bytes"] = kv_cache_memory_bytes
+        kwargs["kv_cache_memory_bytes"] = int(kv_cache_memory_bytes or CPU_KV_CACHE_BYTES)
         # A seeded request whose prefill is split across engine steps fails on CPU ("CPU Generator does
         # not use offset"): give the scheduler a token budget that holds a whole batch's prefills.
         kwargs.setdefault("max_num_batched_tokens", 65536)

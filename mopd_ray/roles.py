@@ -281,7 +281,16 @@ def init_broadcast_group(cfg, learners: ActorGroup, rollout: ActorGroup) -> None
                         "give them GPUs of their own (num_gpus_per_shard / learner.num_gpus_per_rank of 1).")
     host, port = learners.gather(learners.call(0, "master_address", _single_node(cfg)), "master_address")
     metas = learners.gather(learners.call(0, "param_metas"), "param_metas")
-    bucket = cfg.rollout.weight_sync_bucket_mb << 20
+    from .sync import choose_bucket_bytes
+
+    free = [b for per_engine in rollout.gather(rollout.call_all("engine_free_memory"), "engine_free_memory")
+            for b in per_engine]
+    bucket = choose_bucket_bytes(cfg.rollout.weight_sync_bucket_mb << 20, free)
+    if bucket != cfg.rollout.weight_sync_bucket_mb << 20:
+        log.warning("weight-sync buckets of %d MiB instead of rollout.weight_sync_bucket_mb=%d: an engine worker "
+                    "has %.0f MiB free (a sync holds about two buckets)", bucket >> 20,
+                    cfg.rollout.weight_sync_bucket_mb, min(free) / 2**20)
+    rollout.sync_bucket_bytes = bucket  # both sides cut the stream into the same buckets
     refs = [learners.call(0, "init_sync_group", host, port, world, cfg.cluster.call_timeout_s)]
     refs += [rollout.call(i, "init_sync_group", host, port, 1 + i * tp, world, metas, bucket, cfg.cluster.call_timeout_s)
              for i in range(len(rollout))]
@@ -294,7 +303,7 @@ def sync_weights(cfg, learners: ActorGroup, rollout: ActorGroup, version: int) -
     t0 = time.perf_counter()
     ro = cfg.rollout
     if ro.weight_sync == "broadcast":
-        refs = learners.call_all("broadcast_weights", ro.weight_sync_bucket_mb << 20)
+        refs = learners.call_all("broadcast_weights", getattr(rollout, "sync_bucket_bytes", ro.weight_sync_bucket_mb << 20))
         refs += rollout.call_all("receive_weights", version)
         rollout.gather(refs, "weight sync (broadcast)")
     else:

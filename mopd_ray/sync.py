@@ -104,6 +104,21 @@ def make_group(host: str, port: int, rank: int, world_size: int, timeout_s: floa
     return group_on(store, rank, world_size, timeout_s)
 
 
+def choose_bucket_bytes(configured: int, free_bytes: list) -> int:
+    """The weight stream's bucket size: the configured one (``rollout.weight_sync_bucket_mb``; 0: one tensor
+    per bucket), but at most a quarter of the least free memory among the engines' workers. A receiver holds
+    about two buckets at once (the one arriving and the one whose last layer is still incomplete) beside a
+    layer being processed, so this keeps a sync inside half the memory the engine has left (on a GPU: what
+    gpu_memory_utilization leaves free). At least 1 MiB; a single tensor larger than a bucket still travels
+    alone in one."""
+    if configured <= 0:
+        return 0
+    known = [int(f) for f in free_bytes if f is not None and f > 0]
+    if not known:
+        return int(configured)
+    return int(max(1 << 20, min(configured, min(known) // 4)))
+
+
 def _buckets(metas: list[ParamMeta], bucket_bytes: int) -> list[list[ParamMeta]]:
     """Group consecutive same-dtype parameters into buckets of at most ``bucket_bytes`` (one may exceed)."""
     out, cur, size = [], [], 0

@@ -49,6 +49,10 @@ class RoleWorker:
         """The GPU of every worker process of this actor's vLLM engine (one per tensor-parallel shard)."""
         return list(self.llm.collective_rpc("mopd_device_uuid"))
 
+    def engine_free_memory(self) -> list:
+        """Free memory of every worker process of this actor's vLLM engine (bytes; vllm_ext.mopd_free_memory)."""
+        return list(self.llm.collective_rpc("mopd_free_memory"))
+
     def engine_placement(self):
         """How this actor's vLLM engine placed its tensor-parallel workers (workers/vllm_engine.py), or None."""
         return getattr(getattr(self, "llm", None), "mopd_placement", None)

@@ -150,12 +150,13 @@ class RolloutWorker(RoleWorker):
         (zero-copy views of the object store); handed to the workers bucket by bucket."""
         from safetensors.torch import save
 
-        from ..sync import state_buckets
+        from ..sync import choose_bucket_bytes, state_buckets
 
         t0 = time.perf_counter()
         local = self._in_process()
         self.llm.collective_rpc("mopd_begin_load")
-        for named in state_buckets(state, self.cfg["weight_sync_bucket_mb"] << 20):
+        bucket = choose_bucket_bytes(self.cfg["weight_sync_bucket_mb"] << 20, self.engine_free_memory())
+        for named in state_buckets(state, bucket):
             self.llm.collective_rpc("mopd_load_bucket", args=(named if local else save(
                 {n: t.contiguous() for n, t in named}),))
         self._loaded(version, self.llm.collective_rpc("mopd_finish_load"))

@@ -71,6 +71,18 @@ class WorkerExtension:
                 fn()
         return {"incomplete": incomplete}
 
+    def mopd_free_memory(self) -> int:
+        """Bytes this worker could still allocate where it receives weights: its GPU's free memory, or on
+        CPU the host's available memory."""
+        import torch
+
+        device = getattr(self, "device", None)
+        if device is not None and getattr(device, "type", "cpu") == "cuda":
+            return int(torch.cuda.mem_get_info(device)[0])
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+
     def mopd_device_uuid(self):
         from ..collectives import device_uuid
 

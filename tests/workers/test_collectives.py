@@ -83,3 +83,16 @@ def test_members_of_an_nccl_group_on_one_gpu_are_named_before_the_group_is_made(
         check_distinct_gpus({"learner rank 0": "GPU-a", "rollout replica 0 shard 0": "GPU-b",
                              "rollout replica 0 shard 1": "GPU-a"}, "weight-sync group",
                             "Use rollout.weight_sync=object_store")
+
+
+def test_weight_sync_buckets_fit_in_half_of_the_least_free_engine_memory():
+    """A receiver holds about two buckets at once: the configured size, unless an engine worker has less
+    than four buckets free (a GPU that gpu_memory_utilization leaves nearly full)."""
+    from mopd_ray.sync import choose_bucket_bytes
+
+    MiB = 1 << 20
+    assert choose_bucket_bytes(256 * MiB, [80_000 * MiB, 30_000 * MiB]) == 256 * MiB
+    assert choose_bucket_bytes(256 * MiB, [4_000 * MiB, 600 * MiB]) == 150 * MiB  # the least free worker decides
+    assert choose_bucket_bytes(256 * MiB, [2 * MiB]) == 1 * MiB  # never below 1 MiB
+    assert choose_bucket_bytes(0, [600 * MiB]) == 0  # one tensor per bucket stays so
+    assert choose_bucket_bytes(256 * MiB, [None]) == 256 * MiB  # nothing known: as configured

@@ -23,7 +23,7 @@ import time
 
 import numpy as np
 
-from .models.compat import TokenizerMismatchError, check_compatible
+from .models.compat import TokenizerMismatchError, architecture_of, check_compatible
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,13 @@ def run(cfg, roles, student_fp: dict, tokenizer) -> str:
         student = check_student(cfg, roles, student_refs)
         line += (f"; probe log-probs agree (mean |diff| per token: vs transformers {found['reference']:.1e}, "
                  f"between replicas {found['replicas']:.1e}, student engine vs learner {student:.1e})")
-    for extra in found["notes"]:
+    from .config import teacher_model_path
+    from .models.compat import unverified
+
+    trust = cfg.model.trust_remote_code
+    notes = [unverified("the student", cfg.model.path, trust),
+             *(unverified(f"teacher '{n}'", teacher_model_path(cfg, n), trust) for n in roles.teachers)]
+    for extra in [*found["notes"], *(n for n in notes if n)]:
         line += f"; {extra}"
     return line + f" ({time.perf_counter() - t0:.1f} s)"
 
@@ -115,7 +121,8 @@ def check_teachers(cfg, teachers: dict, student_fp: dict, probes: list) -> dict:
                 out["reference"] = max(out["reference"], mean)
                 if mean > tol:
                     raise PreflightError(
-                        f"teacher '{name}' replica {i}: its engine's log-probs of the probe sequences differ from a "
+                        f"teacher '{name}' replica {i} ({architecture_of(path)}): its engine's log-probs of the probe "
+                        "sequences differ from a "
                         f"transformers forward of {path} by {mean:.3g} nats per token on average (max {mx:.3g}; "
                         f"tolerance {tol:g}, teachers.preflight.logprob_tolerance): the engine does not serve the "
                         "folder's model (weights loaded wrong, another dtype or quantisation, a kernel bug). Check "
@@ -146,7 +153,8 @@ def check_head(name: str, path: str, rebuilt, engine: list, tol: float, out: dic
     out["head"] = max(out.get("head", 0.0), mean)
     if mean > tol:
         raise PreflightError(
-            f"teacher '{name}': the full-vocabulary distribution the learner rebuilds (its last hidden states x the "
+            f"teacher '{name}' ({architecture_of(path)}): the full-vocabulary distribution the learner rebuilds (its "
+            "last hidden states x the "
             f"output head of {path}, with the logit scale / soft-cap of its config.json) differs from its engine's "
             f"log-probs by {mean:.3g} nats per token on the probe (max {mx:.3g}; tolerance {tol:g}): its architecture "
             "transforms the logits after the head in a way the project does not apply, so the loss would distil "
@@ -164,7 +172,8 @@ def check_student(cfg, roles, refs) -> float:
         worst = max(worst, mean)
         if mean > tol:
             raise PreflightError(
-                f"the student's rollout replica {i} and the learner disagree on the probe sequences by {mean:.3g} "
+                f"the student's rollout replica {i} and the learner ({architecture_of(cfg.model.path)}) disagree on "
+                f"the probe sequences by {mean:.3g} "
                 f"nats per token (max {mx:.3g}; tolerance {tol:g}): rollouts would be off-policy from the first "
                 "step. Check rollout.dtype / learner.dtype and model.path, or raise "
                 "teachers.preflight.logprob_tolerance if the difference is understood")

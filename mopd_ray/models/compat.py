@@ -73,6 +73,35 @@ def _folder_stop_ids(path: str, trust_remote_code: bool, _mtimes: tuple) -> tupl
     return tuple(stop_ids(tok, path))
 
 
+# The transformers classes of the architecture matrix (tests/runtime/test_model_families.py, the GPU smoke
+# check): each verified on the real engines as student (through weight sync) and as teacher (full-vocab head).
+VERIFIED_ARCHITECTURES = frozenset({
+    "LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM", "MistralForCausalLM",
+    "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Gemma3ForConditionalGeneration", "Olmo2ForCausalLM",
+    "Phi3ForCausalLM"})
+
+
+def architecture_of(path: str, trust_remote_code: bool = False) -> str:
+    """The folder's transformers class (config.json ``architectures``), or its model_type."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except Exception:  # not a model folder: the engines say so with their own error
+        return "unknown"
+    return (getattr(config, "architectures", None) or [getattr(config, "model_type", "unknown")])[0]
+
+
+def unverified(what: str, path: str, trust_remote_code: bool = False) -> str | None:
+    """A note when ``path``'s architecture is outside the verified matrix (the pre-flight probe and the
+    post-sync check still compare it with transformers and with the learner, and stop a mismatch)."""
+    arch = architecture_of(path, trust_remote_code)
+    if arch in VERIFIED_ARCHITECTURES:
+        return None
+    return (f"{what}'s architecture {arch} is not in the verified matrix (README: Supported models): the probe "
+            "and post-sync checks guard it")
+
+
 def token_rows(tokenizer) -> int:
     """How many output rows are real tokens: every id the tokenizer can produce is below it. Rows past it
     are embedding padding (Qwen2.5-7B: 152,064 rows for 151,665 tokens). The project's one convention: a

@@ -168,6 +168,9 @@ def family_results(local_ray, tmp_path_factory):
 
 def test_every_family_serves_what_transformers_computes_before_and_after_a_sync(family_results):
     assert [r["arch"] for r in family_results] == list(CASES)
+    from mopd_ray.models.compat import VERIFIED_ARCHITECTURES
+
+    assert {r["hf_class"] for r in family_results} <= VERIFIED_ARCHITECTURES  # what the pre-flight calls verified
     assert {r["arch"] for r in family_results if r["teacher_side"]} == TEACHER_SIDE
     for r in family_results:
         print(r)

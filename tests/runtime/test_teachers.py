@@ -142,8 +142,9 @@ def test_preflight_probe_catches_a_replica_serving_other_weights(local_ray, arti
         found = preflight.check_teachers(cfg, {"add_expert": group}, fp, probes)
         assert found["reference"] < 1e-4 and found["replicas"] == 0.0
         assert ray.get(group.actors[1].__ray_call__.remote(_perturb)) == [True]
-        with pytest.raises(preflight.PreflightError, match="teacher 'add_expert' replica 1: its engine's log-probs "
-                                                           "of the probe sequences differ from a transformers forward"):
+        with pytest.raises(preflight.PreflightError, match="teacher 'add_expert' replica 1 \\(Qwen2ForCausalLM\\): its "
+                                                           "engine's log-probs of the probe sequences differ from a "
+                                                           "transformers forward"):
             preflight.check_teachers(cfg, {"add_expert": group}, fp, probes)
         no_ref = compose_cfg(f"run.artifacts_dir={artifacts}", "teachers.models.add_expert.replicas=2",
                              "teachers.preflight.reference_max_gb=0")

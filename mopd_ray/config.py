@@ -295,6 +295,10 @@ class LearnerConfig:
     world_size: int = 2
     zero_stage: int = 2
     micro_batch_size: int = 8  # rows per forward/backward on one rank
+    # positions per chunk when the learner turns its last hidden states into log-probs, entropy and the
+    # top-k / full-vocab KL (workers/token_terms.py): extra memory ~ chunk x vocabulary x 4 bytes x 3, never
+    # the [rows, length, vocabulary] logits (each chunk is recomputed in the backward)
+    logit_chunk_size: int = 1024
     mini_batches_per_step: int = 1  # optimizer steps per rollout batch (PPO-style reuse when > 1)
     lr: float = 1e-3
     min_lr: float = 1e-4
@@ -319,7 +323,7 @@ def _check_batch(cfg) -> None:
                    ("rollout.tensor_parallel_size", ro.tensor_parallel_size),
                    ("rollout.max_new_tokens", ro.max_new_tokens), ("learner.world_size", ln.world_size),
                    ("rollout.shards_per_replica", ro.shards_per_replica),
-                   ("learner.micro_batch_size", ln.micro_batch_size),
+                   ("learner.micro_batch_size", ln.micro_batch_size), ("learner.logit_chunk_size", ln.logit_chunk_size),
                    ("learner.mini_batches_per_step", ln.mini_batches_per_step), ("learner.lr", ln.lr),
                    ("data.prompts_per_step", da.prompts_per_step), ("data.max_prompt_len", da.max_prompt_len),
                    ("run.total_steps", cfg.run.total_steps)):
@@ -384,7 +388,7 @@ class AlgorithmConfig:
     icepop_high: float = 2.0
     topk: int = 8
     topk_divergence: str = "forward"  # forward | reverse
-    full_vocab_chunk_size: int = 1024
+    full_vocab_chunk_size: int = 1024  # the reference path's chunks (loss.terms_from_logits); a run chunks by learner.logit_chunk_size
     kl_estimator: str = "k3"  # reported estimator
     max_staleness: int = 0  # 0: on-policy; k >= 1: up to k later rollouts overlap this update (async)
 

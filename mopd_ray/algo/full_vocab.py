@@ -16,7 +16,7 @@ frozen: h and W_T get none).
 Head post-processing: some families change the logits after the head: Gemma 2 / 3 soft-cap them
 (u <- c * tanh(u / c), ``final_logit_softcapping``), Cohere multiplies by ``logit_scale``, Granite divides
 by ``logits_scaling``. ``teacher_post = (scale, softcap)`` applies u <- u * scale, then the cap (0: none);
-the teacher's config gives it (workers/teacher.py ``head_post``), so the distribution rebuilt here is the
+the teacher's config gives it (models/compat.py ``head_post``), so the distribution rebuilt here is the
 teacher's own.
 
 Vocabulary padding: embeddings are often padded past the tokenizer (Qwen2.5: 152,064 rows for 151,665

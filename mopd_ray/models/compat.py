@@ -102,6 +102,15 @@ def unverified(what: str, path: str, trust_remote_code: bool = False) -> str | N
             "and post-sync checks guard it")
 
 
+def head_post(config: dict) -> tuple:
+    """(scale, softcap) applied to the head's logits by the family (algo/full_vocab.py; the student's own head too: workers/token_terms.py): Gemma 2 / 3
+    ``final_logit_softcapping``, Cohere ``logit_scale``, Granite ``logits_scaling``; composite configs
+    (Gemma 3) read from their ``text_config``."""
+    c = {**config, **(config.get("text_config") or {})}
+    scale = float(c.get("logit_scale") or 1.0) / float(c.get("logits_scaling") or 1.0)
+    return scale, float(c.get("final_logit_softcapping") or 0.0)
+
+
 def token_rows(tokenizer) -> int:
     """How many output rows are real tokens: every id the tokenizer can produce is below it. Rows past it
     are embedding padding (Qwen2.5-7B: 152,064 rows for 151,665 tokens). The project's one convention: a

@@ -119,7 +119,7 @@ class LearnerWorker(LearnerRows, LearnerAdvantages, LearnerWeights, LearnerMetri
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from ..models.compat import token_rows
+        from ..models.compat import head_post, token_rows
         from .deepspeed_env import zero_config
 
         torch.manual_seed(self.seed)
@@ -135,7 +135,7 @@ class LearnerWorker(LearnerRows, LearnerAdvantages, LearnerWeights, LearnerMetri
         if c["gradient_checkpointing"]:
             model.gradient_checkpointing_enable()
         tokenizer = AutoTokenizer.from_pretrained(self.model_path, trust_remote_code=self.trust_remote_code)
-        self.vocab_size = token_rows(tokenizer)  # logits past it (embedding padding) are cut: _forward_logits
+        self.vocab_size = token_rows(tokenizer)  # logits past it (embedding padding) are cut: _logits_fn
         per_rank = self.rows_per_step // c["mini_batches_per_step"] // self.world_size
         self.micro = min(c["micro_batch_size"], per_rank)
         self.grad_accum = max(1, math.ceil(per_rank / self.micro))
@@ -151,6 +151,11 @@ class LearnerWorker(LearnerRows, LearnerAdvantages, LearnerWeights, LearnerMetri
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=opt, lr_scheduler=sched, config=ds_cfg)
         self.zero_stage = c["zero_stage"]
+        # the student's own head: log-probs and KL come from the last hidden states chunk by chunk
+        self._decoder = self.engine.module.get_decoder()
+        self._head = self.engine.module.get_output_embeddings()
+        self._post = head_post(self.engine.module.config.to_dict())
+        self.logit_chunk = int(c.get("logit_chunk_size", 1024))
         return {"rank": self.rank, "node_local_rank": getattr(self, "node_local_rank", 0), "device": str(self.device),
                 "local_rank_env": os.environ.get("LOCAL_RANK"), "micro_batch_size": self.micro, "grad_accum": self.grad_accum,
                 "params": sum(p.numel() for p in model.parameters())}
@@ -162,7 +167,7 @@ class LearnerWorker(LearnerRows, LearnerAdvantages, LearnerWeights, LearnerMetri
 
     def set_teacher_heads(self, heads: dict) -> bool:
         """{teacher index: (W [V, H] ndarray, bias or None[, (scale, softcap)])} for full-vocabulary teachers
-        (frozen); the third item is the head's post-processing (workers/teacher.py ``head_post``)."""
+        (frozen); the third item is the head's post-processing (models/compat.py ``head_post``)."""
         import torch
 
         self.teacher_heads = {}
@@ -174,10 +179,43 @@ class LearnerWorker(LearnerRows, LearnerAdvantages, LearnerWeights, LearnerMetri
         return True
 
     # ------------------------------------------------------------------ training
-    def _forward_logits(self, tokens, attn):
-        """Logits over the tokenizer's ids: embedding rows past them are padding, in no distribution
-        (the engines mask them too: models/compat.py ``token_rows``)."""
-        return self.engine(input_ids=tokens, attention_mask=attn).logits[..., :self.vocab_size].float()
+    def _forward_hidden(self, tokens, attn):
+        """The last hidden states [b, L, H] (post final norm: what the head reads), through the DeepSpeed
+        engine's forward (ZeRO-3 gathers, hooks) with logits for the last position only: the head runs later,
+        chunk by chunk, where the loss needs it (workers/token_terms.py)."""
+        seen = {}
+
+        def keep(module, args, out):
+            seen["h"] = out[0] if isinstance(out, tuple) else out.last_hidden_state
+
+        hook = self._decoder.register_forward_hook(keep)
+        try:
+            try:
+                self.engine(input_ids=tokens, attention_mask=attn, logits_to_keep=1)
+            except TypeError:  # a remote-code model without logits_to_keep: its full logits are dropped
+                self.engine(input_ids=tokens, attention_mask=attn)
+        finally:
+            hook.remove()
+        return seen["h"]
+
+    def _logits_fn(self, temperature: float):
+        """Hidden states -> the student's logits over the tokenizer's ids (padded rows are in no
+        distribution: models/compat.py ``token_rows``), with its family's logit scale / soft-cap, at
+        ``temperature``."""
+        from .token_terms import head_logits
+
+        return head_logits(self._head, self._post, self.vocab_size, temperature)
+
+    def _token_logprobs(self, tokens, attn, where, temperature: float):
+        """[b, L] log-probs of the tokens at positions ``where`` (0 elsewhere), without gradients."""
+        import torch
+
+        from .token_terms import token_terms
+
+        with torch.no_grad():
+            hidden = self._forward_hidden(tokens, attn)
+            return token_terms(hidden, self._logits_fn(temperature), tokens, where, self.logit_chunk,
+                               checkpointed=False)["logprobs"].float()
 
     def train_step(self, parts: list, step: int) -> dict:
         """One rollout batch on this rank's rows: fetch, pi_old, advantages, optimizer steps; metrics.
@@ -256,35 +294,40 @@ class LearnerWorker(LearnerRows, LearnerAdvantages, LearnerWeights, LearnerMetri
         """Forward, loss, backward of one micro-batch; False (nothing stepped) on a non-finite loss."""
         import torch
 
-        from .loss import MicroBatch, entropy_from_logits, micro_batch_loss, token_logprobs_from_logits
+        from .loss import MicroBatch, micro_batch_loss, terms_from_hidden
 
         a, dev = self.algo, self.device
         idx = rows[s: s + self.micro]
         g.setdefault("start_s", time.perf_counter() - g["t0"])  # when training began
         r = torch.from_numpy(idx).to(dev)
         # the student's forward needs no teacher score: it runs while later shards are still being scored
-        logits = self._forward_logits(t["tokens"][r], t["attn"][r])
+        hidden = self._forward_hidden(t["tokens"][r], t["attn"][r])
         if self._await_rows(g, t, idx):  # this micro-batch's scores (streamed: later shards still scoring)
             g["forwards_ahead"] = g.get("forwards_ahead", 0) + 1  # its forward ran while they were computed
         bad = self._nonfinite_inputs(g, idx, None if fused else old_lp)
-        if fused:  # pi_old == pi_theta now: take it from this forward instead of a second one
-            old_lp[r] = token_logprobs_from_logits(logits.detach(), t["tokens"][r], self.temperature)
-            distill = self._sampled_advantage(t, old_lp, r).sum(0)
-        else:
-            distill = adv[r]
         take = (lambda arr: None if arr is None else torch.from_numpy(arr[idx]).to(dev))
         slots = g["slots"]
         mb = MicroBatch(
             tokens_bL=t["tokens"][r], response_mask_bL=t["mask"][r], old_logprobs_bL=old_lp[r],
-            rollout_logprobs_bL=t["rollout_lp"][r], advantages_bL=distill + t["outcome"][r],
+            rollout_logprobs_bL=t["rollout_lp"][r], advantages_bL=None,
             coef_SbL=t["coef"][:, r], teacher_index_bS=t["tidx"][r], signal_bS=t["signal"][r],
             topk_ids_SbLK=[None if sl["topk_ids"] is None else take(sl["topk_ids"]).long() for sl in slots],
             topk_logprobs_SbLK=[take(sl["topk_lp"]) for sl in slots],
             hidden_SbLH=[None if sl["hidden"] is None else sl["hidden"][torch.from_numpy(idx)].to(dev).float()
                          for sl in slots],
             outcome_advantages_bL=t["outcome"][r] if a["alpha"] > 0 else None)
-        loss, mets = micro_batch_loss(logits, mb, a, denominator, self.teacher_heads, self.temperature,
-                                      self.vocab_size)
+        # log-probs, entropy and dense KL at the response positions, chunk by chunk from the hidden states
+        terms = terms_from_hidden(hidden, self._logits_fn(self.temperature), mb, self.teacher_heads,
+                                  self.temperature, a, self.logit_chunk, want_entropy=True)
+        if fused:  # pi_old == pi_theta now: take it from this forward instead of a second one
+            resp = t["mask"][r] > 0
+            old_lp[r] = torch.where(resp, terms["logprobs"].detach().to(old_lp.dtype), old_lp[r])
+            mb.old_logprobs_bL = old_lp[r]
+            distill = self._sampled_advantage(t, old_lp, r).sum(0)
+        else:
+            distill = adv[r]
+        mb.advantages_bL = distill + t["outcome"][r]
+        loss, mets = micro_batch_loss(terms, mb, a, denominator)
         # garbage in (non-finite teacher scores, log-probs) or a non-finite loss on any rank: this update
         # is skipped on every rank (one all-reduce per micro-batch; ranks take the same branch)
         if _any_rank(bad is not None or not bool(torch.isfinite(loss))):
@@ -304,7 +347,7 @@ class LearnerWorker(LearnerRows, LearnerAdvantages, LearnerWeights, LearnerMetri
         self.engine.backward(loss)
         self.engine.step()
         if not loop["poisoned"]:
-            loop["entropy_sum"] += float((entropy_from_logits(logits) * t["mask"][r]).sum())
+            loop["entropy_sum"] += float((terms["entropy"] * t["mask"][r]).sum())
             loop["loss"] += loss.item() / (self.world_size * self.grad_accum)
             for k, v in mets.items():
                 loop[k] = loop.get(k, 0.0) + v
@@ -317,7 +360,7 @@ class LearnerWorker(LearnerRows, LearnerAdvantages, LearnerWeights, LearnerMetri
         import torch
 
         from ..batch import pad_sequences
-        from .loss import token_logprobs_from_logits
+        from .token_terms import token_terms
 
         n = len(sequences)
         per = n // self.world_size
@@ -334,7 +377,8 @@ class LearnerWorker(LearnerRows, LearnerAdvantages, LearnerWeights, LearnerMetri
             tokens = torch.from_numpy(tokens_all[r].astype(np.int64)).to(self.device)
             attn = torch.from_numpy(pos < lens[r][:, None]).long().to(self.device)
             mask = torch.from_numpy(mask_all[r]).float().to(self.device)
-            lp = token_logprobs_from_logits(self._forward_logits(tokens, attn), tokens)
+            lp = token_terms(self._forward_hidden(tokens, attn), self._logits_fn(1.0), tokens, mask > 0,
+                             self.logit_chunk)["logprobs"]
             loss = -(lp * mask).sum() / den
             self.engine.backward(loss)
             self.engine.step()

@@ -19,16 +19,15 @@ class LearnerAdvantages:
         """pi_old of every local row with the weights before this step's updates."""
         import torch
 
-        from .loss import token_logprobs_from_logits
-
         old_lp = t["rollout_lp"].clone()
         mine = np.concatenate(g["rows_by_mini"])
         self.engine.eval()
         with torch.no_grad():
             for s in range(0, len(mine), self.micro):
                 r = torch.from_numpy(mine[s: s + self.micro]).to(self.device)
-                old_lp[r] = token_logprobs_from_logits(self._forward_logits(t["tokens"][r], t["attn"][r]),
-                                                       t["tokens"][r], self.temperature)
+                resp = t["mask"][r] > 0  # only response tokens are trained: only they need pi_old
+                lp = self._token_logprobs(t["tokens"][r], t["attn"][r], resp, self.temperature)
+                old_lp[r] = torch.where(resp, lp.to(old_lp.dtype), old_lp[r])
         self.engine.train()
         return old_lp
 

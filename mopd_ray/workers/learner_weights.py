@@ -18,15 +18,12 @@ class LearnerWeights:
         import torch
 
         from ..batch import pad_sequences
-        from .loss import token_logprobs_from_logits
 
         tokens = torch.from_numpy(pad_sequences(sequences, 0).astype(np.int64)).to(self.device)
         lens = torch.tensor([len(s) for s in sequences])
         attn = (torch.arange(tokens.shape[1])[None] < lens[:, None]).long().to(self.device)
         self.engine.eval()
-        with torch.no_grad():
-            lp = token_logprobs_from_logits(self._forward_logits(tokens, attn), tokens,
-                                            self.temperature if temperature is None else temperature)
+        lp = self._token_logprobs(tokens, attn, attn > 0, self.temperature if temperature is None else temperature)
         self.engine.train()
         return [lp[i, : len(s)].cpu().numpy() for i, s in enumerate(sequences)]
 

@@ -54,10 +54,9 @@ def entropy_from_logits(logits_bLV: torch.Tensor) -> torch.Tensor:
 SIGNAL_IDS = {"sampled": 0, "topk": 1, "full_vocab": 2}
 
 
-def micro_batch_loss(logits_bLV: torch.Tensor, mb: MicroBatch, algo: dict, denominator: float,
-                     teacher_heads: Optional[dict] = None, temperature: float = 1.0,
-                     vocab_size: int | None = None):
-    """Returns (loss, metrics) for one micro-batch.
+def micro_batch_loss(terms: dict, mb: MicroBatch, algo: dict, denominator: float):
+    """Returns (loss, metrics) for one micro-batch from its per-token ``terms`` ([b, L] ``logprobs`` and
+    ``dense``: terms_from_hidden, the learner's path, or terms_from_logits, the reference).
 
     Each slot of a row carries its teacher's signal (``mb.signal_bS``), so a row may be scored by several
     teachers with different signals, and rows of different teachers share a micro-batch. Every term is
@@ -70,14 +69,14 @@ def micro_batch_loss(logits_bLV: torch.Tensor, mb: MicroBatch, algo: dict, denom
       surrogate on alpha * outcome.
     """
     mask = mb.response_mask_bL
-    logprobs = token_logprobs_from_logits(logits_bLV, mb.tokens_bL, temperature)
+    logprobs = terms["logprobs"]
     gate = is_correction(algo["is_correction"], mb.old_logprobs_bL, mb.rollout_logprobs_bL, mask,
                          cap=algo["tis_cap"], low=algo["icepop_low"], high=algo["icepop_high"])
     pg_kwargs = dict(clip_low=algo["clip_low"], clip_high=algo["clip_high"], dual_clip=algo["dual_clip"],
                      agg=algo["loss_agg"], weights_BT=gate.weights_BT, denominator=denominator)
     policy_loss = POLICY_LOSSES.get(algo["policy_loss"])
     metrics = {"is_clip_fraction": gate.clipped_fraction.item()}
-    loss = logits_bLV.new_zeros(())
+    loss = logprobs.new_zeros(())
     pg_outs = []
     sig = mb.signal_bS
     has_sampled = (sig == SIGNAL_IDS["sampled"]).any(-1) | (sig < 0).all(-1)  # no teacher: reward-only rows
@@ -88,7 +87,7 @@ def micro_batch_loss(logits_bLV: torch.Tensor, mb: MicroBatch, algo: dict, denom
         loss = loss + out.loss
         pg_outs.append(out)
     if has_dense.any():
-        per_tok_bL = _dense_kl(logits_bLV, mb, teacher_heads, temperature, vocab_size, algo)
+        per_tok_bL = terms["dense"]
         distill = aggregate(per_tok_bL, mask * has_dense.to(mask.dtype)[:, None], algo["loss_agg"],
                             denominator=denominator)
         metrics["distill_loss"] = distill.item()
@@ -102,6 +101,38 @@ def micro_batch_loss(logits_bLV: torch.Tensor, mb: MicroBatch, algo: dict, denom
         metrics["pg_clip_fraction"] = sum(o.clip_fraction.item() for o in pg_outs) / len(pg_outs)
         metrics["approx_kl"] = sum(o.approx_kl.item() for o in pg_outs) / len(pg_outs)
     return loss, metrics
+
+
+def terms_from_hidden(hidden_bLH: torch.Tensor, logits_fn, mb: MicroBatch, teacher_heads: Optional[dict],
+                      temperature: float, algo: dict, chunk: int, want_entropy: bool = False) -> dict:
+    """The learner's path: per-token terms at the response positions from the last hidden states, chunk by
+    chunk (workers/token_terms.py); ``logits_fn`` turns hidden states into tempered logits over the
+    tokenizer (token_terms.head_logits)."""
+    from .token_terms import DenseSlots, token_terms
+
+    where = mb.response_mask_bL > 0
+    where[:, 0] = False
+    dense = None
+    if bool((mb.signal_bS > SIGNAL_IDS["sampled"]).any()):
+        rows, cols = where.nonzero(as_tuple=True)
+        pick = (lambda x: None if x is None else x[rows, cols])
+        dense = DenseSlots(signal_NS=mb.signal_bS[rows], teacher_NS=mb.teacher_index_bS[rows],
+                           coef_NS=mb.coef_SbL[:, rows, cols].T,
+                           topk_ids=[None if x is None else x[rows, cols].long() for x in (mb.topk_ids_SbLK or [])],
+                           topk_logprobs=[pick(x) for x in (mb.topk_logprobs_SbLK or [])],
+                           hidden=[pick(x) for x in (mb.hidden_SbLH or [])], heads=teacher_heads or {},
+                           topk_divergence=algo["topk_divergence"])
+    return token_terms(hidden_bLH, logits_fn, mb.tokens_bL, where, chunk, temperature, dense, want_entropy)
+
+
+def terms_from_logits(logits_bLV: torch.Tensor, mb: MicroBatch, teacher_heads: Optional[dict], temperature: float,
+                      vocab_size: Optional[int], algo: dict) -> dict:
+    """The reference path (the learner's before hidden-state chunks, kept to test them against): the same
+    terms from full [b, L, V] logits at T = 1 (the sampling temperature applied here)."""
+    return {"logprobs": token_logprobs_from_logits(logits_bLV, mb.tokens_bL, temperature),
+            "dense": (_dense_kl(logits_bLV, mb, teacher_heads, temperature, vocab_size, algo)
+                      if bool((mb.signal_bS > SIGNAL_IDS["sampled"]).any()) else None),
+            "entropy": entropy_from_logits(logits_bLV)}
 
 
 def _dense_kl(logits_bLV, mb: MicroBatch, teacher_heads, temperature, vocab_size, algo) -> torch.Tensor:

@@ -21,7 +21,7 @@ from typing import Optional
 import numpy as np
 
 from ..batch import RolloutBatch, TeacherScores, response_windows
-from ..models.compat import check_pool_architectures, token_rows
+from ..models.compat import check_pool_architectures, head_post, token_rows
 from .base import RoleWorker
 
 
@@ -271,15 +271,6 @@ def expand_hidden(hidden: np.ndarray, dtype_name: Optional[str]):
     if dtype_name == "bfloat16":
         return torch.from_numpy(np.ascontiguousarray(hidden).view(np.int16)).view(torch.bfloat16)
     return torch.from_numpy(np.array(hidden))
-
-
-def head_post(config: dict) -> tuple:
-    """(scale, softcap) applied to the head's logits by the family (algo/full_vocab.py): Gemma 2 / 3
-    ``final_logit_softcapping``, Cohere ``logit_scale``, Granite ``logits_scaling``; composite configs
-    (Gemma 3) read from their ``text_config``."""
-    c = {**config, **(config.get("text_config") or {})}
-    scale = float(c.get("logit_scale") or 1.0) / float(c.get("logits_scaling") or 1.0)
-    return scale, float(c.get("final_logit_softcapping") or 0.0)
 
 
 def head_from_checkpoint(model_path: str) -> tuple:

@@ -8,7 +8,7 @@ import torch
 
 from mopd_ray.algo import (full_vocab_reverse_kl, ppo_clip_loss, reverse_kl_advantage, topk_forward_kl,
                            truncated_importance_weights)
-from mopd_ray.workers.loss import SIGNAL_IDS, MicroBatch, micro_batch_loss, token_logprobs_from_logits
+from mopd_ray.workers.loss import SIGNAL_IDS, MicroBatch, micro_batch_loss, terms_from_logits, token_logprobs_from_logits
 
 ALGO = dict(is_correction="tis", tis_cap=2.0, icepop_low=0.5, icepop_high=2.0, clip_low=0.2, clip_high=0.28,
             dual_clip=None, loss_agg="token_mean", policy_loss="ppo_clip", topk_divergence="forward",
@@ -42,7 +42,8 @@ def _setup(seed=0, b=3, L=6, V=11, H=4, K=3, signals=((S_,), (K_,), (F_,)), teac
 
 def test_sampled_rows_are_the_clipped_surrogate():
     logits, mb, _, _ = _setup(signals=((S_,), (S_,), (S_,)))
-    loss, metrics = micro_batch_loss(logits, mb, ALGO, denominator=mb.response_mask_bL.sum())
+    loss, metrics = micro_batch_loss(terms_from_logits(logits, mb, None, 1.0, None, ALGO), mb, ALGO,
+                                     denominator=mb.response_mask_bL.sum())
     lp = token_logprobs_from_logits(logits, mb.tokens_bL)
     gate = truncated_importance_weights(mb.old_logprobs_bL, mb.rollout_logprobs_bL, mb.response_mask_bL, cap=2.0)
     want = ppo_clip_loss(lp, mb.old_logprobs_bL, mb.advantages_bL, mb.response_mask_bL, clip_low=0.2, clip_high=0.28,
@@ -53,7 +54,7 @@ def test_sampled_rows_are_the_clipped_surrogate():
 def test_mixed_signals_partition_rows_and_add_up():
     logits, mb, heads, _ = _setup(seed=1)  # row 0 sampled, row 1 top-k, row 2 full vocabulary
     den = mb.response_mask_bL.sum()
-    loss, _ = micro_batch_loss(logits, mb, ALGO, denominator=den, teacher_heads=heads)
+    loss, _ = micro_batch_loss(terms_from_logits(logits, mb, heads, 1.0, None, ALGO), mb, ALGO, denominator=den)
     loss.backward()
     assert torch.isfinite(logits.grad).all() and logits.grad.abs().sum() > 0
     # independent assembly of the three parts
@@ -130,7 +131,7 @@ def test_several_teachers_per_row_equal_a_float64_reference_in_loss_and_gradient
                                                     coef[s] * (sig[:, s] == S_)[:, None]) for s in range(2))
     mb._teacher_lp = teacher_lp
     den = mb.response_mask_bL.sum()
-    loss, _ = micro_batch_loss(logits, mb, ALGO, denominator=den, teacher_heads=heads)
+    loss, _ = micro_batch_loss(terms_from_logits(logits, mb, heads, 1.0, None, ALGO), mb, ALGO, denominator=den)
     (grad,) = torch.autograd.grad(loss, logits)
     want = _reference(logits, mb, heads, den)
     (want_grad,) = torch.autograd.grad(want, logits)

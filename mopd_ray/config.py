@@ -296,9 +296,10 @@ class LearnerConfig:
     zero_stage: int = 2
     micro_batch_size: int = 8  # rows per forward/backward on one rank
     # positions per chunk when the learner turns its last hidden states into log-probs, entropy and the
-    # top-k / full-vocab KL (workers/token_terms.py): extra memory ~ chunk x vocabulary x 4 bytes x 3, never
+    # top-k / full-vocab KL (workers/token_terms.py): extra memory ~ chunk x vocabulary x 4 bytes x ~5 (at
+    # 152k: ~1.5 GB for 512 positions), never
     # the [rows, length, vocabulary] logits (each chunk is recomputed in the backward)
-    logit_chunk_size: int = 1024
+    logit_chunk_size: int = 512
     mini_batches_per_step: int = 1  # optimizer steps per rollout batch (PPO-style reuse when > 1)
     lr: float = 1e-3
     min_lr: float = 1e-4

@@ -155,7 +155,7 @@ class LearnerWorker(LearnerRows, LearnerAdvantages, LearnerWeights, LearnerMetri
         self._decoder = self.engine.module.get_decoder()
         self._head = self.engine.module.get_output_embeddings()
         self._post = head_post(self.engine.module.config.to_dict())
-        self.logit_chunk = int(c.get("logit_chunk_size", 1024))
+        self.logit_chunk = int(c.get("logit_chunk_size", 512))
         return {"rank": self.rank, "node_local_rank": getattr(self, "node_local_rank", 0), "device": str(self.device),
                 "local_rank_env": os.environ.get("LOCAL_RANK"), "micro_batch_size": self.micro, "grad_accum": self.grad_accum,
                 "params": sum(p.numel() for p in model.parameters())}

@@ -73,6 +73,14 @@ def _teacher_logits(h_CH, head: tuple, vocab: int, dtype) -> torch.Tensor:
     return teacher_logits(h_CH, w, bias, vocab, dtype, post[0] if post else (1.0, 0.0))
 
 
+def entropy_of(z_CV: torch.Tensor, lse_C: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Entropy of softmax(z) per row, with one [C, V] temporary: H = lse - sum_v p_v z_v."""
+    with torch.no_grad():
+        lse_C = torch.logsumexp(z_CV, dim=-1) if lse_C is None else lse_C
+        p = torch.exp(z_CV - lse_C[:, None])
+        return lse_C - torch.einsum("cv,cv->c", p, z_CV)
+
+
 def _chunk(logits_fn, h_CH, targets_C, dense: Optional[DenseSlots], s: int, e: int, temperature: float,
            want_entropy: bool):
     z = logits_fn(h_CH)  # [C, V]
@@ -80,9 +88,8 @@ def _chunk(logits_fn, h_CH, targets_C, dense: Optional[DenseSlots], s: int, e: i
     lp = torch.gather(z, -1, targets_C[:, None]).squeeze(-1) - lse
     ent = None
     if want_entropy:  # of the model's distribution (temperature 1), as the metric has always been
-        with torch.no_grad():
-            logp = torch.log_softmax(z.detach() * temperature, dim=-1)
-            ent = -(logp.exp() * logp).sum(-1)
+        zd = z.detach()
+        ent = entropy_of(zd, lse.detach()) if temperature == 1.0 else entropy_of(zd * temperature)
     total = z.new_zeros(z.shape[0])
     if dense is not None:
         vocab = z.shape[-1]
@@ -127,9 +134,12 @@ def token_terms(hidden_bLH: torch.Tensor, logits_fn: Callable, tokens_bL: torch.
     lps, totals, ents = [], [], []
     for s in range(0, n, chunk):
         e = min(n, s + chunk)
+        calls = []
 
-        def run(h, _s=s, _e=e):
-            return _chunk(logits_fn, h, targets_N[_s:_e], dense, _s, _e, temperature, want_entropy)
+        def run(h, _s=s, _e=e, _calls=calls):
+            # the backward's recomputation needs no entropy (it has no gradient): computed once, in the forward
+            _calls.append(1)
+            return _chunk(logits_fn, h, targets_N[_s:_e], dense, _s, _e, temperature, want_entropy and len(_calls) == 1)
 
         lp, total, ent = checkpoint(run, h_NH[s:e], use_reentrant=False) if checkpointed else run(h_NH[s:e])
         lps.append(lp)

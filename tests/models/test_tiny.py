@@ -68,12 +68,19 @@ def test_loads_in_transformers_and_generates(tiny_model_dir, tiny_llama_dir):
 
 @pytest.mark.slow
 def test_loads_in_vllm_cpu_and_matches_transformers(tiny_model_dir):
+    from mopd_ray.workers.vllm_engine import close_llm, make_llm
+
+    llm = make_llm(tiny_model_dir, max_model_len=128, kv_cache_memory_bytes=32 << 20)
+    try:
+        _check_engine_against_transformers(llm, tiny_model_dir)
+    finally:  # an in-process engine holds this process's default torch.distributed group until closed
+        close_llm(llm)
+
+
+def _check_engine_against_transformers(llm, tiny_model_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from vllm import SamplingParams
 
-    from mopd_ray.workers.vllm_engine import make_llm
-
-    llm = make_llm(tiny_model_dir, max_model_len=128, kv_cache_memory_bytes=32 << 20)
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     prompt = tok.apply_chat_template([{"role": "user", "content": "add the numbers: 12+34 ="}],
                                      add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]

@@ -17,6 +17,7 @@ import numpy as np
 
 from .base import RoleWorker
 from .learner_advantages import LearnerAdvantages
+from .learner_forward import LearnerForward
 from .learner_metrics import LearnerMetrics
 from .learner_rows import LearnerRows, _check_scored
 from .learner_weights import LearnerWeights
@@ -33,7 +34,7 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str, min_ratio: floa
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * frac))
 
 
-class LearnerWorker(LearnerRows, LearnerAdvantages, LearnerWeights, LearnerMetrics, RoleWorker):
+class LearnerWorker(LearnerForward, LearnerRows, LearnerAdvantages, LearnerWeights, LearnerMetrics, RoleWorker):
     """One DeepSpeed rank: the model, its optimizer and a step's loss. Its mixins: the step's rows
     (learner_rows.py), pi_old and advantages (learner_advantages.py), weight export and checkpoints
     (learner_weights.py), metrics (learner_metrics.py)."""
@@ -179,44 +180,6 @@ class LearnerWorker(LearnerRows, LearnerAdvantages, LearnerWeights, LearnerMetri
         return True
 
     # ------------------------------------------------------------------ training
-    def _forward_hidden(self, tokens, attn):
-        """The last hidden states [b, L, H] (post final norm: what the head reads), through the DeepSpeed
-        engine's forward (ZeRO-3 gathers, hooks) with logits for the last position only: the head runs later,
-        chunk by chunk, where the loss needs it (workers/token_terms.py)."""
-        seen = {}
-
-        def keep(module, args, out):
-            seen["h"] = out[0] if isinstance(out, tuple) else out.last_hidden_state
-
-        hook = self._decoder.register_forward_hook(keep)
-        try:
-            try:
-                self.engine(input_ids=tokens, attention_mask=attn, logits_to_keep=1)
-            except TypeError:  # a remote-code model without logits_to_keep: its full logits are dropped
-                self.engine(input_ids=tokens, attention_mask=attn)
-        finally:
-            hook.remove()
-        return seen["h"]
-
-    def _logits_fn(self, temperature: float):
-        """Hidden states -> the student's logits over the tokenizer's ids (padded rows are in no
-        distribution: models/compat.py ``token_rows``), with its family's logit scale / soft-cap, at
-        ``temperature``."""
-        from .token_terms import head_logits
-
-        return head_logits(self._head, self._post, self.vocab_size, temperature)
-
-    def _token_logprobs(self, tokens, attn, where, temperature: float):
-        """[b, L] log-probs of the tokens at positions ``where`` (0 elsewhere), without gradients."""
-        import torch
-
-        from .token_terms import token_terms
-
-        with torch.no_grad():
-            hidden = self._forward_hidden(tokens, attn)
-            return token_terms(hidden, self._logits_fn(temperature), tokens, where, self.logit_chunk,
-                               checkpointed=False)["logprobs"].float()
-
     def train_step(self, parts: list, step: int) -> dict:
         """One rollout batch on this rank's rows: fetch, pi_old, advantages, optimizer steps; metrics.
 
@@ -290,11 +253,30 @@ class LearnerWorker(LearnerRows, LearnerAdvantages, LearnerWeights, LearnerMetri
         r = torch.from_numpy(rows).to(self.device)
         return not _any_rank(bool((t["outcome"][r] != 0).any()) if len(rows) else False)
 
+    def _micro_batch(self, g, t, old_lp, idx, r):
+        """The loss inputs of rows ``idx`` (``r`` on the device); advantages are filled in by the caller."""
+        import torch
+
+        from .loss import MicroBatch
+
+        dev = self.device
+        take = (lambda arr: None if arr is None else torch.from_numpy(arr[idx]).to(dev))
+        slots = g["slots"]
+        return MicroBatch(
+            tokens_bL=t["tokens"][r], response_mask_bL=t["mask"][r], old_logprobs_bL=old_lp[r],
+            rollout_logprobs_bL=t["rollout_lp"][r], advantages_bL=None,
+            coef_SbL=t["coef"][:, r], teacher_index_bS=t["tidx"][r], signal_bS=t["signal"][r],
+            topk_ids_SbLK=[None if sl["topk_ids"] is None else take(sl["topk_ids"]).long() for sl in slots],
+            topk_logprobs_SbLK=[take(sl["topk_lp"]) for sl in slots],
+            hidden_SbLH=[None if sl["hidden"] is None else sl["hidden"][torch.from_numpy(idx)].to(dev).float()
+                         for sl in slots],
+            outcome_advantages_bL=t["outcome"][r] if self.algo["alpha"] > 0 else None)
+
     def _micro_step(self, g, t, old_lp, adv, rows, s, denominator, step, fused, loop) -> bool:
         """Forward, loss, backward of one micro-batch; False (nothing stepped) on a non-finite loss."""
         import torch
 
-        from .loss import MicroBatch, micro_batch_loss, terms_from_hidden
+        from .loss import micro_batch_loss, terms_from_hidden
 
         a, dev = self.algo, self.device
         idx = rows[s: s + self.micro]
@@ -305,17 +287,7 @@ class LearnerWorker(LearnerRows, LearnerAdvantages, LearnerWeights, LearnerMetri
         if self._await_rows(g, t, idx):  # this micro-batch's scores (streamed: later shards still scoring)
             g["forwards_ahead"] = g.get("forwards_ahead", 0) + 1  # its forward ran while they were computed
         bad = self._nonfinite_inputs(g, idx, None if fused else old_lp)
-        take = (lambda arr: None if arr is None else torch.from_numpy(arr[idx]).to(dev))
-        slots = g["slots"]
-        mb = MicroBatch(
-            tokens_bL=t["tokens"][r], response_mask_bL=t["mask"][r], old_logprobs_bL=old_lp[r],
-            rollout_logprobs_bL=t["rollout_lp"][r], advantages_bL=None,
-            coef_SbL=t["coef"][:, r], teacher_index_bS=t["tidx"][r], signal_bS=t["signal"][r],
-            topk_ids_SbLK=[None if sl["topk_ids"] is None else take(sl["topk_ids"]).long() for sl in slots],
-            topk_logprobs_SbLK=[take(sl["topk_lp"]) for sl in slots],
-            hidden_SbLH=[None if sl["hidden"] is None else sl["hidden"][torch.from_numpy(idx)].to(dev).float()
-                         for sl in slots],
-            outcome_advantages_bL=t["outcome"][r] if a["alpha"] > 0 else None)
+        mb = self._micro_batch(g, t, old_lp, idx, r)
         # log-probs, entropy and dense KL at the response positions, chunk by chunk from the hidden states
         terms = terms_from_hidden(hidden, self._logits_fn(self.temperature), mb, self.teacher_heads,
                                   self.temperature, a, self.logit_chunk, want_entropy=True)
@@ -353,38 +325,6 @@ class LearnerWorker(LearnerRows, LearnerAdvantages, LearnerWeights, LearnerMetri
                 loop[k] = loop.get(k, 0.0) + v
             loop["n_micro"] += 1
         return True
-
-    def sft_step(self, sequences: list, prompt_lens: list) -> dict:
-        """One supervised step (bootstrap of teachers and the base student): token-mean cross-entropy on
-        the response tokens of every row, rows split across ranks, one optimizer step."""
-        import torch
-
-        from ..batch import pad_sequences
-        from .token_terms import token_terms
-
-        n = len(sequences)
-        per = n // self.world_size
-        mine = range(self.rank * per, (self.rank + 1) * per)
-        tokens_all = pad_sequences(sequences, 0)
-        lens = np.array([len(s) for s in sequences])
-        pos = np.arange(tokens_all.shape[1])[None]
-        mask_all = (pos >= np.array(prompt_lens)[:, None]) & (pos < lens[:, None])
-        den = max(float(mask_all.sum()), 1.0) / (self.world_size * self.grad_accum)
-        total = 0.0
-        rows = np.array(list(mine))
-        for s in range(0, len(rows), self.micro):
-            r = rows[s: s + self.micro]
-            tokens = torch.from_numpy(tokens_all[r].astype(np.int64)).to(self.device)
-            attn = torch.from_numpy(pos < lens[r][:, None]).long().to(self.device)
-            mask = torch.from_numpy(mask_all[r]).float().to(self.device)
-            lp = token_terms(self._forward_hidden(tokens, attn), self._logits_fn(1.0), tokens, mask > 0,
-                             self.logit_chunk)["logprobs"]
-            loss = -(lp * mask).sum() / den
-            self.engine.backward(loss)
-            self.engine.step()
-            total += loss.item() / (self.world_size * self.grad_accum)
-        self.optimizer_steps += 1
-        return {"sft_loss": total}
 
     # ------------------------------------------------------------------ weights
 def _any_rank(flag: bool) -> bool:

@@ -30,6 +30,8 @@ class RolloutBatch:
     weight_version: int = 0  # learner step whose weights generated this batch
     meta: dict = field(default_factory=dict)  # small numbers: generation time, token counts
     route_weight_BS: Optional[np.ndarray] = None  # float32 [B, S], the route's weight per slot (None: 1, 0 if empty)
+    truncated_B: Optional[np.ndarray] = None  # bool, cut at max_new_tokens (None: none known)
+    mask_truncated: bool = False  # rollout.overlong=mask: truncated rows carry no loss
 
     def __post_init__(self):
         tidx = np.asarray(self.teacher_index_BS, dtype=np.int32)
@@ -48,6 +50,14 @@ class RolloutBatch:
         start = self.prompt_lens_B[:, None]
         return (pos >= start) & (pos < start + self.response_lens_B[:, None])
 
+    def loss_mask_BL(self) -> np.ndarray:
+        """The response positions the learner trains on: all of them, but none of a truncated row's when
+        ``mask_truncated`` (rollout.overlong=mask)."""
+        mask = self.response_mask_BL()
+        if self.mask_truncated and self.truncated_B is not None:
+            mask &= ~np.asarray(self.truncated_B, bool)[:, None]
+        return mask
+
     def sequence(self, row: int) -> np.ndarray:
         """Prompt + response token ids of one row (no padding)."""
         return self.tokens_BL[row, : int(self.prompt_lens_B[row] + self.response_lens_B[row])]
@@ -63,7 +73,8 @@ class RolloutBatch:
         return RolloutBatch(self.tokens_BL[rows, :L], self.prompt_lens_B[rows], self.response_lens_B[rows],
                             self.rollout_logprobs_BL[rows, :L], self.group_ids_B[rows], self.teacher_index_BS[rows],
                             self.rewards_B[rows], self.finished_B[rows], tuple(self.domains[i] for i in rows),
-                            self.weight_version, dict(self.meta), self.route_weight_BS[rows])
+                            self.weight_version, dict(self.meta), self.route_weight_BS[rows],
+                            None if self.truncated_B is None else np.asarray(self.truncated_B)[rows], self.mask_truncated)
 
 
 @dataclass(frozen=True)

@@ -267,6 +267,13 @@ class RolloutConfig:
     # instruct teacher stops where the teacher expects (models/compat.py run_stop_ids); [] : the student's only
     stop_token_ids: Optional[List[int]] = None
     max_new_tokens: int = 32
+    # responses cut at max_new_tokens (finish reason "length"): keep (trained as they are) | mask (no loss on
+    # them; they still count in the metrics) | penalty (DAPO's overlong reward shaping: a row whose length
+    # enters the last overlong_buffer tokens of the limit loses up to overlong_penalty of its verifiable
+    # reward, linearly, and a truncated one all of it; rows without a verifiable reward are untouched)
+    overlong: str = "keep"
+    overlong_buffer: int = 0
+    overlong_penalty: float = 1.0
     max_logprobs: int = 20
     dtype: str = "float32"
     # vLLM's eager mode. False: torch.compile (CUDA graphs on GPUs), compiled at start-up and cached under
@@ -330,6 +337,11 @@ def _check_batch(cfg) -> None:
                    ("run.total_steps", cfg.run.total_steps)):
         _check_positive(key, v)
     _check_fraction("rollout.gpu_memory_utilization", ro.gpu_memory_utilization)
+    _check_choice("rollout.overlong", ro.overlong, ("keep", "mask", "penalty"))
+    if not 0 <= ro.overlong_buffer < ro.max_new_tokens:
+        _fail("rollout.overlong_buffer", f"must be in [0, rollout.max_new_tokens={ro.max_new_tokens}), got "
+              f"{ro.overlong_buffer}")
+    _check_positive("rollout.overlong_penalty", ro.overlong_penalty, allow_zero=True)
     if ro.temperature <= 0:
         _fail("rollout.temperature", f"must be > 0 for on-policy sampling, got {ro.temperature}")
     _check_choice("rollout.dtype", ro.dtype, DTYPES)

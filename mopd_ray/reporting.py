@@ -74,6 +74,15 @@ class Reporting:
                 counts[d] = counts.get(d, 0) + m["reward_count_by_domain"][d]
         for d in sums:
             out[f"reward/{d}"] = sums[d] / counts[d]
+        cut, seen = {}, {}
+        for m in gen:
+            for d, n in m.get("rows_by_domain", {}).items():
+                seen[d] = seen.get(d, 0) + n
+                cut[d] = cut.get(d, 0) + m.get("truncated_by_domain", {}).get(d, 0)
+        for d in seen:  # responses cut at rollout.max_new_tokens, per domain (rollout.overlong decides their fate)
+            out[f"rollout/truncated_fraction/{d}"] = cut[d] / max(seen[d], 1)
+        if seen:
+            out["rollout/truncated_fraction"] = sum(cut.values()) / max(sum(seen.values()), 1)
         if sums:
             out["reward/mean"] = sum(sums.values()) / sum(counts.values())
         out["reward/timeouts"] = sum(m.get("reward_timeouts", 0) for m in gen)

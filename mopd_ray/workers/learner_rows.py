@@ -152,7 +152,7 @@ def _layout(shards: list, teacher_names: list) -> dict:
         return np.concatenate(parts).astype(dtype or parts[0].dtype)
 
     out = {"tokens": cat(lambda b: b.tokens_BL), "rollout_lp": cat(lambda b: b.rollout_logprobs_BL, dtype=np.float32),
-           "mask": cat(lambda b: b.response_mask_BL())}
+           "mask": cat(lambda b: b.loss_mask_BL())}
     lens = np.concatenate([b.prompt_lens_B + b.response_lens_B for b in shards])
     out["attn"] = np.arange(L)[None, :] < lens[:, None]
     S = max(b.teacher_index_BS.shape[1] for b in shards)

@@ -80,7 +80,7 @@ class RolloutWorker(RoleWorker):
         flat = [(p, row) for p, rows in zip(prompts, per_prompt) for row in rows]
         scores = self.train_rewards.score([(p["domain"], row.pop("text"), p.get("answer")) for p, row in flat])
         for (_, row), r in zip(flat, scores):
-            row["reward"] = np.nan if r is None else r
+            row["reward"] = np.nan if r is None else r - overlong_penalty(row["rlen"], row["truncated"], self.cfg)
         batches = [self._batch([row for i in idx for row in per_prompt[i]]) for idx in parts]
         rewards = [r["reward"] for rows in per_prompt for r in rows]
         domains = [p["domain"] for p, rows in zip(prompts, per_prompt) for _ in rows]
@@ -92,6 +92,8 @@ class RolloutWorker(RoleWorker):
                 "response_tokens": int(sum(int(b.response_lens_B.sum()) for b in batches)),
                 "rows": int(sum(b.num_rows for b in batches)),
                 "finished": int(sum(int(b.finished_B.sum()) for b in batches)),
+                "truncated_by_domain": _count_by(domains, [r["truncated"] for rows in per_prompt for r in rows]),
+                "rows_by_domain": _count_by(domains, [True] * len(domains)),
                 "reward_sum_by_domain": {d: float(sum(v)) for d, v in by_domain.items()},
                 "reward_count_by_domain": {d: len(v) for d, v in by_domain.items()},
                 "reward_timeouts": self.train_rewards.timeouts - timeouts_before}
@@ -111,6 +113,7 @@ class RolloutWorker(RoleWorker):
                          "group": prompt["group_id"], "teacher": prompt["teacher_index"],
                          "route_weight": prompt.get("route_weight"),
                          "text": text, "finished": o.finish_reason == "stop",
+                         "truncated": o.finish_reason == "length",
                          "domain": prompt["domain"]})
         return rows
 
@@ -122,6 +125,7 @@ class RolloutWorker(RoleWorker):
             rollout_logprobs_BL=pad_sequences([r["lp"] for r in rows], 0, tokens.shape[1], np.float32),
             group_ids_B=col("group", np.int64), teacher_index_BS=col("teacher", np.int32),
             rewards_B=col("reward", np.float32), finished_B=col("finished", bool),
+            truncated_B=col("truncated", bool), mask_truncated=self.cfg.get("overlong", "keep") == "mask",
             domains=tuple(r["domain"] for r in rows), weight_version=self.weight_version,
             route_weight_BS=None if rows and rows[0]["route_weight"] is None else col("route_weight", np.float32))
 
@@ -245,3 +249,25 @@ def _sampled_logprobs(logprobs, resp: list) -> list:
             return np.asarray(logprobs.logprobs, np.float32)[starts].tolist()
     return [logprobs[i][t].logprob for i, t in enumerate(resp)]
 
+
+def _count_by(domains: list, flags: list) -> dict:
+    out: dict = {}
+    for d, f in zip(domains, flags):
+        out[d] = out.get(d, 0) + int(bool(f))
+    return out
+
+
+def overlong_penalty(length: int, truncated: bool, cfg: dict) -> float:
+    """DAPO's soft overlong punishment (rollout.overlong=penalty): 0 until the last ``overlong_buffer``
+    tokens before max_new_tokens, then rising linearly to ``overlong_penalty``, which a truncated response
+    gets in full. 0 for the other settings."""
+    if cfg.get("overlong", "keep") != "penalty":
+        return 0.0
+    full = float(cfg.get("overlong_penalty", 1.0))
+    if truncated:
+        return full
+    limit, buffer = int(cfg["max_new_tokens"]), int(cfg.get("overlong_buffer", 0))
+    start = limit - buffer
+    if buffer <= 0 or length <= start:
+        return 0.0
+    return full * min(1.0, (length - start) / buffer)

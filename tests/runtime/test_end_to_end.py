@@ -73,7 +73,8 @@ def test_main_trains_student_against_two_domain_teachers_and_self(artifacts, tmp
     for key in ("loss", "entropy", "grad_norm", "is_clip_fraction", "learner_step_s", "weight_sync_s",
                 "rollout/tokens_per_s", "reverse_kl", "reward/add", "reward/reverse", "reward/sort",
                 "teacher/add_expert/token_share", "teacher/add_expert/reverse_kl",
-                "teacher/reverse_expert/score_latency_s", "teacher/self/token_share"):
+                "teacher/reverse_expert/score_latency_s", "teacher/self/token_share", "rollout/truncated_fraction/add",
+                "rollout/truncated_fraction"):
         assert key in first, key
     shares = sum(first[f"teacher/{t}/token_share"] for t in ("add_expert", "reverse_expert", "self"))
     assert abs(shares - 1.0) < 1e-6

@@ -103,6 +103,12 @@ def test_rollouts_are_rewarded_by_train_rewards_and_evaluated_by_the_judge(rollo
     assert meta["reward_sum_by_domain"]["add"] == len(by_domain["add"])
     acc = rollout.gather(rollout.call(0, "evaluate", prompts, 0, 0))
     assert acc["add"]["accuracy"] == 0.0 and acc["sort"]["accuracy"] == 0.0
+    # responses cut at max_new_tokens (8 here) are marked, and counted per domain for the metrics
+    cut = batch.truncated_B
+    assert cut is not None and cut.tolist() == (batch.response_lens_B == 8).tolist()
+    assert not (cut & batch.finished_B).any()
+    assert meta["truncated_by_domain"] == {d: int(cut[[x == d for x in batch.domains]].sum()) for d in ("add", "sort")}
+    assert meta["rows_by_domain"] == {"add": len(by_domain["add"]), "sort": len(by_domain["sort"])}
 
 
 def test_rollout_logprobs_are_asked_for_only_when_something_consumes_them(rollout, artifacts):

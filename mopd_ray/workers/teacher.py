@@ -180,6 +180,37 @@ class TeacherWorker(RoleWorker):
                              topk_ids_RTK=cut(ids), topk_logprobs_RTK=cut(tk), hidden_RTH=cut(hs),
                              hidden_dtype=hdt, latency_s=latency)
 
+    def _generate_capturing(self, seqs: list, starts: list, params, hidden: bool, hdt: str) -> tuple:
+        """The scoring pass; with ``hidden``, each sequence's last-layer states from the one predicting its
+        first response token on (``starts``: response starts), captured on TP rank 0. A capture that does
+        not cover a sequence's response (a preempted or split prefill) is retried once for those sequences,
+        capturing everything; still short, the teacher stops with what happened and the fix."""
+        if not hidden:
+            return self.llm.generate([{"prompt_token_ids": s.tolist()} for s in seqs], params, use_tqdm=False), None
+        counter = getattr(getattr(self.llm, "request_counter", None), "counter", None)
+        # vLLM numbers an LLM's requests in order: the ids this call's requests will get
+        keep = {str(counter + i): max(0, st - 1) for i, st in enumerate(starts)} if counter is not None else {}
+        self.llm.collective_rpc("mopd_capture_start", kwargs={"keep_from": keep})
+        outs = self.llm.generate([{"prompt_token_ids": s.tolist()} for s in seqs], params, use_tqdm=False)
+        captured = self.llm.collective_rpc("mopd_capture_stop", kwargs={"dtype": hdt})[0]
+        short = [i for i, (s, st, o) in enumerate(zip(seqs, starts, outs)) if not _covers(captured.get(o.request_id), st, len(s))]
+        if short:
+            self.llm.collective_rpc("mopd_capture_start")
+            again = self.llm.generate([{"prompt_token_ids": seqs[i].tolist()} for i in short], params, use_tqdm=False)
+            more = self.llm.collective_rpc("mopd_capture_stop", kwargs={"dtype": hdt})[0]
+            for i, o in zip(short, again):
+                if not _covers(more.get(o.request_id), starts[i], len(seqs[i])):
+                    entry = more.get(o.request_id)
+                    raise RuntimeError(
+                        f"teacher '{self.name}': the hidden states of a {len(seqs[i])}-token sequence came back "
+                        f"incomplete twice (positions {entry[0] if entry else '-'}..{entry[0] + entry[1] - 1 if entry else '-'}"
+                        f" captured, {max(0, starts[i] - 1)}..{len(seqs[i]) - 2} needed): the engine preempted or "
+                        "split its prefill. Give the teacher engine more KV cache (teachers.models.NAME."
+                        "kv_cache_memory_bytes or gpu_memory_utilization) or a larger max_model_len, or use "
+                        "signal=topk for this teacher")
+                captured[outs[i].request_id] = more[o.request_id]
+        return outs, captured
+
     def _score_vllm(self, parts: list, topk: int, hidden: bool) -> list:
         """One engine call over every row of every part; per part (lp, ids, topk_lp, hidden, dtype, True)
         as [R, T] response windows, written directly (never an [R, L, H] array of the whole sequence).
@@ -190,13 +221,11 @@ class TeacherWorker(RoleWorker):
         from .vllm_ext import decode_captured
 
         seqs = [b.sequence(int(r)) for b, rows in parts for r in rows]
+        starts = [int(b.prompt_lens_B[r]) for b, rows in parts for r in rows]
         params = SamplingParams(max_tokens=1, prompt_logprobs=topk, temperature=1.0, detokenize=False,
                                 flat_logprobs=True)
         hdt = self.cfg.get("hidden_dtype", "bfloat16")
-        if hidden:
-            self.llm.collective_rpc("mopd_capture_start")
-        outs = self.llm.generate([{"prompt_token_ids": s.tolist()} for s in seqs], params, use_tqdm=False)
-        captured = self.llm.collective_rpc("mopd_capture_stop", kwargs={"dtype": hdt})[0] if hidden else None
+        outs, captured = self._generate_capturing(seqs, starts, params, hidden, hdt)
         result, it, w = [], iter(zip(seqs, outs)), topk + 1
         for batch, rows in parts:
             R = len(rows)
@@ -408,3 +437,12 @@ def _folder_tensors(path: str):
         with safe_open(str(f), framework="pt") as st:
             for name in st.keys():
                 yield name, st.get_tensor(name)
+
+
+def _covers(entry, start: int, n: int) -> bool:
+    """Whether a captured (first position, rows, H, bytes) run holds the states at start - 1 .. n - 2 (those
+    that predict the response tokens)."""
+    if entry is None:
+        return False
+    first, rows = int(entry[0]), int(entry[1])
+    return first <= max(0, start - 1) and first + rows >= n - 1

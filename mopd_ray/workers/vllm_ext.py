@@ -144,10 +144,15 @@ class WorkerExtension:
         return {"buckets": buckets, "bytes": nbytes, **done}
 
     # ---------------------------------------------------------------- hidden states (teachers)
-    def mopd_capture_start(self) -> bool:
-        """Record the last-layer hidden state of every token computed until ``mopd_capture_stop``."""
+    def mopd_capture_start(self, keep_from: dict | None = None) -> bool:
+        """Record last-layer hidden states until ``mopd_capture_stop``, on tensor-parallel rank 0 only (the
+        output is replicated on every rank), and per request only from position ``keep_from[request id]``
+        on (the response: a prompt's states carry no signal; requests not named: every position)."""
+        from vllm.distributed import get_tensor_model_parallel_rank
+
         runner = self.model_runner
         self.mopd_captured = {}
+        self.mopd_keep_from = dict(keep_from or {})
         if getattr(self, "mopd_hook", None) is None:
             def hook(module, args, kwargs, out):
                 if not getattr(self, "mopd_capturing", False) or not hasattr(out, "shape"):
@@ -156,17 +161,21 @@ class WorkerExtension:
                 starts = runner.query_start_loc.np  # the flattened batch, request by request
                 for i, req in enumerate(runner.input_batch.req_ids):
                     a, b = int(starts[i]), int(starts[i + 1])
-                    if b > a:  # copy: on GPUs the output buffer is reused by the next step
+                    if b <= a:
+                        continue
+                    first = int(positions[a])
+                    cut = max(0, self.mopd_keep_from.get(req.rsplit("-", 1)[0], 0) - first)
+                    if a + cut < b:  # copy: on GPUs the output buffer is reused by the next step
                         self.mopd_captured.setdefault(req, []).append(
-                            (int(positions[a]), out[a:b].detach().to("cpu", copy=True)))
+                            (first + cut, out[a + cut:b].detach().to("cpu", copy=True)))
 
             self.mopd_hook = runner.get_model().register_forward_hook(hook, with_kwargs=True)
-        self.mopd_capturing = True
+        self.mopd_capturing = get_tensor_model_parallel_rank() == 0
         return True
 
     def mopd_capture_stop(self, dtype: str = "float32"):
-        """{request id: (first position, rows, H, raw bytes)} of the contiguous prefill run of each request
-        (bytes survive the RPC of multi-process engines); None on tensor-parallel ranks > 0 (replicated)."""
+        """{request id: (first position, rows, H, raw bytes)} of the contiguous run of states from the first
+        position captured (bytes survive the RPC of multi-process engines); None on tensor-parallel ranks > 0."""
         import torch
         from vllm.distributed import get_tensor_model_parallel_rank
 
@@ -176,18 +185,30 @@ class WorkerExtension:
             return None
         out = {}
         for req, chunks in captured.items():
-            chunks.sort(key=lambda c: c[0])
-            pieces, nxt = [], chunks[0][0]
-            for pos, h in chunks:  # chunked prefill arrives in order; anything after a gap is decoding
-                if pos != nxt:
-                    break
-                pieces.append(h)
-                nxt = pos + h.shape[0]
-            h = torch.cat(pieces).to(getattr(torch, dtype))
+            first, h = assemble_capture(chunks)
+            h = h.to(getattr(torch, dtype))
             arr = h.view(torch.int16).numpy().view(np.uint16) if dtype == "bfloat16" else h.numpy()
             # the engine's request id is "<the caller's id>-<random suffix>"
-            out[req.rsplit("-", 1)[0]] = (chunks[0][0], arr.shape[0], arr.shape[1], arr.tobytes())
+            out[req.rsplit("-", 1)[0]] = (first, arr.shape[0], arr.shape[1], arr.tobytes())
         return out
+
+
+def assemble_capture(chunks: list) -> tuple:
+    """(first position, [rows, H] tensor) from one request's captured (position, [n, H]) chunks in the order
+    they were computed. A prefill split over engine steps arrives in order; a preempted request computed
+    again arrives a second time (later chunks overwrite the same positions); what follows a gap is cut, so
+    the result is the contiguous run from the first position (the caller checks it covers what it needs)."""
+    import torch
+
+    first = min(pos for pos, _ in chunks)
+    end = max(pos + h.shape[0] for pos, h in chunks)
+    buf = torch.zeros(end - first, chunks[0][1].shape[1], dtype=chunks[0][1].dtype)
+    have = torch.zeros(end - first, dtype=torch.bool)
+    for pos, h in chunks:
+        buf[pos - first: pos - first + h.shape[0]] = h
+        have[pos - first: pos - first + h.shape[0]] = True
+    run = int(have.long().cumprod(0).sum())  # covered rows before the first gap
+    return first, buf[:run]
 
 
 def tied_modules(model) -> dict:

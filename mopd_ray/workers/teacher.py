@@ -249,6 +249,24 @@ class TeacherWorker(RoleWorker):
             result.append((lp, ids, tk, hs, hdt if hidden else None, True))
         return result
 
+    def _last_hidden(self, tokens, attn):
+        """The decoder's last hidden states (post final norm) of a transformers forward, with logits for the
+        last position only (``logits_to_keep``; models without it compute them all, dropped here)."""
+        seen = {}
+
+        def keep(module, args, out):
+            seen["h"] = out[0] if isinstance(out, tuple) else out.last_hidden_state
+
+        hook = self.model.get_decoder().register_forward_hook(keep)
+        try:
+            try:
+                self.model(input_ids=tokens, attention_mask=attn, logits_to_keep=1)
+            except TypeError:
+                self.model(input_ids=tokens, attention_mask=attn)
+        finally:
+            hook.remove()
+        return seen["h"]
+
     def _score_hf(self, batch: RolloutBatch, rows: np.ndarray, topk: int, hidden: bool):
         import torch
 
@@ -259,7 +277,13 @@ class TeacherWorker(RoleWorker):
         tk = np.full((len(rows), L, topk), -np.inf, np.float32) if topk else None
         hdt = self.cfg.get("hidden_dtype", "bfloat16")
         hs = np.zeros((len(rows), L, H), np.uint16 if hdt == "bfloat16" else np.dtype(hdt)) if hidden else None
-        vocab = self.token_rows
+        from .token_terms import head_logits, score_chunks
+
+        # the head runs at response positions only, a chunk at a time (never [rows, L, vocabulary] logits),
+        # over the tokenizer's ids, with the family's logit scale / soft-cap (as the model's own forward)
+        logits_fn = head_logits(self.model.get_output_embeddings(), head_post(self.model.config.to_dict()),
+                                self.token_rows, 1.0)
+        resp_all = torch.from_numpy(batch.response_mask_BL())
         mb = max(1, int(self.cfg.get("micro_batch_size", 16)))
         for s in range(0, len(rows), mb):
             sub = rows[s: s + mb]
@@ -267,17 +291,14 @@ class TeacherWorker(RoleWorker):
             lens = torch.from_numpy((batch.prompt_lens_B[sub] + batch.response_lens_B[sub]).astype(np.int64))
             attn = (torch.arange(L)[None, :] < lens[:, None]).to(self.device)
             with torch.no_grad():
-                out = self.model(input_ids=tokens, attention_mask=attn.long(), output_hidden_states=hidden)
-                # teacher logits truncated to the tokenizer (padded embedding rows carry no token)
-                logp = torch.log_softmax(out.logits[:, :-1, :vocab].float(), dim=-1)  # predicts tokens[:, 1:]
-                tok_lp = torch.gather(logp, -1, tokens[:, 1:, None]).squeeze(-1)
-                lp[s: s + len(sub), 1:] = tok_lp.cpu().numpy()
+                h_all = self._last_hidden(tokens, attn.long())  # post-norm; the state at l-1 predicts token l
+                a, i, v = score_chunks(h_all, logits_fn, tokens, resp_all[sub].to(self.device),
+                                       int(self.cfg.get("logit_chunk_size", 512)), topk)
+                lp[s: s + len(sub)] = a.cpu().numpy()
                 if topk:
-                    v, i = torch.topk(logp, topk, dim=-1)
-                    ids[s: s + len(sub), 1:], tk[s: s + len(sub), 1:] = i.cpu().numpy(), v.cpu().numpy()
+                    ids[s: s + len(sub)], tk[s: s + len(sub)] = i.cpu().numpy(), v.cpu().numpy()
                 if hidden:
-                    h = out.hidden_states[-1][:, :-1]  # post-norm last layer; state at l-1 predicts token l
-                    hs[s: s + len(sub), 1:] = _compact(h, hdt)
+                    hs[s: s + len(sub), 1:] = _compact(h_all[:, :-1], hdt)
         mask = batch.response_mask_BL()[rows]
         lp *= mask
         if hidden:

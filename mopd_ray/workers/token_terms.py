@@ -152,3 +152,30 @@ def token_terms(hidden_bLH: torch.Tensor, logits_fn: Callable, tokens_bL: torch.
     return {"logprobs": zeros.index_put(index, cat(lps).to(out_dtype)),
             "dense": None if dense is None else zeros.index_put(index, cat(totals).to(out_dtype)),
             "entropy": None if not want_entropy else zeros.index_put(index, cat(ents).to(out_dtype)).detach()}
+
+
+@torch.no_grad()
+def score_chunks(hidden_bLH: torch.Tensor, logits_fn: Callable, tokens_bL: torch.Tensor, where_bL: torch.Tensor,
+                 chunk: int, topk: int = 0) -> tuple:
+    """A frozen model's scores at positions ``where_bL`` (a teacher's response tokens), chunk by chunk
+    from its hidden states: ([b, L] log-probs of the tokens, [b, L, K] top-k ids, [b, L, K] their log-probs;
+    the top-k are None without ``topk``). 0 / -inf elsewhere."""
+    b, L = tokens_bL.shape
+    where = where_bL.bool().clone()
+    where[:, 0] = False
+    rows, cols = where.nonzero(as_tuple=True)
+    h_NH = hidden_bLH[rows, cols - 1]
+    targets = tokens_bL[rows, cols].long()
+    lp = torch.zeros(b, L, dtype=torch.float32, device=hidden_bLH.device)
+    ids = torch.zeros(b, L, topk, dtype=torch.long, device=hidden_bLH.device) if topk else None
+    tk = torch.full((b, L, topk), float("-inf"), dtype=torch.float32, device=hidden_bLH.device) if topk else None
+    for s in range(0, int(rows.shape[0]), chunk):
+        e = min(int(rows.shape[0]), s + chunk)
+        z = logits_fn(h_NH[s:e]).float()
+        logp = z - torch.logsumexp(z, dim=-1, keepdim=True)
+        r, c = rows[s:e], cols[s:e]
+        lp[r, c] = torch.gather(logp, -1, targets[s:e, None]).squeeze(-1)
+        if topk:
+            v, i = torch.topk(logp, topk, dim=-1)
+            ids[r, c], tk[r, c] = i, v
+    return lp, ids, tk

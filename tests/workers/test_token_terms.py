@@ -115,3 +115,31 @@ def test_peak_memory_grows_with_the_chunk_not_with_positions_times_vocabulary():
     logits_bytes = 2048 * V * 4
     assert peak(2048, chunked) < logits_bytes / 8  # one chunk's [64, V] at a time
     assert peak(2048, full) >= logits_bytes  # today's path: at least the whole [N, V] at once
+
+
+def test_the_hf_teacher_scores_response_positions_from_its_hidden_states_as_its_forward_does(tmp_path):
+    """The hf teacher backend on the same chunked path (no [rows, L, V] logits): a Gemma 2 with its final-logit
+    soft-cap and 384 embedding rows for 320 tokens scores what a transformers forward computes."""
+    import numpy as np
+
+    from mopd_ray.batch import RolloutBatch, pad_sequences
+    from mopd_ray.config import TinyModelConfig
+    from mopd_ray.models.tiny import build_tiny_model
+    from mopd_ray.workers.reference import logprobs_here
+    from mopd_ray.workers.teacher import TeacherWorker
+
+    path = str(build_tiny_model(tmp_path / "g2", TinyModelConfig(arch="gemma2", tie_word_embeddings=True,
+                                                                 vocab_pad_to=128)))
+    seqs = [[1, 298, 201, 67, 70, 70, 19, 20, 2, 201, 1, 275, 307, 201, 21, 22, 2], [1, 298, 201, 80, 33, 34, 2]]
+    plens = np.array([5, 3], np.int32)
+    batch = RolloutBatch(pad_sequences(seqs, 0), plens, np.array([len(s) for s in seqs], np.int32) - plens,
+                         np.zeros((2, len(seqs[0])), np.float32), np.arange(2), np.zeros(2, np.int32),
+                         np.full(2, np.nan, np.float32), np.ones(2, bool), ("add", "add"))
+    teacher = TeacherWorker("g", path, {"backend": "hf", "dtype": "float32", "hidden_dtype": "float32",
+                                        "micro_batch_size": 8, "logit_chunk_size": 4})
+    scores, _ = teacher.score(batch, np.array([0, 1], np.int32), topk=3, hidden=False)
+    ref = logprobs_here(path, seqs, "float32", 320)
+    for i, s in enumerate(seqs):
+        got = scores.teacher_logprobs_RT[i, : len(s) - plens[i]]
+        np.testing.assert_allclose(got, ref[i][plens[i]:], atol=1e-5)
+        assert (scores.topk_ids_RTK[i, : len(s) - plens[i]] < 320).all()  # never a padded row

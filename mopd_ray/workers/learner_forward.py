@@ -11,23 +11,11 @@ class LearnerForward:
     """Hidden states, log-probs and the supervised step (a mixin of LearnerWorker: its state)."""
 
     def _forward_hidden(self, tokens, attn):
-        """The last hidden states [b, L, H] (post final norm: what the head reads), through the DeepSpeed
-        engine's forward (ZeRO-3 gathers, hooks) with logits for the last position only: the head runs later,
-        chunk by chunk, where the loss needs it (workers/token_terms.py)."""
-        seen = {}
+        """The last hidden states [b, L, H] through the DeepSpeed engine's forward (ZeRO-3 gathers, hooks); the
+        head runs later, chunk by chunk, where the loss needs it (workers/token_terms.py)."""
+        from .token_terms import last_hidden
 
-        def keep(module, args, out):
-            seen["h"] = out[0] if isinstance(out, tuple) else out.last_hidden_state
-
-        hook = self._decoder.register_forward_hook(keep)
-        try:
-            try:
-                self.engine(input_ids=tokens, attention_mask=attn, logits_to_keep=1)
-            except TypeError:  # a remote-code model without logits_to_keep: its full logits are dropped
-                self.engine(input_ids=tokens, attention_mask=attn)
-        finally:
-            hook.remove()
-        return seen["h"]
+        return last_hidden(self.engine, self._decoder, tokens, attn)
 
     def _logits_fn(self, temperature: float):
         """Hidden states -> the student's logits over the tokenizer's ids (padded rows are in no

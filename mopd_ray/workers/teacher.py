@@ -249,24 +249,6 @@ class TeacherWorker(RoleWorker):
             result.append((lp, ids, tk, hs, hdt if hidden else None, True))
         return result
 
-    def _last_hidden(self, tokens, attn):
-        """The decoder's last hidden states (post final norm) of a transformers forward, with logits for the
-        last position only (``logits_to_keep``; models without it compute them all, dropped here)."""
-        seen = {}
-
-        def keep(module, args, out):
-            seen["h"] = out[0] if isinstance(out, tuple) else out.last_hidden_state
-
-        hook = self.model.get_decoder().register_forward_hook(keep)
-        try:
-            try:
-                self.model(input_ids=tokens, attention_mask=attn, logits_to_keep=1)
-            except TypeError:
-                self.model(input_ids=tokens, attention_mask=attn)
-        finally:
-            hook.remove()
-        return seen["h"]
-
     def _score_hf(self, batch: RolloutBatch, rows: np.ndarray, topk: int, hidden: bool):
         import torch
 
@@ -277,7 +259,7 @@ class TeacherWorker(RoleWorker):
         tk = np.full((len(rows), L, topk), -np.inf, np.float32) if topk else None
         hdt = self.cfg.get("hidden_dtype", "bfloat16")
         hs = np.zeros((len(rows), L, H), np.uint16 if hdt == "bfloat16" else np.dtype(hdt)) if hidden else None
-        from .token_terms import head_logits, score_chunks
+        from .token_terms import head_logits, last_hidden, score_chunks
 
         # the head runs at response positions only, a chunk at a time (never [rows, L, vocabulary] logits),
         # over the tokenizer's ids, with the family's logit scale / soft-cap (as the model's own forward)
@@ -291,7 +273,7 @@ class TeacherWorker(RoleWorker):
             lens = torch.from_numpy((batch.prompt_lens_B[sub] + batch.response_lens_B[sub]).astype(np.int64))
             attn = (torch.arange(L)[None, :] < lens[:, None]).to(self.device)
             with torch.no_grad():
-                h_all = self._last_hidden(tokens, attn.long())  # post-norm; the state at l-1 predicts token l
+                h_all = last_hidden(self.model, self.model.get_decoder(), tokens, attn.long())  # l-1 predicts l
                 a, i, v = score_chunks(h_all, logits_fn, tokens, resp_all[sub].to(self.device),
                                        int(self.cfg.get("logit_chunk_size", 512)), topk)
                 lp[s: s + len(sub)] = a.cpu().numpy()

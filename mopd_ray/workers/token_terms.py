@@ -46,6 +46,26 @@ class DenseSlots:
     topk_divergence: str = "reverse"
 
 
+def last_hidden(forward: Callable, decoder: torch.nn.Module, tokens_bL, attn_bL) -> torch.Tensor:
+    """The decoder's last hidden states [b, L, H] (post final norm: what the head reads) from a causal LM's
+    ``forward`` (a DeepSpeed engine or the model itself: its hooks and bookkeeping run), asking it for the
+    last position's logits only (``logits_to_keep``; a model without it computes them all, dropped)."""
+    seen = {}
+
+    def keep(module, args, out):
+        seen["h"] = out[0] if isinstance(out, tuple) else out.last_hidden_state
+
+    hook = decoder.register_forward_hook(keep)
+    try:
+        try:
+            forward(input_ids=tokens_bL, attention_mask=attn_bL, logits_to_keep=1)
+        except TypeError:  # a remote-code model without logits_to_keep
+            forward(input_ids=tokens_bL, attention_mask=attn_bL)
+    finally:
+        hook.remove()
+    return seen["h"]
+
+
 def head_logits(head: torch.nn.Module, post: tuple, vocab: int, temperature: float) -> Callable:
     """hidden [C, H] -> logits [C, vocab] as the model computes them (the head, then its family's logit
     scale and soft-cap), cut to the tokenizer's ids, divided by the sampling temperature."""

@@ -253,24 +253,26 @@ class LearnerWorker(LearnerForward, LearnerRows, LearnerAdvantages, LearnerWeigh
         r = torch.from_numpy(rows).to(self.device)
         return not _any_rank(bool((t["outcome"][r] != 0).any()) if len(rows) else False)
 
-    def _micro_batch(self, g, t, old_lp, idx, r):
-        """The loss inputs of rows ``idx`` (``r`` on the device); advantages are filled in by the caller."""
+    def _micro_batch(self, g, t, old_lp, idx, r, n: int):
+        """The loss inputs of rows ``idx`` (``r`` on the device), cut to their first ``n`` positions (the
+        micro-batch's longest row: the rank's layout pads to its own longest); advantages are filled in by
+        the caller."""
         import torch
 
         from .loss import MicroBatch
 
         dev = self.device
-        take = (lambda arr: None if arr is None else torch.from_numpy(arr[idx]).to(dev))
+        take = (lambda arr: None if arr is None else torch.from_numpy(arr[idx][:, :n]).to(dev))
         slots = g["slots"]
         return MicroBatch(
-            tokens_bL=t["tokens"][r], response_mask_bL=t["mask"][r], old_logprobs_bL=old_lp[r],
-            rollout_logprobs_bL=t["rollout_lp"][r], advantages_bL=None,
-            coef_SbL=t["coef"][:, r], teacher_index_bS=t["tidx"][r], signal_bS=t["signal"][r],
+            tokens_bL=t["tokens"][r, :n], response_mask_bL=t["mask"][r, :n], old_logprobs_bL=old_lp[r, :n],
+            rollout_logprobs_bL=t["rollout_lp"][r, :n], advantages_bL=None,
+            coef_SbL=t["coef"][:, r, :n], teacher_index_bS=t["tidx"][r], signal_bS=t["signal"][r],
             topk_ids_SbLK=[None if sl["topk_ids"] is None else take(sl["topk_ids"]).long() for sl in slots],
             topk_logprobs_SbLK=[take(sl["topk_lp"]) for sl in slots],
-            hidden_SbLH=[None if sl["hidden"] is None else sl["hidden"][torch.from_numpy(idx)].to(dev).float()
+            hidden_SbLH=[None if sl["hidden"] is None else sl["hidden"][torch.from_numpy(idx), :n].to(dev).float()
                          for sl in slots],
-            outcome_advantages_bL=t["outcome"][r] if self.algo["alpha"] > 0 else None)
+            outcome_advantages_bL=t["outcome"][r, :n] if self.algo["alpha"] > 0 else None)
 
     def _micro_step(self, g, t, old_lp, adv, rows, s, denominator, step, fused, loop) -> bool:
         """Forward, loss, backward of one micro-batch; False (nothing stepped) on a non-finite loss."""
@@ -282,23 +284,24 @@ class LearnerWorker(LearnerForward, LearnerRows, LearnerAdvantages, LearnerWeigh
         idx = rows[s: s + self.micro]
         g.setdefault("start_s", time.perf_counter() - g["t0"])  # when training began
         r = torch.from_numpy(idx).to(dev)
+        n = int(t["attn"][r].sum(-1).max())  # no position past the micro-batch's longest row
         # the student's forward needs no teacher score: it runs while later shards are still being scored
-        hidden = self._forward_hidden(t["tokens"][r], t["attn"][r])
+        hidden = self._forward_hidden(t["tokens"][r, :n], t["attn"][r, :n])
         if self._await_rows(g, t, idx):  # this micro-batch's scores (streamed: later shards still scoring)
             g["forwards_ahead"] = g.get("forwards_ahead", 0) + 1  # its forward ran while they were computed
         bad = self._nonfinite_inputs(g, idx, None if fused else old_lp)
-        mb = self._micro_batch(g, t, old_lp, idx, r)
+        mb = self._micro_batch(g, t, old_lp, idx, r, n)
         # log-probs, entropy and dense KL at the response positions, chunk by chunk from the hidden states
         terms = terms_from_hidden(hidden, self._logits_fn(self.temperature), mb, self.teacher_heads,
                                   self.temperature, a, self.logit_chunk, want_entropy=True)
         if fused:  # pi_old == pi_theta now: take it from this forward instead of a second one
-            resp = t["mask"][r] > 0
-            old_lp[r] = torch.where(resp, terms["logprobs"].detach().to(old_lp.dtype), old_lp[r])
-            mb.old_logprobs_bL = old_lp[r]
-            distill = self._sampled_advantage(t, old_lp, r).sum(0)
+            old_lp[r, :n] = torch.where(mb.response_mask_bL > 0, terms["logprobs"].detach().to(old_lp.dtype),
+                                        old_lp[r, :n])
+            mb.old_logprobs_bL = old_lp[r, :n]
+            distill = self._sampled_advantage(t, old_lp, r).sum(0)[:, :n]
         else:
-            distill = adv[r]
-        mb.advantages_bL = distill + t["outcome"][r]
+            distill = adv[r, :n]
+        mb.advantages_bL = distill + t["outcome"][r, :n]
         loss, mets = micro_batch_loss(terms, mb, a, denominator)
         # garbage in (non-finite teacher scores, log-probs) or a non-finite loss on any rank: this update
         # is skipped on every rank (one all-reduce per micro-batch; ranks take the same branch)
@@ -319,7 +322,7 @@ class LearnerWorker(LearnerForward, LearnerRows, LearnerAdvantages, LearnerWeigh
         self.engine.backward(loss)
         self.engine.step()
         if not loop["poisoned"]:
-            loop["entropy_sum"] += float((terms["entropy"] * t["mask"][r]).sum())
+            loop["entropy_sum"] += float((terms["entropy"] * mb.response_mask_bL).sum())
             loop["loss"] += loss.item() / (self.world_size * self.grad_accum)
             for k, v in mets.items():
                 loop[k] = loop.get(k, 0.0) + v

@@ -108,13 +108,12 @@ def terms_from_hidden(hidden_bLH: torch.Tensor, logits_fn, mb: MicroBatch, teach
     """The learner's path: per-token terms at the response positions from the last hidden states, chunk by
     chunk (workers/token_terms.py); ``logits_fn`` turns hidden states into tempered logits over the
     tokenizer (token_terms.head_logits)."""
-    from .token_terms import DenseSlots, token_terms
+    from .token_terms import DenseSlots, positions, token_terms
 
     where = mb.response_mask_bL > 0
-    where[:, 0] = False
     dense = None
     if bool((mb.signal_bS > SIGNAL_IDS["sampled"]).any()):
-        rows, cols = where.nonzero(as_tuple=True)
+        rows, cols = positions(where)  # the order token_terms gives its positions in
         pick = (lambda x: None if x is None else x[rows, cols])
         dense = DenseSlots(signal_NS=mb.signal_bS[rows], teacher_NS=mb.teacher_index_bS[rows],
                            coef_NS=mb.coef_SbL[:, rows, cols].T,

@@ -132,6 +132,20 @@ def _chunk(logits_fn, h_CH, targets_C, dense: Optional[DenseSlots], s: int, e: i
     return lp, total, ent
 
 
+def positions(where_bL: torch.Tensor) -> tuple:
+    """(rows, cols) of the positions ``where_bL`` marks, position 0 left out (nothing predicts it), in the
+    order every per-position input here is given (DenseSlots)."""
+    where = where_bL.bool().clone()
+    where[:, 0] = False
+    return where.nonzero(as_tuple=True)
+
+
+def _gather(hidden_bLH, tokens_bL, where_bL) -> tuple:
+    """(rows, cols, the hidden state predicting each position [N, H], each position's token [N])."""
+    rows, cols = positions(where_bL)
+    return rows, cols, hidden_bLH[rows, cols - 1], tokens_bL[rows, cols].long()
+
+
 def token_terms(hidden_bLH: torch.Tensor, logits_fn: Callable, tokens_bL: torch.Tensor, where_bL: torch.Tensor,
                 chunk: int, temperature: float = 1.0, dense: Optional[DenseSlots] = None,
                 want_entropy: bool = False, checkpointed: Optional[bool] = None) -> dict:
@@ -144,11 +158,7 @@ def token_terms(hidden_bLH: torch.Tensor, logits_fn: Callable, tokens_bL: torch.
     if chunk <= 0:
         raise ValueError(f"chunk must be positive, got {chunk}")
     b, L = tokens_bL.shape
-    where = where_bL.bool().clone()
-    where[:, 0] = False
-    rows, cols = where.nonzero(as_tuple=True)
-    h_NH = hidden_bLH[rows, cols - 1]
-    targets_N = tokens_bL[rows, cols].long()
+    rows, cols, h_NH, targets_N = _gather(hidden_bLH, tokens_bL, where_bL)
     n = int(rows.shape[0])
     checkpointed = hidden_bLH.requires_grad if checkpointed is None else checkpointed
     lps, totals, ents = [], [], []
@@ -181,11 +191,7 @@ def score_chunks(hidden_bLH: torch.Tensor, logits_fn: Callable, tokens_bL: torch
     from its hidden states: ([b, L] log-probs of the tokens, [b, L, K] top-k ids, [b, L, K] their log-probs;
     the top-k are None without ``topk``). 0 / -inf elsewhere."""
     b, L = tokens_bL.shape
-    where = where_bL.bool().clone()
-    where[:, 0] = False
-    rows, cols = where.nonzero(as_tuple=True)
-    h_NH = hidden_bLH[rows, cols - 1]
-    targets = tokens_bL[rows, cols].long()
+    rows, cols, h_NH, targets = _gather(hidden_bLH, tokens_bL, where_bL)
     lp = torch.zeros(b, L, dtype=torch.float32, device=hidden_bLH.device)
     ids = torch.zeros(b, L, topk, dtype=torch.long, device=hidden_bLH.device) if topk else None
     tk = torch.full((b, L, topk), float("-inf"), dtype=torch.float32, device=hidden_bLH.device) if topk else None

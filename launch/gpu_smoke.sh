@@ -4,7 +4,7 @@
 # Every family of the architecture matrix (tiny models built here: no network) as student and as a
 # full-vocabulary teacher, through weight sync and the post-sync check, the roles sharing one GPU; with two
 # or more GPUs the weights go over NCCL and a 2-rank learner runs too. One line per check, exit 1 on any
-# failure; each check's full output is in <out>/logs/. Budget: <= 8 minutes on one H100/H200.
+# failure; each check's full output is in <out>/logs/<launch>/ (every launch its own runs). Budget: <= 8 minutes on one H100/H200.
 # Needs the GPU install (pip install -e '.[gpu]', or docker/Dockerfile.gpu); PYTHON picks the interpreter.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -54,28 +55,31 @@ def placement_overrides(gpus: int, learners: int) -> tuple[list, str]:
     return [*common, f"learner.num_gpus_per_rank={GPU_SHARE}", "rollout.weight_sync=object_store"], "object store"
 
 
-def family_overrides(family: str, out: Path, steps: int) -> list:
+def family_overrides(family: str, out: Path, steps: int, launch: str = "run") -> list:
+    """One family's job. Its models are built once under ``out`` and reused; its run directory and
+    checkpoints are the ``launch``'s own (a second smoke check into the same folder is a new run)."""
     tied = str(family in TIED).lower()
     models = out / "models" / family
     return ["experiment=local_smoke", "teachers=smoke", f"run.name=smoke_{family}", f"run.total_steps={steps}",
-            "run.eval_every=0", f"run.output_dir={out / 'runs' / family}", f"run.checkpoint_dir={out / 'ck' / family}",
+            "run.eval_every=0", f"run.output_dir={out / 'runs' / launch / family}",
+            f"run.checkpoint_dir={out / 'ck' / launch / family}",
             f"run.artifacts_dir={out / 'artifacts'}", f"model.path={models / 'student'}", f"model.tiny.arch={family}",
             f"model.tiny.tie_word_embeddings={tied}", f"teachers.models.expert.model_path={models / 'teacher'}",
             f"teachers.models.expert.tiny.arch={family}", f"teachers.models.expert.tiny.tie_word_embeddings={tied}",
             "cluster.include_dashboard=false", "logging.wandb_mode=disabled", "rollout.check_weight_sync=true"]
 
 
-def checks(families: list, gpus: int, out: Path, steps: int) -> list:
+def checks(families: list, gpus: int, out: Path, steps: int, launch: str = "run") -> list:
     """[(name, overrides, what it runs)]."""
     learners = 2 if gpus == 0 else 1  # CPU: the 2-rank gloo learner in every run; GPUs: its own check
     place, transport = placement_overrides(gpus, learners)
-    out_checks = [(f, [*family_overrides(f, out, steps), *place],
+    out_checks = [(f, [*family_overrides(f, out, steps, launch), *place],
                    f"student + full-vocab teacher, {learners} learner rank(s), sync by {transport}")
                   for f in families]
     if gpus >= 2:
         place, transport = placement_overrides(gpus, 2)
         f = families[0]
-        out_checks.append((f"{f} 2-rank", [*family_overrides(f, out / "two_ranks", steps), *place],
+        out_checks.append((f"{f} 2-rank", [*family_overrides(f, out, steps, f"{launch}_two_ranks"), *place],
                            f"2 learner ranks on 2 GPUs (NCCL), sync by {transport}"))
     return out_checks
 
@@ -138,9 +142,10 @@ def main(argv=None) -> int:
     where = f"{gpus} GPU(s): {torch.cuda.get_device_name(0)}" if gpus else "CPU (the CPU twin: gloo, vLLM's CPU build)"
     print(f"smoke: {len(families)} famil{'y' if len(families) == 1 else 'ies'} on {where}; output in {out}")
     t_all, failed = time.perf_counter(), 0
-    for name, overrides, what in checks(families, gpus, out, args.steps):
+    launch = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"  # this launch's own runs and logs
+    for name, overrides, what in checks(families, gpus, out, args.steps, launch):
         t0 = time.perf_counter()
-        log_file = out / "logs" / f"{name.replace(' ', '_')}.log"
+        log_file = out / "logs" / launch / f"{name.replace(' ', '_')}.log"
         try:
             with _output_into(log_file):
                 ok, detail = run_check(name, overrides, args.steps)

@@ -37,6 +37,11 @@ def _free_port():
     return free_port()
 
 
+# long enough that `ray job stop` (a CLI start of a few seconds) lands before the killed job ends: at 24 steps
+# of ~0.2 s the job once finished first
+STEPS = 64
+
+
 def test_ray_job_submit_to_a_loopback_head(artifacts, tmp_path):
     venv_bin = str(Path(sys.executable).parent)
     gcs, dash = _free_port(), _free_port()
@@ -63,7 +68,7 @@ def test_ray_job_submit_to_a_loopback_head(artifacts, tmp_path):
         # a teacher added from the command line, a reward function from a module shipped with the job;
         # checkpoints on storage that outlives a job (the job's working directory does not)
         submit = ["bash", str(ROOT / "launch" / "submit.sh"), "experiment=local_smoke",
-                  f"run.artifacts_dir={artifacts}", "run.total_steps=24", "run.save_every=4",
+                  f"run.artifacts_dir={artifacts}", f"run.total_steps={STEPS}", "run.save_every=4",
                   f"run.checkpoint_dir={ck}", "run.resume=auto",
                   "algorithm=full_vocab", "learner=zero3", "data.domains=[add]", *FAST,  # only cli_add starts
                   f"teachers.models.cli_add.model_path={artifacts}/tiny/teacher_add", "teachers.routing.add=cli_add",
@@ -84,7 +89,7 @@ def test_ray_job_submit_to_a_loopback_head(artifacts, tmp_path):
         subprocess.run([ray_cli, "job", "stop", "--address", env["RAY_ADDRESS"], "mopd_killed"], env=env,
                        capture_output=True, text=True, timeout=120, check=True)
         killed = read_metrics(first)
-        assert 4 <= len(killed) < 24  # stopped mid-run
+        assert 4 <= len(killed) < STEPS  # stopped mid-run
         # 2. resubmitted as it was: run.resume=auto continues from the newest complete checkpoint
         proc = subprocess.run(submit + [f"hydra.run.dir={run}"], cwd=ROOT, env=env, capture_output=True, text=True,
                               timeout=600)
@@ -92,12 +97,12 @@ def test_ray_job_submit_to_a_loopback_head(artifacts, tmp_path):
         assert "succeeded" in proc.stdout.lower()
         rows = read_metrics(run)
         start = rows[0]["step"]
-        assert start >= 4 and start % 4 == 0 and [r["step"] for r in rows] == list(range(start, 24))
+        assert start >= 4 and start % 4 == 0 and [r["step"] for r in rows] == list(range(start, STEPS))
         # the same run (the first job's id), from its newest complete checkpoint
         run_id = json.loads((first / "identity.json").read_text())["run_id"]
         assert json.loads((run / "identity.json").read_text())["run_id"] == run_id
         assert f"resuming from checkpoint {ck / run_id / f'step_{start:06d}'}" in (run / "main.log").read_text()
-        assert rows[-1]["weight_version"] == 24 and rows[-1]["rows_trained"] == 24 * 4 * 2  # every row once
+        assert rows[-1]["weight_version"] == STEPS and rows[-1]["rows_trained"] == STEPS * 4 * 2  # every row once
         if len(killed) > start:  # the same step from the same checkpoint: the same rows, the same loss
             assert rows[0]["loss"] == pytest.approx(killed[start]["loss"], rel=1e-6)
         rows = rows[:2]

@@ -110,6 +110,9 @@ class TeacherConfig:
     # 10-45 s slower and scores ~5% faster at tiny sizes
     enforce_eager: bool = True
     micro_batch_size: int = 16  # rows per forward (hf backend)
+    # hf backend: at most this many tokens per forward instead (packed rows where the model packs), as
+    # learner.max_tokens_per_micro_batch; null: micro_batch_size rows
+    max_tokens_per_micro_batch: Optional[int] = None
     # pre-flight checks to skip for this teacher (stop_ids, template, probe), when a difference is intended
     skip_checks: List[str] = field(default_factory=list)
     # serve this teacher from a shared pool of engines (teachers.pools.NAME) instead of its own group; the
@@ -144,6 +147,8 @@ def _check_teachers(cfg) -> None:
         if t.weight < 0:
             _fail(f"{key}.weight", f"must be >= 0, got {t.weight}")
         _check_positive(f"{key}.replicas", t.replicas)
+        if t.max_tokens_per_micro_batch is not None:
+            _check_positive(f"{key}.max_tokens_per_micro_batch", t.max_tokens_per_micro_batch)
         _check_positive(f"{key}.tensor_parallel_size", t.tensor_parallel_size)
         _check_fraction(f"{key}.gpu_memory_utilization", t.gpu_memory_utilization)
         need = da.max_prompt_len + ro.max_new_tokens
@@ -307,6 +312,16 @@ class LearnerConfig:
     # 152k: ~1.5 GB for 512 positions), never
     # the [rows, length, vocabulary] logits (each chunk is recomputed in the backward)
     logit_chunk_size: int = 512
+    # token-budget micro-batches (workers/packing.py): at most this many tokens per forward/backward on a
+    # rank instead of micro_batch_size rows (null: micro_batch_size rows, padded to their longest). The
+    # same loss and gradients; every rank runs as many micro-batches (the largest number any rank needs)
+    max_tokens_per_micro_batch: Optional[int] = None
+    # with a token budget, pack a micro-batch's rows into one sequence (position ids restart per row), where
+    # the set-up check finds the architecture packs; else (or false) length-sorted padded micro-batches
+    packing: bool = True
+    # transformers' attention for the learner's forward (null: its default, sdpa). On GPUs
+    # flash_attention_2 runs packed rows as variable-length sequences; sdpa masks the packed block
+    attn_implementation: Optional[str] = None
     mini_batches_per_step: int = 1  # optimizer steps per rollout batch (PPO-style reuse when > 1)
     lr: float = 1e-3
     min_lr: float = 1e-4
@@ -346,6 +361,8 @@ def _check_batch(cfg) -> None:
         _fail("rollout.temperature", f"must be > 0 for on-policy sampling, got {ro.temperature}")
     _check_choice("rollout.dtype", ro.dtype, DTYPES)
     _check_choice("rollout.weight_sync", ro.weight_sync, ("broadcast", "object_store"))
+    if ln.max_tokens_per_micro_batch is not None:
+        _check_positive("learner.max_tokens_per_micro_batch", ln.max_tokens_per_micro_batch)
     _check_choice("learner.zero_stage", ln.zero_stage, (1, 2, 3))
     _check_choice("learner.lr_schedule", ln.lr_schedule, ("constant", "cosine", "linear"))
     _check_choice("learner.dtype", ln.dtype, DTYPES)

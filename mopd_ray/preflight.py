@@ -76,10 +76,22 @@ def run(cfg, roles, student_fp: dict, tokenizer) -> str:
 
     trust = cfg.model.trust_remote_code
     notes = [unverified("the student", cfg.model.path, trust),
-             *(unverified(f"teacher '{n}'", teacher_model_path(cfg, n), trust) for n in roles.teachers)]
+             *(unverified(f"teacher '{n}'", teacher_model_path(cfg, n), trust) for n in roles.teachers),
+             packing_note(cfg, getattr(roles, "learner_setup", None))]
     for extra in [*found["notes"], *(n for n in notes if n)]:
         line += f"; {extra}"
     return line + f" ({time.perf_counter() - t0:.1f} s)"
+
+
+def packing_note(cfg, learner_setup) -> str | None:
+    """The learners' packing check (workers/packing.py): a student that does not pack trains on
+    length-sorted padded micro-batches, and the summary says so."""
+    ln = cfg.learner
+    if not (ln.max_tokens_per_micro_batch and ln.packing and learner_setup) or learner_setup[0].get("packing"):
+        return None
+    return (f"the student's architecture does not pack rows into one sequence (packed vs padded hidden states differ "
+            f"by {learner_setup[0].get('packing_gap', float('nan')):.1e} of their scale): its micro-batches are "
+            "length-sorted and padded instead (learner.packing=false silences this)")
 
 
 def check_teachers(cfg, teachers: dict, student_fp: dict, probes: list) -> dict:

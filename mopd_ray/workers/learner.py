@@ -132,7 +132,9 @@ class LearnerWorker(LearnerForward, LearnerRows, LearnerAdvantages, LearnerWeigh
         dtype = getattr(torch, c["dtype"])
         model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=torch.float32 if dtype == torch.float32
                                                      else dtype, trust_remote_code=self.trust_remote_code,
-                                                     use_safetensors=True)  # never unpickle weights
+                                                     use_safetensors=True,  # never unpickle weights
+                                                     **({"attn_implementation": c["attn_implementation"]}
+                                                        if c.get("attn_implementation") else {}))
         if c["gradient_checkpointing"]:
             model.gradient_checkpointing_enable()
         tokenizer = AutoTokenizer.from_pretrained(self.model_path, trust_remote_code=self.trust_remote_code)
@@ -157,7 +159,9 @@ class LearnerWorker(LearnerForward, LearnerRows, LearnerAdvantages, LearnerWeigh
         self._head = self.engine.module.get_output_embeddings()
         self._post = head_post(self.engine.module.config.to_dict())
         self.logit_chunk = int(c.get("logit_chunk_size", 512))
-        return {"rank": self.rank, "node_local_rank": getattr(self, "node_local_rank", 0), "device": str(self.device),
+        self.max_tokens = c.get("max_tokens_per_micro_batch")
+        packing = self._packing_check()
+        return {**packing, "rank": self.rank, "node_local_rank": getattr(self, "node_local_rank", 0), "device": str(self.device),
                 "local_rank_env": os.environ.get("LOCAL_RANK"), "micro_batch_size": self.micro, "grad_accum": self.grad_accum,
                 "params": sum(p.numel() for p in model.parameters())}
 
@@ -211,7 +215,7 @@ class LearnerWorker(LearnerForward, LearnerRows, LearnerAdvantages, LearnerWeigh
         """``mini_batches_per_step`` optimizer steps over this rank's rows, micro-batch by micro-batch."""
         loop = {"loss": 0.0, "is_clip_fraction": 0.0, "pg_clip_fraction": 0.0, "approx_kl": 0.0,
                 "distill_loss": 0.0, "entropy_sum": 0.0, "n_micro": 0, "grad_norms": [], "skipped": 0,
-                "nonfinite": None, "signal_free": 0}
+                "nonfinite": None, "signal_free": 0, "row_tokens": 0, "forward_tokens": 0}
         agg = self.algo["loss_agg"]
         for m, rows in enumerate(g["rows_by_mini"]):
             if self._signal_free(t, rows):
@@ -223,8 +227,11 @@ class LearnerWorker(LearnerForward, LearnerRows, LearnerAdvantages, LearnerWeigh
             skipped_before = self.engine.skipped_steps
             loop["poisoned"] = False
             done = True
-            for s in range(0, len(rows), self.micro):
-                if not self._micro_step(g, t, old_lp, adv, rows, s, denominator, step, fused, loop):
+            plan = self._micro_plan(t, rows)
+            for j, idx in enumerate(plan):
+                if self.max_tokens:  # as many micro-batches on every rank, but not grad_accum of them
+                    self.engine.set_gradient_accumulation_boundary(j == len(plan) - 1)
+                if not self._micro_step(g, t, old_lp, adv, idx, j == 0, denominator, step, fused, loop):
                     done = False  # garbage in the first micro-batch: nothing was accumulated
                     break
             if loop["poisoned"]:  # garbage after some micro-batches: DeepSpeed dropped the accumulated step
@@ -274,17 +281,20 @@ class LearnerWorker(LearnerForward, LearnerRows, LearnerAdvantages, LearnerWeigh
                          for sl in slots],
             outcome_advantages_bL=t["outcome"][r, :n] if self.algo["alpha"] > 0 else None)
 
-    def _micro_step(self, g, t, old_lp, adv, rows, s, denominator, step, fused, loop) -> bool:
-        """Forward, loss, backward of one micro-batch; False (nothing stepped) on a non-finite loss."""
+    def _micro_step(self, g, t, old_lp, adv, idx, first: bool, denominator, step, fused, loop) -> bool:
+        """Forward, loss, backward of the micro-batch of rows ``idx`` (``first``: the first of its mini-batch);
+        False (nothing stepped) on a non-finite loss."""
         import torch
 
         from .loss import micro_batch_loss, terms_from_hidden
 
         a, dev = self.algo, self.device
-        idx = rows[s: s + self.micro]
         g.setdefault("start_s", time.perf_counter() - g["t0"])  # when training began
         r = torch.from_numpy(idx).to(dev)
-        n = int(t["attn"][r].sum(-1).max())  # no position past the micro-batch's longest row
+        lens = t["attn"][r].sum(-1)
+        n = int(lens.max())  # no position past the micro-batch's longest row
+        loop["row_tokens"] += int(lens.sum())  # and what the forward computes: packed or padded
+        loop["forward_tokens"] += int(lens.sum()) if self.pack else n * len(idx)
         # the student's forward needs no teacher score: it runs while later shards are still being scored
         hidden = self._forward_hidden(t["tokens"][r, :n], t["attn"][r, :n])
         if self._await_rows(g, t, idx):  # this micro-batch's scores (streamed: later shards still scoring)
@@ -310,7 +320,7 @@ class LearnerWorker(LearnerForward, LearnerRows, LearnerAdvantages, LearnerWeigh
                 loop["nonfinite"] = bad or (None if bool(torch.isfinite(loss)) else {
                     "teachers": self._names(g["teacher_index"][idx]), "stats": {"loss": float(loss), "rows": len(idx)}}) \
                     or {"teachers": [], "stats": "non-finite on another rank"}
-            if s == 0:
+            if first:
                 loop["skipped"] += 1
                 return False
             # mid-accumulation: gradients of earlier micro-batches are already reduced. Make the

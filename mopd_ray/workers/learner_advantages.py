@@ -20,11 +20,10 @@ class LearnerAdvantages:
         import torch
 
         old_lp = t["rollout_lp"].clone()
-        mine = np.concatenate(g["rows_by_mini"])
         self.engine.eval()
         with torch.no_grad():
-            for s in range(0, len(mine), self.micro):
-                r = torch.from_numpy(mine[s: s + self.micro]).to(self.device)
+            for idx in (p for rows in g["rows_by_mini"] for p in self._micro_plan(t, rows)):
+                r = torch.from_numpy(idx).to(self.device)
                 resp = t["mask"][r] > 0  # only response tokens are trained: only they need pi_old
                 lp = self._token_logprobs(t["tokens"][r], t["attn"][r], resp, self.temperature)
                 old_lp[r] = torch.where(resp, lp.to(old_lp.dtype), old_lp[r])

@@ -10,12 +10,54 @@ import numpy as np
 class LearnerForward:
     """Hidden states, log-probs and the supervised step (a mixin of LearnerWorker: its state)."""
 
-    def _forward_hidden(self, tokens, attn):
-        """The last hidden states [b, L, H] through the DeepSpeed engine's forward (ZeRO-3 gathers, hooks); the
-        head runs later, chunk by chunk, where the loss needs it (workers/token_terms.py)."""
+    def _hidden_fn(self, ids, attn, position_ids=None):
         from .token_terms import last_hidden
 
-        return last_hidden(self.engine, self._decoder, tokens, attn)
+        return last_hidden(self.engine, self._decoder, ids, attn, position_ids)
+
+    def _forward_hidden(self, tokens, attn):
+        """The last hidden states [b, n, H] (n: the longest row) through the DeepSpeed engine's forward (ZeRO-3
+        gathers, hooks); the head runs later, chunk by chunk, where the loss needs it (workers/token_terms.py).
+        With packing on (``learner.max_tokens_per_micro_batch`` set, and the model passed the packing check
+        at set-up) the rows run as one packed sequence (workers/packing.py): no work on padding."""
+        n = int(attn.sum(-1).max())
+        if getattr(self, "pack", False):
+            from .packing import packed_hidden
+
+            return packed_hidden(self._hidden_fn, tokens[:, :n], attn.sum(-1))
+        return self._hidden_fn(tokens[:, :n], attn[:, :n])
+
+    def _micro_plan(self, t: dict, rows: np.ndarray) -> list:
+        """The micro-batches of ``rows`` (arrays of local row indices): ``learner.micro_batch_size`` rows each,
+        or with ``learner.max_tokens_per_micro_batch`` token-budget micro-batches, as many on every rank
+        (workers/packing.py)."""
+        import torch
+
+        from ..collectives import all_reduce
+        from .packing import plan_micro_batches
+
+        def agree(k: int) -> int:
+            return int(all_reduce(torch.tensor([k], dtype=torch.int64), torch.distributed.ReduceOp.MAX).item())
+
+        lens = t["attn"][torch.from_numpy(rows).to(self.device)].sum(-1).cpu().numpy() if len(rows) else np.zeros(0)
+        plan = plan_micro_batches(lens, self.micro, self.max_tokens, self.pack, agree)
+        return [rows[p] for p in plan]
+
+    def _packing_check(self) -> dict:
+        """With a token budget: does the student pack (workers/packing.py ``packing_works``)? Packing is used
+        only where it does; elsewhere the micro-batches are length-sorted and padded."""
+        self.pack = False
+        if not self.max_tokens or not self.cfg.get("packing", True):
+            return {"packing": False, "packing_gap": None}
+        from .packing import packing_works
+
+        self.engine.eval()
+        try:
+            ok, gap = packing_works(self._hidden_fn, self.vocab_size, self.device, self.engine.module.dtype)
+        finally:
+            self.engine.train()
+        self.pack = ok
+        return {"packing": ok, "packing_gap": gap}
 
     def _logits_fn(self, temperature: float):
         """Hidden states -> the student's logits over the tokenizer's ids (padded rows are in no

@@ -46,7 +46,9 @@ class LearnerMetrics:
                    "signal_free_minibatches": loop["signal_free"],
                    "learner/fetched_bytes": g["fetched_bytes"], "learner/fetched_bytes_all_ranks": stats[8].item(),
                    "learner/fetch_s": g["fetch_s"], "learner/start_s": g.get("start_s", float("nan")),
-                   "learner/forwards_ahead_of_scores": g.get("forwards_ahead", 0), "learner/compute_s": time.perf_counter() - t0 - g["fetch_s"]}
+                   "learner/forwards_ahead_of_scores": g.get("forwards_ahead", 0),
+                   "learner/micro_batches": loop["n_micro"],  # this rank's (as many on every rank)
+                   "learner/padding_fraction": 1.0 - loop["row_tokens"] / max(loop["forward_tokens"], 1), "learner/compute_s": time.perf_counter() - t0 - g["fetch_s"]}
         if not needs_rollout_logprobs(self.algo["is_correction"], self.cfg["recompute_old_logprobs"]):
             del metrics["train_rollout_logprob_gap"]  # the rollout was not asked for its log-probs
         if loop["nonfinite"]:

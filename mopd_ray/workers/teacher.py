@@ -62,6 +62,16 @@ class TeacherWorker(RoleWorker):
                 model_path, dtype=dtype[teacher_cfg["dtype"]], trust_remote_code=trust_remote_code,
                 use_safetensors=True).to(self.device)  # never unpickle weights
             self.model.eval()
+            self.max_tokens, self.pack = teacher_cfg.get("max_tokens_per_micro_batch"), False
+            if self.max_tokens:  # token-budget micro-batches, packed where the model packs (workers/packing.py)
+                from .packing import packing_works
+
+                self.pack = packing_works(self._hf_hidden, self.token_rows, self.device, self.model.dtype)[0]
+
+    def _hf_hidden(self, ids, attn, position_ids=None):
+        from .token_terms import last_hidden
+
+        return last_hidden(self.model, self.model.get_decoder(), ids, attn, position_ids)
 
     # ``teacher`` names which teacher a call is for: this worker's own (a dedicated group), or one of the
     # teachers a pooled worker serves (PooledTeacherWorker swaps it in first)
@@ -259,7 +269,8 @@ class TeacherWorker(RoleWorker):
         tk = np.full((len(rows), L, topk), -np.inf, np.float32) if topk else None
         hdt = self.cfg.get("hidden_dtype", "bfloat16")
         hs = np.zeros((len(rows), L, H), np.uint16 if hdt == "bfloat16" else np.dtype(hdt)) if hidden else None
-        from .token_terms import head_logits, last_hidden, score_chunks
+        from .packing import packed_hidden, plan_micro_batches
+        from .token_terms import head_logits, score_chunks
 
         # the head runs at response positions only, a chunk at a time (never [rows, L, vocabulary] logits),
         # over the tokenizer's ids, with the family's logit scale / soft-cap (as the model's own forward)
@@ -267,20 +278,23 @@ class TeacherWorker(RoleWorker):
                                 self.token_rows, 1.0)
         resp_all = torch.from_numpy(batch.response_mask_BL())
         mb = max(1, int(self.cfg.get("micro_batch_size", 16)))
-        for s in range(0, len(rows), mb):
-            sub = rows[s: s + mb]
-            tokens = torch.from_numpy(batch.tokens_BL[sub].astype(np.int64)).to(self.device)
-            lens = torch.from_numpy((batch.prompt_lens_B[sub] + batch.response_lens_B[sub]).astype(np.int64))
-            attn = (torch.arange(L)[None, :] < lens[:, None]).to(self.device)
+        row_lens = (batch.prompt_lens_B + batch.response_lens_B)[rows].astype(np.int64)
+        for p in plan_micro_batches(row_lens, mb, getattr(self, "max_tokens", None), getattr(self, "pack", False)):
+            sub, n = rows[p], int(row_lens[p].max())
+            tokens = torch.from_numpy(batch.tokens_BL[sub, :n].astype(np.int64)).to(self.device)
+            lens = torch.from_numpy(row_lens[p]).to(self.device)
             with torch.no_grad():
-                h_all = last_hidden(self.model, self.model.get_decoder(), tokens, attn.long())  # l-1 predicts l
-                a, i, v = score_chunks(h_all, logits_fn, tokens, resp_all[sub].to(self.device),
+                if getattr(self, "pack", False):  # one packed sequence: no work on padding
+                    h_all = packed_hidden(self._hf_hidden, tokens, lens)
+                else:
+                    h_all = self._hf_hidden(tokens, (torch.arange(n, device=self.device)[None] < lens[:, None]).long())
+                a, i, v = score_chunks(h_all, logits_fn, tokens, resp_all[sub, :n].to(self.device),  # l-1 predicts l
                                        int(self.cfg.get("logit_chunk_size", 512)), topk)
-                lp[s: s + len(sub)] = a.cpu().numpy()
+                lp[p, :n] = a.cpu().numpy()
                 if topk:
-                    ids[s: s + len(sub)], tk[s: s + len(sub)] = i.cpu().numpy(), v.cpu().numpy()
+                    ids[p, :n], tk[p, :n] = i.cpu().numpy(), v.cpu().numpy()
                 if hidden:
-                    hs[s: s + len(sub), 1:] = _compact(h_all[:, :-1], hdt)
+                    hs[p, 1:n] = _compact(h_all[:, :-1], hdt)
         mask = batch.response_mask_BL()[rows]
         lp *= mask
         if hidden:

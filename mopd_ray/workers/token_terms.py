@@ -46,21 +46,25 @@ class DenseSlots:
     topk_divergence: str = "reverse"
 
 
-def last_hidden(forward: Callable, decoder: torch.nn.Module, tokens_bL, attn_bL) -> torch.Tensor:
+def last_hidden(forward: Callable, decoder: torch.nn.Module, tokens_bL, attn_bL, position_ids=None) -> torch.Tensor:
     """The decoder's last hidden states [b, L, H] (post final norm: what the head reads) from a causal LM's
     ``forward`` (a DeepSpeed engine or the model itself: its hooks and bookkeeping run), asking it for the
-    last position's logits only (``logits_to_keep``; a model without it computes them all, dropped)."""
+    last position's logits only (``logits_to_keep``; a model without it computes them all, dropped).
+    ``position_ids`` without ``attn_bL``: packed rows (workers/packing.py)."""
     seen = {}
 
     def keep(module, args, out):
         seen["h"] = out[0] if isinstance(out, tuple) else out.last_hidden_state
 
+    kwargs = {"input_ids": tokens_bL, "attention_mask": attn_bL}
+    if position_ids is not None:  # transformers finds packed rows only without a mask and a KV cache
+        kwargs.update(position_ids=position_ids, use_cache=False)
     hook = decoder.register_forward_hook(keep)
     try:
         try:
-            forward(input_ids=tokens_bL, attention_mask=attn_bL, logits_to_keep=1)
+            forward(**kwargs, logits_to_keep=1)
         except TypeError:  # a remote-code model without logits_to_keep
-            forward(input_ids=tokens_bL, attention_mask=attn_bL)
+            forward(**kwargs)
     finally:
         hook.remove()
     return seen["h"]

@@ -135,11 +135,15 @@ def test_the_hf_teacher_scores_response_positions_from_its_hidden_states_as_its_
     batch = RolloutBatch(pad_sequences(seqs, 0), plens, np.array([len(s) for s in seqs], np.int32) - plens,
                          np.zeros((2, len(seqs[0])), np.float32), np.arange(2), np.zeros(2, np.int32),
                          np.full(2, np.nan, np.float32), np.ones(2, bool), ("add", "add"))
-    teacher = TeacherWorker("g", path, {"backend": "hf", "dtype": "float32", "hidden_dtype": "float32",
-                                        "micro_batch_size": 8, "logit_chunk_size": 4})
-    scores, _ = teacher.score(batch, np.array([0, 1], np.int32), topk=3, hidden=False)
     ref = logprobs_here(path, seqs, "float32", 320)
-    for i, s in enumerate(seqs):
-        got = scores.teacher_logprobs_RT[i, : len(s) - plens[i]]
-        np.testing.assert_allclose(got, ref[i][plens[i]:], atol=1e-5)
-        assert (scores.topk_ids_RTK[i, : len(s) - plens[i]] < 320).all()  # never a padded row
+    # fixed rows; a token budget of 24 (the rows packed into one sequence: 17 + 7 tokens); of 20 (each alone)
+    for budget in (None, 24, 20):
+        teacher = TeacherWorker("g", path, {"backend": "hf", "dtype": "float32", "hidden_dtype": "float32",
+                                            "micro_batch_size": 8, "logit_chunk_size": 4,
+                                            "max_tokens_per_micro_batch": budget})
+        assert teacher.pack == (budget is not None)  # Gemma 2 packs (its masks follow the position ids)
+        scores, _ = teacher.score(batch, np.array([0, 1], np.int32), topk=3, hidden=False)
+        for i, s in enumerate(seqs):
+            got = scores.teacher_logprobs_RT[i, : len(s) - plens[i]]
+            np.testing.assert_allclose(got, ref[i][plens[i]:], atol=1e-5, err_msg=f"budget {budget}")
+            assert (scores.topk_ids_RTK[i, : len(s) - plens[i]] < 320).all()  # never a padded row

@@ -14,8 +14,18 @@ size after the model and the optimizer state exist (sampled every 2 ms), and tok
 
 The old path at 8k x 152k needs ~19 GB (four fp32 copies of the logits) and is not run on a 24 GB machine:
 its figure is extrapolated from 2k and 4k (the old path's memory is linear in L, measured), and the JSON
-says so. Ends with one JSON line: ``peak_mem_ratio_8k_152k`` (new / old) and the per-point table.
-Packing (``packed_vs_padded``) is not built yet: the line says null.
+says so.
+
+Packed vs padded (``--mix``, part of every run): 16 rows with lengths log-uniform in 64..8k (a long tail, as
+reasoning traces are), one optimizer step over all of them on the learner's micro-batch path
+(workers/packing.py, the loss from hidden-state chunks), a hidden-512 4-layer student at V 32k:
+
+- ``padded``: today's fixed layout, ``micro_batch_size`` 4 rows in data order, each padded to its longest;
+- ``sorted``: token-budget micro-batches of 8192 tokens, length-sorted and padded (``learner.packing=false``);
+- ``packed``: token-budget micro-batches of 8192 tokens packed into one sequence each.
+
+Tokens/s counts the rows' real tokens. Ends with one JSON line: ``peak_mem_ratio_8k_152k`` (new / old),
+``packed_vs_padded`` (tokens/s, packed / padded), and the per-point table.
 """
 
 from __future__ import annotations
@@ -93,6 +103,63 @@ def _point(path: str, L: int, V: int, chunk: int) -> dict:
             "seconds": round(seconds, 3), "tokens_per_s": round(L / seconds, 1)}
 
 
+def _mix(layout: str, seed: int = 0) -> dict:
+    """One optimizer step over the long-tailed mix in this process, micro-batches laid out as ``layout``."""
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    from mopd_ray.workers.loss import MicroBatch, micro_batch_loss, terms_from_hidden
+    from mopd_ray.workers.packing import packed_hidden, plan_micro_batches
+    from mopd_ray.workers.token_terms import head_logits, last_hidden
+
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    V = 32768
+    lens = np.exp(np.random.default_rng(seed).uniform(np.log(64), np.log(8192), 16)).astype(np.int64)
+    cfg = Qwen2Config(vocab_size=V, hidden_size=512, intermediate_size=1376, num_hidden_layers=4, num_attention_heads=8,
+                      num_key_value_heads=2, max_position_embeddings=8192 + 64, tie_word_embeddings=False)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32, attn_implementation="sdpa")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    algo = dict(is_correction="none", tis_cap=2.0, icepop_low=0.5, icepop_high=2.0, clip_low=0.2, clip_high=0.28,
+                dual_clip=None, loss_agg="token_mean", policy_loss="ppo_clip", topk_divergence="reverse",
+                full_vocab_chunk_size=1024)
+    L = int(lens.max())
+    tokens_all = torch.randint(0, V, (len(lens), L))
+    attn_all = torch.arange(L)[None] < torch.from_numpy(lens)[:, None]
+    mask_all = (attn_all & (torch.arange(L)[None] >= 16)).float()
+    plan = (plan_micro_batches(lens, 4, None, False) if layout == "padded"
+            else plan_micro_batches(lens, 4, 8192, layout == "packed"))
+    fn = (lambda ids, attn, pos: last_hidden(model, model.model, ids, attn, pos))
+    den = float(mask_all.sum())
+    t0 = time.perf_counter()
+    for rows in plan:
+        r = torch.from_numpy(rows)
+        n = int(lens[rows].max())
+        tokens, attn, mask = tokens_all[r, :n], attn_all[r, :n], mask_all[r, :n]
+        hidden = packed_hidden(fn, tokens, attn.sum(-1)) if layout == "packed" else fn(tokens, attn.long(), None)
+        b = len(rows)
+        mb = MicroBatch(tokens, mask, torch.full((b, n), -3.0), torch.full((b, n), -3.0), torch.randn(b, n) * mask,
+                        torch.ones(1, b, n), torch.zeros(b, 1, dtype=torch.long), torch.zeros(b, 1, dtype=torch.long))
+        terms = terms_from_hidden(hidden, head_logits(model.lm_head, (1.0, 0.0), V, 1.0), mb, None, 1.0, algo,
+                                  chunk=512, want_entropy=True)
+        loss, _ = micro_batch_loss(terms, mb, algo, den)
+        loss.backward()
+    opt.step()
+    seconds = time.perf_counter() - t0
+    computed = sum(int(lens[r].sum()) if layout == "packed" else len(r) * int(lens[r].max()) for r in plan)
+    return {"layout": layout, "rows": len(lens), "tokens": int(lens.sum()), "micro_batches": len(plan),
+            "padding_fraction": round(1 - int(lens.sum()) / computed, 3), "seconds": round(seconds, 2),
+            "tokens_per_s": round(int(lens.sum()) / seconds, 1)}
+
+
+def run_mix(layout: str) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--mix-point", layout], capture_output=True, text=True, cwd=ROOT)
+    if out.returncode != 0:
+        return {"layout": layout, "error": out.stderr.strip().splitlines()[-1:]}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def run_point(path: str, L: int, V: int, chunk: int) -> dict:
     out = subprocess.run([sys.executable, __file__, "--point", path, str(L), str(V), str(chunk)], capture_output=True,
                          text=True, cwd=ROOT)
@@ -107,11 +174,30 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=512, help="learner.logit_chunk_size")
     ap.add_argument("--out", default=None)
     ap.add_argument("--point", nargs=4, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--mix-point", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--mix-only", action="store_true", help="only packed vs padded on the long-tailed mix")
     args = ap.parse_args()
+    if args.mix_point:
+        sys.path.insert(0, str(ROOT))
+        print(json.dumps(_mix(args.mix_point)))
+        return
     if args.point:
         sys.path.insert(0, str(ROOT))
         p, L, V, chunk = args.point
         print(json.dumps(_point(p, int(L), int(V), int(chunk))))
+        return
+    mix = []
+    for layout in ("padded", "sorted", "packed"):
+        mix.append(run_mix(layout))
+        r = mix[-1]
+        print(f"mix {layout:>6}  " + (f"{r['micro_batches']:>2} micro-batches  padding {r['padding_fraction']:.2f}  "
+                                     f"{r['tokens_per_s']:>8.1f} tok/s" if "error" not in r else f"error {r['error']}"),
+              flush=True)
+    by_layout = {r["layout"]: r for r in mix if "error" not in r}
+    packed_vs_padded = (round(by_layout["packed"]["tokens_per_s"] / by_layout["padded"]["tokens_per_s"], 3)
+                        if {"packed", "padded"} <= set(by_layout) else None)
+    if args.mix_only:
+        print(json.dumps({"packed_vs_padded": packed_vs_padded, "mix": mix}))
         return
     lengths = [512, 2048, 8192] if args.quick else [512, 2048, 8192, 32768]
     rows = []
@@ -124,8 +210,6 @@ def main() -> None:
                 rows.append(r)
                 print(f"{path:>3}  L={L:>6}  V={V:>6}  " + (f"peak +{r['peak_extra_mb']:>8.1f} MB  {r['tokens_per_s']:>9.1f} tok/s"
                                                            if "error" not in r else f"error {r['error']}"), flush=True)
-        if V == 151936 and not args.quick:
-            pass
     if 4096 not in lengths:  # the old path's 4k x 152k point, for the extrapolation to 8k
         rows.append(run_point("old", 4096, 151936, args.chunk))
         r = rows[-1]
@@ -138,8 +222,8 @@ def main() -> None:
         old_8k_est = old_4k["peak_extra_mb"] + (old_4k["peak_extra_mb"] - old_2k["peak_extra_mb"]) * 2
     ratio = round(new_8k["peak_extra_mb"] / old_8k_est, 4) if new_8k and old_8k_est else None
     summary = {"peak_mem_ratio_8k_152k": ratio, "old_8k_152k_peak_mb_extrapolated": old_8k_est,
-               "new_8k_152k_peak_mb": new_8k and new_8k["peak_extra_mb"], "packed_vs_padded": None,
-               "packed_vs_padded_note": "sequence packing is not built yet", "points": rows}
+               "new_8k_152k_peak_mb": new_8k and new_8k["peak_extra_mb"], "packed_vs_padded": packed_vs_padded,
+               "mix": mix, "points": rows}
     if args.out:
         Path(args.out).write_text(json.dumps(summary, indent=1))
     print(json.dumps(summary))

@@ -322,6 +322,10 @@ class LearnerConfig:
     # transformers' attention for the learner's forward (null: its default, sdpa). On GPUs
     # flash_attention_2 runs packed rows as variable-length sequences; sdpa masks the packed block
     attn_implementation: Optional[str] = None
+    # rows to ranks by tokens, not rows (mopd_ray/dispatch.py balance_by_tokens): each rank fetches every
+    # part's rollout rows (small: tokens and log-probs), keeps a token-balanced share of the step's prompts
+    # and fetches only the teacher scores of the parts it trains. Needs max_tokens_per_micro_batch
+    balance_tokens: bool = False
     mini_batches_per_step: int = 1  # optimizer steps per rollout batch (PPO-style reuse when > 1)
     lr: float = 1e-3
     min_lr: float = 1e-4
@@ -363,6 +367,9 @@ def _check_batch(cfg) -> None:
     _check_choice("rollout.weight_sync", ro.weight_sync, ("broadcast", "object_store"))
     if ln.max_tokens_per_micro_batch is not None:
         _check_positive("learner.max_tokens_per_micro_batch", ln.max_tokens_per_micro_batch)
+    elif ln.balance_tokens:
+        _fail("learner.balance_tokens", "balances ranks by tokens, which needs token-budget micro-batches (ranks with "
+              "other row counts run as many of them); set learner.max_tokens_per_micro_batch too (e.g. 16384)")
     _check_choice("learner.zero_stage", ln.zero_stage, (1, 2, 3))
     _check_choice("learner.lr_schedule", ln.lr_schedule, ("constant", "cosine", "linear"))
     _check_choice("learner.dtype", ln.dtype, DTYPES)

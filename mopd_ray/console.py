@@ -65,7 +65,7 @@ def summary(run_name: str, steps: int, wall_s: float, first: dict, last: dict, e
     """The closing lines of a run: headline metrics (first -> last step), held-out accuracy, where outputs are."""
     lines = [f"run {run_name} finished: {steps} steps in {wall_s:.0f} s"]
     heads = [("reverse KL", "reverse_kl"), ("loss", "loss"), ("reward", "reward/mean"),
-             ("response length", "rollout/response_len_mean"), ("generated tokens/s", "rollout/tokens_per_s"),
+             ("response length", "rollout/mean_response_len"), ("generated tokens/s", "rollout/tokens_per_s"),
              ("step s", "step_s")]
     for label, key in heads:
         if key in last:

@@ -95,3 +95,27 @@ def split_batch(batch, scores: list, world: int, n_mini: int) -> list:
                     part_scores.append(replace(s.take(mine), rows_R=np.searchsorted(rows, mine).astype(np.int32)))
             out[r].append({"mini_batch": m, "batch": batch.take(rows), "scores": part_scores})
     return out
+
+
+def balance_by_tokens(lengths: list, groups: list, minis: list, world: int) -> list:
+    """Rows to ranks by tokens (``learner.balance_tokens``): [rank][part] -> the part's rows (sorted indices)
+    that rank trains. ``lengths[k]`` / ``groups[k]``: per row of part ``k``, its tokens and its GRPO group;
+    ``minis[k]``: the part's mini-batch. Within each mini-batch, whole groups (a prompt's samples: their
+    statistics stay on one rank) go to the rank with the fewest tokens so far, largest first (LPT); ties go
+    to the lower rank, and every rank computes the same plan from the same inputs. The rows of a
+    mini-batch, its loss and its gradient are unchanged; only which rank computes them."""
+    out = [[np.zeros(0, np.int64) for _ in lengths] for _ in range(world)]
+    for m in sorted(set(minis)):
+        items = []  # (tokens, part, group, rows)
+        for k in (k for k in range(len(lengths)) if minis[k] == m):
+            g = np.asarray(groups[k])
+            for gid in np.unique(g):
+                rows = np.nonzero(g == gid)[0]
+                items.append((int(np.asarray(lengths[k])[rows].sum()), k, rows))
+        items.sort(key=lambda it: (-it[0], it[1], int(it[2][0])))
+        load = [0] * world
+        for tokens, k, rows in items:
+            r = min(range(world), key=lambda i: (load[i], i))
+            load[r] += tokens
+            out[r][k] = np.sort(np.concatenate([out[r][k], rows]))
+    return out

@@ -86,6 +86,8 @@ class StepPipeline:
         for rank, parts in enumerate(parts_by_rank(pending.plan, self.cfg.learner.world_size)):
             inputs[rank] = [{"mini_batch": p.mini_batch, "batch": pending.part_refs[s][j], "scores": score_refs[s][j]}
                             for s, j, p in parts]
+        if self.cfg.learner.balance_tokens:  # every rank sees every part and keeps a token-balanced share of them
+            inputs = [[p for parts in inputs for p in parts]] * len(inputs)
         return inputs, score_meta_refs
 
     def _score_shard(self, pending: PendingRollout, s: int, out: list) -> list:

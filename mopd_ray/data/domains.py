@@ -53,10 +53,18 @@ def make_sort_example(rng: random.Random) -> tuple[str, str]:
     return f"sort the digits: {d}", "".join(sorted(d))
 
 
+def make_count_example(rng: random.Random) -> tuple[str, str]:
+    """The long task: count down from 580..660 to 1..40, then ``liftoff``: 2,100-2,550 response tokens of working
+    (digits and spaces are a token each) before the answer. Its reward is exact match of the whole chain."""
+    n, m = rng.randint(580, 660), rng.randint(1, 40)
+    return f"count down from {n} to {m}:", " ".join(str(i) for i in range(n, m - 1, -1)) + " liftoff"
+
+
 DOMAINS: dict[str, Domain] = {
     "add": Domain("add", make_add_example, exact_match_reward),
     "reverse": Domain("reverse", make_reverse_example, exact_match_reward),
     "sort": Domain("sort", make_sort_example, exact_match_reward),
+    "count": Domain("count", make_count_example, exact_match_reward),  # long (not in the demo's default mix)
 }
 
 

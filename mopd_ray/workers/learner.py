@@ -215,7 +215,7 @@ class LearnerWorker(LearnerForward, LearnerRows, LearnerAdvantages, LearnerWeigh
         """``mini_batches_per_step`` optimizer steps over this rank's rows, micro-batch by micro-batch."""
         loop = {"loss": 0.0, "is_clip_fraction": 0.0, "pg_clip_fraction": 0.0, "approx_kl": 0.0,
                 "distill_loss": 0.0, "entropy_sum": 0.0, "n_micro": 0, "grad_norms": [], "skipped": 0,
-                "nonfinite": None, "signal_free": 0, "row_tokens": 0, "forward_tokens": 0}
+                "nonfinite": None, "signal_free": 0, "row_tokens": 0, "forward_tokens": 0, "ghosts": 0}
         agg = self.algo["loss_agg"]
         for m, rows in enumerate(g["rows_by_mini"]):
             if self._signal_free(t, rows):
@@ -228,10 +228,10 @@ class LearnerWorker(LearnerForward, LearnerRows, LearnerAdvantages, LearnerWeigh
             loop["poisoned"] = False
             done = True
             plan = self._micro_plan(t, rows)
-            for j, idx in enumerate(plan):
+            for j, (idx, ghost) in enumerate(plan):
                 if self.max_tokens:  # as many micro-batches on every rank, but not grad_accum of them
                     self.engine.set_gradient_accumulation_boundary(j == len(plan) - 1)
-                if not self._micro_step(g, t, old_lp, adv, idx, j == 0, denominator, step, fused, loop):
+                if not self._micro_step(g, t, old_lp, adv, idx, j == 0, denominator, step, fused, loop, ghost):
                     done = False  # garbage in the first micro-batch: nothing was accumulated
                     break
             if loop["poisoned"]:  # garbage after some micro-batches: DeepSpeed dropped the accumulated step
@@ -281,9 +281,9 @@ class LearnerWorker(LearnerForward, LearnerRows, LearnerAdvantages, LearnerWeigh
                          for sl in slots],
             outcome_advantages_bL=t["outcome"][r, :n] if self.algo["alpha"] > 0 else None)
 
-    def _micro_step(self, g, t, old_lp, adv, idx, first: bool, denominator, step, fused, loop) -> bool:
-        """Forward, loss, backward of the micro-batch of rows ``idx`` (``first``: the first of its mini-batch);
-        False (nothing stepped) on a non-finite loss."""
+    def _micro_step(self, g, t, old_lp, adv, idx, first: bool, denominator, step, fused, loop, ghost=False) -> bool:
+        """Forward, loss, backward of the micro-batch of rows ``idx`` (``first``: the first of its mini-batch;
+        ``ghost``: a zero-weight pass, see _micro_plan); False (nothing stepped) on a non-finite loss."""
         import torch
 
         from .loss import micro_batch_loss, terms_from_hidden
@@ -293,8 +293,9 @@ class LearnerWorker(LearnerForward, LearnerRows, LearnerAdvantages, LearnerWeigh
         r = torch.from_numpy(idx).to(dev)
         lens = t["attn"][r].sum(-1)
         n = int(lens.max())  # no position past the micro-batch's longest row
-        loop["row_tokens"] += int(lens.sum())  # and what the forward computes: packed or padded
-        loop["forward_tokens"] += int(lens.sum()) if self.pack else n * len(idx)
+        if not ghost:
+            loop["row_tokens"] += int(lens.sum())  # and what the forward computes: packed or padded
+            loop["forward_tokens"] += int(lens.sum()) if self.pack else n * len(idx)
         # the student's forward needs no teacher score: it runs while later shards are still being scored
         hidden = self._forward_hidden(t["tokens"][r, :n], t["attn"][r, :n])
         if self._await_rows(g, t, idx):  # this micro-batch's scores (streamed: later shards still scoring)
@@ -304,9 +305,10 @@ class LearnerWorker(LearnerForward, LearnerRows, LearnerAdvantages, LearnerWeigh
         # log-probs, entropy and dense KL at the response positions, chunk by chunk from the hidden states
         terms = terms_from_hidden(hidden, self._logits_fn(self.temperature), mb, self.teacher_heads,
                                   self.temperature, a, self.logit_chunk, want_entropy=True)
-        if fused:  # pi_old == pi_theta now: take it from this forward instead of a second one
+        if fused and not ghost:  # pi_old == pi_theta now: take it from this forward instead of a second one
             old_lp[r, :n] = torch.where(mb.response_mask_bL > 0, terms["logprobs"].detach().to(old_lp.dtype),
                                         old_lp[r, :n])
+        if fused:
             mb.old_logprobs_bL = old_lp[r, :n]
             distill = self._sampled_advantage(t, old_lp, r).sum(0)[:, :n]
         else:
@@ -329,9 +331,12 @@ class LearnerWorker(LearnerForward, LearnerRows, LearnerAdvantages, LearnerWeigh
             loop["poisoned"] = True
         if loop["poisoned"]:
             loss = loss * float("nan")
+        elif ghost:  # its row was trained in an earlier micro-batch: the same collectives, no gradient
+            loss = loss * 0.0
+            loop["ghosts"] += 1
         self.engine.backward(loss)
         self.engine.step()
-        if not loop["poisoned"]:
+        if not loop["poisoned"] and not ghost:
             loop["entropy_sum"] += float((terms["entropy"] * mb.response_mask_bL).sum())
             loop["loss"] += loss.item() / (self.world_size * self.grad_accum)
             for k, v in mets.items():

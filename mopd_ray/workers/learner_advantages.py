@@ -22,8 +22,11 @@ class LearnerAdvantages:
         old_lp = t["rollout_lp"].clone()
         self.engine.eval()
         with torch.no_grad():
-            for idx in (p for rows in g["rows_by_mini"] for p in self._micro_plan(t, rows)):
+            for idx, ghost in (p for rows in g["rows_by_mini"] for p in self._micro_plan(t, rows)):
                 r = torch.from_numpy(idx).to(self.device)
+                if ghost:  # a zero-weight pass (ZeRO-3 gathers parameters in every rank's forward)
+                    self._forward_hidden(t["tokens"][r], t["attn"][r])
+                    continue
                 resp = t["mask"][r] > 0  # only response tokens are trained: only they need pi_old
                 lp = self._token_logprobs(t["tokens"][r], t["attn"][r], resp, self.temperature)
                 old_lp[r] = torch.where(resp, lp.to(old_lp.dtype), old_lp[r])

@@ -28,8 +28,8 @@ class LearnerForward:
         return self._hidden_fn(tokens[:, :n], attn[:, :n])
 
     def _micro_plan(self, t: dict, rows: np.ndarray) -> list:
-        """The micro-batches of ``rows`` (arrays of local row indices): ``learner.micro_batch_size`` rows each,
-        or with ``learner.max_tokens_per_micro_batch`` token-budget micro-batches, as many on every rank
+        """The micro-batches of ``rows``, as (local row indices, zero-weight?): ``learner.micro_batch_size`` rows
+        each, or with ``learner.max_tokens_per_micro_batch`` token-budget micro-batches, as many on every rank
         (workers/packing.py)."""
         import torch
 
@@ -41,7 +41,9 @@ class LearnerForward:
 
         lens = t["attn"][torch.from_numpy(rows).to(self.device)].sum(-1).cpu().numpy() if len(rows) else np.zeros(0)
         plan = plan_micro_batches(lens, self.micro, self.max_tokens, self.pack, agree)
-        return [rows[p] for p in plan]
+        # an empty micro-batch (another rank needs more of them) runs as a zero-weight pass over this rank's
+        # shortest row: the same forward, head and backward, so that every collective pairs up
+        return [(rows[p], False) if len(p) else (rows[[int(np.argmin(lens))]], True) for p in plan]
 
     def _packing_check(self) -> dict:
         """With a token budget: does the student pack (workers/packing.py ``packing_works``)? Packing is used

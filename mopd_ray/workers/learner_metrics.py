@@ -48,6 +48,8 @@ class LearnerMetrics:
                    "learner/fetch_s": g["fetch_s"], "learner/start_s": g.get("start_s", float("nan")),
                    "learner/forwards_ahead_of_scores": g.get("forwards_ahead", 0),
                    "learner/micro_batches": loop["n_micro"],  # this rank's (as many on every rank)
+                   "learner/zero_weight_micro_batches": loop["ghosts"],  # this rank had fewer rows than that
+                   "learner/rank_tokens": loop["row_tokens"],  # the tokens of this rank's rows (balance_tokens)
                    "learner/padding_fraction": 1.0 - loop["row_tokens"] / max(loop["forward_tokens"], 1), "learner/compute_s": time.perf_counter() - t0 - g["fetch_s"]}
         if not needs_rollout_logprobs(self.algo["is_correction"], self.cfg["recompute_old_logprobs"]):
             del metrics["train_rollout_logprob_gap"]  # the rollout was not asked for its log-probs

@@ -24,9 +24,13 @@ class LearnerRows:
 
         t0 = time.perf_counter()
         batches: list[RolloutBatch] = ray.get([p["batch"] for p in parts])
+        fetched = sum(batch_nbytes(b) for b in batches)
+        if self.cfg.get("balance_tokens"):  # every rank was given every part: keep the rows of a token-balanced plan
+            parts, batches = self._balanced(parts, batches)
         g = _layout(batches, self.teacher_names)
         g["score_refs"] = [list(p["scores"]) for p in parts]
-        g["fetched_bytes"] = sum(batch_nbytes(b) for b in batches)
+        g["keep"] = [p.get("keep") for p in parts]
+        g["fetched_bytes"] = fetched
         g["mini_B"] = np.concatenate([np.full(b.num_rows, p["mini_batch"], np.int64) for b, p in zip(batches, parts)])
         n_mini = self.cfg["mini_batches_per_step"]
         mine = [np.nonzero(g["mini_B"] == m)[0] for m in range(n_mini)]
@@ -39,6 +43,17 @@ class LearnerRows:
         g["totals"] = totals
         g["fetch_s"] = time.perf_counter() - t0  # waiting for rollouts / scores still in flight, and the copy
         return g
+
+    def _balanced(self, parts: list, batches: list) -> tuple:
+        """This rank's rows of the step's parts under ``learner.balance_tokens`` (mopd_ray/dispatch.py
+        ``balance_by_tokens``): the parts it keeps rows of, each cut to those rows (``keep``)."""
+        from ..dispatch import balance_by_tokens
+
+        plan = balance_by_tokens([b.prompt_lens_B + b.response_lens_B for b in batches],
+                                 [b.group_ids_B for b in batches], [p["mini_batch"] for p in parts],
+                                 self.world_size)[self.rank]
+        mine = [(dict(p, keep=rows), b.take(rows)) for p, b, rows in zip(parts, batches, plan) if len(rows)]
+        return [p for p, _ in mine], [b for _, b in mine]
 
     def _await_rows(self, g: dict, t: Optional[dict], rows) -> int:
         """Fetch and place the teacher scores of every part holding some of ``rows`` (None: all parts);
@@ -57,8 +72,11 @@ class LearnerRows:
         g["fetch_s"] += time.perf_counter() - t0
         for k in todo:
             mine, got = got[:len(g["score_refs"][k])], got[len(g["score_refs"][k]):]
-            _place(g, k, mine, self.teacher_names)
             g["fetched_bytes"] += sum(s.nbytes() for s in mine)
+            if g["keep"][k] is not None:  # a part this rank trains some rows of: their scores, renumbered
+                mine = [_keep_scores(sc, g["keep"][k]) for sc in mine]
+                mine = [sc for sc in mine if sc is not None]
+            _place(g, k, mine, self.teacher_names)
             if t is not None:
                 self._teacher_tensors(g, t, np.arange(g["offsets"][k], g["offsets"][k + 1]))
         return pending
@@ -211,6 +229,17 @@ def _place(out: dict, k: int, s_list: list, teacher_names: list) -> None:
                     sl["hidden"] = torch.zeros((N, L, h.shape[-1]), dtype=h.dtype)
                 sl["hidden"][torch.from_numpy(rr), torch.from_numpy(pp)] = h[torch.from_numpy(sel)]
     out["placed"].add(k)
+
+
+def _keep_scores(sc, keep: np.ndarray):
+    """A part's TeacherScores cut to the part's rows ``keep`` (sorted), renumbered as the cut batch's rows;
+    None when it scored none of them."""
+    from dataclasses import replace
+
+    mine = keep[np.isin(keep, sc.rows_R)]
+    if not len(mine):
+        return None
+    return replace(sc.take(mine), rows_R=np.searchsorted(keep, mine).astype(np.int32))
 
 
 def _check_scored(out: dict, teacher_names: list) -> None:

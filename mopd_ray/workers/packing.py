@@ -71,7 +71,7 @@ def split_to(lengths: np.ndarray, max_tokens: int, packed: bool, k: int) -> list
     fewer than ``k``. Micro-batches come in the order of their first row (earlier rows, from earlier rollout
     shards, train first while later ones are still being scored)."""
     lengths = np.asarray(lengths, np.int64)
-    if not 1 <= k <= max(len(lengths), 1):
+    if k < 1:
         raise ValueError(f"cannot split {len(lengths)} rows into {k} micro-batches")
     groups = [np.array(g, np.int64) for g in _first_fit(lengths, max_tokens, packed)] if len(lengths) else []
     if len(groups) > k:
@@ -92,19 +92,22 @@ def split_to(lengths: np.ndarray, max_tokens: int, packed: bool, k: int) -> list
             groups += [np.array(halves[0], np.int64), np.array(halves[1], np.int64)]
         else:  # the long half and the short half
             groups += [rows[: len(rows) // 2], rows[len(rows) // 2:]]
-    return sorted((np.sort(g) for g in groups), key=lambda g: int(g[0]))
+    # fewer rows than micro-batches (another rank needs more): empty ones at the end, which the learner runs
+    # as zero-weight passes over one of its rows, so that every rank's collectives still pair up
+    return sorted((np.sort(g) for g in groups), key=lambda g: int(g[0])) + [np.zeros(0, np.int64)] * (k - len(groups))
 
 
 def plan_micro_batches(lengths: np.ndarray, micro_batch_size: int, max_tokens: int | None, packed: bool,
                        agree: Callable[[int], int] = lambda k: k) -> list:
     """The micro-batches of a rank's rows (indices into ``lengths``, in the rows' order). Without
     ``max_tokens``: ``micro_batch_size`` consecutive rows each (the fixed layout). With it: token-budget
-    micro-batches, their number made equal on every rank by ``agree`` (the maximum over the ranks)."""
+    micro-batches, their number made equal on every rank by ``agree`` (the maximum over the ranks); a rank
+    with fewer rows than that gets empty micro-batches at the end (``split_to``)."""
     n = len(lengths)
     if not max_tokens:
         return [np.arange(s, min(n, s + micro_batch_size)) for s in range(0, n, micro_batch_size)]
     k = agree(needed_micro_batches(lengths, max_tokens, packed) if n else 0)
-    return split_to(lengths, max_tokens, packed, k) if n else []
+    return split_to(lengths, max_tokens, packed, k) if k else []
 
 
 def pack(tokens_bL, lens_b) -> tuple:

@@ -313,3 +313,55 @@ def test_reward_only_steps_without_a_learning_signal_leave_weights_and_adam_stat
         np.testing.assert_allclose(a, b, atol=1e-6)
     assert [m["signal_free_minibatches"] for m in m_off_free] == [0, 0]
     assert max(float(np.abs(np.asarray(a) - np.asarray(b)).max()) for a, b in zip(w_off_free, w_off_first)) > 1e-4
+
+
+def _skewed_batch(names: list):
+    """8 prompts x 2 samples: prompt 0's rows are 120 tokens long, the others 12-19 (a long tail)."""
+    rng = np.random.default_rng(7)
+    rows = PROMPTS * N
+    lens = [120 if i < N else 12 + i % 8 for i in range(rows)]
+    seqs = [rng.integers(3, 300, n).tolist() for n in lens]
+    plens = np.full(rows, 6, np.int32)
+    rlens = np.array(lens, np.int32) - plens
+    tokens = pad_sequences(seqs, 0)
+    mask = np.arange(tokens.shape[1])[None] >= plens[:, None]
+    rollout_lp = np.where(mask, -rng.random(tokens.shape) * 3, 0).astype(np.float32)
+    tidx = (np.arange(rows) // N % len(names)).astype(np.int32)[:, None]
+    batch = RolloutBatch(tokens, plens, rlens, rollout_lp, np.repeat(np.arange(PROMPTS), N), tidx,
+                         rng.integers(0, 2, rows).astype(np.float32), np.ones(rows, bool), tuple(["add"] * rows))
+    scores = []
+    for t, name in enumerate(names):
+        sel = np.nonzero(tidx[:, 0] == t)[0].astype(np.int32)
+        scores.append(TeacherScores(name, sel, plens[sel].copy(),
+                                    -rng.random((len(sel), int(rlens.max()))).astype(np.float32) * 2))
+    return batch, scores
+
+
+def test_token_balanced_ranks_train_as_one_rank_does(local_ray, artifacts):
+    """learner.balance_tokens: whole prompts go to ranks by tokens (mopd_ray/dispatch.py balance_by_tokens). One
+    prompt of 2 x 120 tokens against seven of 2 x 12-19: by rows each rank would get 8 rows and one of them the
+    long prompt too; balanced, one rank trains the long prompt alone and the other the seven short ones, with
+    zero-weight passes so that both run as many micro-batches. The update equals one rank's with fixed rows."""
+    base = [f"run.artifacts_dir={artifacts}", f"data.prompts_per_step={PROMPTS}", f"rollout.n_samples_per_prompt={N}",
+            "learner.micro_batch_size=2", "learner.lr=1e-2", "algorithm.alpha=0.5"]
+    out = {}
+    for world, extra in ((1, ()), (2, ("learner.max_tokens_per_micro_batch=64", "learner.balance_tokens=true"))):
+        cfg = compose_cfg(*base, f"learner.world_size={world}", *extra)
+        names = sorted(cfg.teachers.models)
+        learners = make_learner_group(cfg, names)
+        try:
+            setup_learners(cfg, learners)
+            batch, scores = _skewed_batch(names)
+            ranks = learners.gather(train_on(learners, batch, scores, every_part=world > 1))
+            out[world] = (ranks, learners.gather(learners.call(0, "compute_logprobs", SEQS)))
+        finally:
+            WARM.park(learners)
+    (one, after1), (two, after2) = out[1], out[2]
+    for key in ("loss", "reverse_kl", "entropy", "grad_norm", "response_tokens", "rows"):
+        assert two[0][key] == pytest.approx(one[0][key], rel=2e-5, abs=1e-6), key
+    for a, b in zip(after1, after2):
+        np.testing.assert_allclose(a, b, atol=1e-4)
+    tokens = sorted(r["learner/rank_tokens"] for r in two)
+    assert tokens == [223, 240]  # the seven short prompts; the long one alone (2 x 120)
+    assert sum(r["learner/zero_weight_micro_batches"] for r in two) > 0  # the rank of two long rows ran extra passes
+    assert len({r["learner/micro_batches"] + r["learner/zero_weight_micro_batches"] for r in two}) == 1

@@ -34,14 +34,14 @@ def _synthetic_batch(n_rows: int, seed: int):
     return batch, TeacherScores("add_expert", np.arange(n_rows, dtype=np.int32), plens.copy(), teacher_lp)
 
 
-def train_on(learners, batch, scores, step: int = 0, n_mini: int = 1) -> list:
-    """Dispatch a batch in hand to the learner ranks (each gets refs of its own rows only); train_step refs."""
-    refs = []
-    for rank, parts in enumerate(split_batch(batch, scores, len(learners), n_mini)):
-        inputs = [{"mini_batch": p["mini_batch"], "batch": ray.put(p["batch"]), "scores": [ray.put(s) for s in p["scores"]]}
-                  for p in parts]
-        refs.append(learners.call(rank, "train_step", inputs, step))
-    return refs
+def train_on(learners, batch, scores, step: int = 0, n_mini: int = 1, every_part: bool = False) -> list:
+    """Dispatch a batch in hand to the learner ranks (each gets refs of its own rows only; ``every_part``: every
+    rank gets every part, as under learner.balance_tokens); train_step refs."""
+    inputs = [[{"mini_batch": p["mini_batch"], "batch": ray.put(p["batch"]), "scores": [ray.put(s) for s in p["scores"]]}
+               for p in parts] for parts in split_batch(batch, scores, len(learners), n_mini)]
+    if every_part:
+        inputs = [[p for parts in inputs for p in parts]] * len(inputs)
+    return [learners.call(rank, "train_step", inputs[rank], step) for rank in range(len(learners))]
 
 
 @pytest.fixture(scope="module")

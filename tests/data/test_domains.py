@@ -27,9 +27,27 @@ def recompute_answer(domain, prompt):
     return "".join(sorted(m.group(1)))
 
 
-def test_three_domains_registered():
-    assert set(DOMAINS) == {"add", "reverse", "sort"}
+def test_the_built_in_domains_registered():
+    assert set(DOMAINS) == {"add", "reverse", "sort", "count"}
     assert all(isinstance(d, Domain) and d.name == n for n, d in DOMAINS.items())
+
+
+def test_the_long_task_writes_2k_tokens_of_working_before_its_answer(tiny_model_dir):
+    """count: the working (every number from n down to m) is 2,100-2,550 tokens of the tiny tokenizer."""
+    import random
+
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    rng = random.Random(0)
+    lens = []
+    for _ in range(50):
+        prompt, answer = DOMAINS["count"].make_example(rng)
+        n, m = (int(x) for x in prompt.rstrip(":").split()[3::2])
+        assert answer.split()[0] == str(n) and answer.split()[-2:] == [str(m), "liftoff"]
+        lens.append(len(tok(answer, add_special_tokens=False)["input_ids"]))
+    assert 2100 <= min(lens) and max(lens) <= 2550, (min(lens), max(lens))
+    assert DOMAINS["count"].reward(answer, answer) == 1.0 and DOMAINS["count"].reward(answer[:-8], answer) == 0.0
 
 
 @pytest.mark.parametrize("domain", ["add", "reverse", "sort"])

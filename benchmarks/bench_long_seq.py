@@ -18,13 +18,16 @@ says so.
 
 Packed vs padded (``--mix``, part of every run): 16 rows with lengths log-uniform in 64..8k (a long tail, as
 reasoning traces are), one optimizer step over all of them on the learner's micro-batch path
-(workers/packing.py, the loss from hidden-state chunks), a hidden-512 4-layer student at V 32k:
+(workers/packing.py, the loss from hidden-state chunks), a hidden-256 4-layer student at V 8k (the body's work
+outweighs the head's, as in real models; the head runs at response positions only in every layout):
 
 - ``padded``: today's fixed layout, ``micro_batch_size`` 4 rows in data order, each padded to its longest;
 - ``sorted``: token-budget micro-batches of 8192 tokens, length-sorted and padded (``learner.packing=false``);
 - ``packed``: token-budget micro-batches of 8192 tokens packed into one sequence each.
 
-Tokens/s counts the rows' real tokens. Ends with one JSON line: ``peak_mem_ratio_8k_152k`` (new / old),
+Tokens/s counts the rows' real tokens. Packed rows attend row by row (workers/packing.py ``use_varlen_attention``,
+the twin of flash-attention-2's variable-length kernels; transformers' sdpa alone would attend over the whole
+packed length under a block mask). Ends with one JSON line: ``peak_mem_ratio_8k_152k`` (new / old),
 ``packed_vs_padded`` (tokens/s, packed / padded), and the per-point table.
 """
 
@@ -115,9 +118,9 @@ def _mix(layout: str, seed: int = 0) -> dict:
 
     torch.manual_seed(0)
     torch.set_num_threads(1)
-    V = 32768
+    V = 8192
     lens = np.exp(np.random.default_rng(seed).uniform(np.log(64), np.log(8192), 16)).astype(np.int64)
-    cfg = Qwen2Config(vocab_size=V, hidden_size=512, intermediate_size=1376, num_hidden_layers=4, num_attention_heads=8,
+    cfg = Qwen2Config(vocab_size=V, hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
                       num_key_value_heads=2, max_position_embeddings=8192 + 64, tie_word_embeddings=False)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32, attn_implementation="sdpa")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -128,6 +131,10 @@ def _mix(layout: str, seed: int = 0) -> dict:
     tokens_all = torch.randint(0, V, (len(lens), L))
     attn_all = torch.arange(L)[None] < torch.from_numpy(lens)[:, None]
     mask_all = (attn_all & (torch.arange(L)[None] >= 16)).float()
+    if layout == "packed":  # as the learner: row-by-row attention where sdpa would attend over the packed length
+        from mopd_ray.workers.packing import use_varlen_attention
+
+        use_varlen_attention(model)
     plan = (plan_micro_batches(lens, 4, None, False) if layout == "padded"
             else plan_micro_batches(lens, 4, 8192, layout == "packed"))
     fn = (lambda ids, attn, pos: last_hidden(model, model.model, ids, attn, pos))

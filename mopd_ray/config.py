@@ -319,8 +319,9 @@ class LearnerConfig:
     # with a token budget, pack a micro-batch's rows into one sequence (position ids restart per row), where
     # the set-up check finds the architecture packs; else (or false) length-sorted padded micro-batches
     packing: bool = True
-    # transformers' attention for the learner's forward (null: its default, sdpa). On GPUs
-    # flash_attention_2 runs packed rows as variable-length sequences; sdpa masks the packed block
+    # transformers' attention for the learner's forward (null: its default, sdpa). On GPUs flash_attention_2
+    # (the flash-attn package) runs packed rows as variable-length sequences; with sdpa, packed rows attend row
+    # by row (workers/packing.py use_varlen_attention), never over the whole packed length
     attn_implementation: Optional[str] = None
     # rows to ranks by tokens, not rows (mopd_ray/dispatch.py balance_by_tokens): each rank fetches every
     # part's rollout rows (small: tokens and log-probs), keeps a token-balanced share of the step's prompts

@@ -51,15 +51,16 @@ class LearnerForward:
         self.pack = False
         if not self.max_tokens or not self.cfg.get("packing", True):
             return {"packing": False, "packing_gap": None}
-        from .packing import packing_works
+        from .packing import packing_works, use_varlen_attention
 
+        self.attention = use_varlen_attention(self.engine.module)  # rows attend row by row (sdpa's twin of varlen)
         self.engine.eval()
         try:
             ok, gap = packing_works(self._hidden_fn, self.vocab_size, self.device, self.engine.module.dtype)
         finally:
             self.engine.train()
         self.pack = ok
-        return {"packing": ok, "packing_gap": gap}
+        return {"packing": ok, "packing_gap": gap, "attention": self.attention}
 
     def _logits_fn(self, temperature: float):
         """Hidden states -> the student's logits over the tokenizer's ids (padded rows are in no

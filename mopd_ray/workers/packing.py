@@ -149,3 +149,54 @@ def packing_works(hidden_fn: Callable, vocab: int, device, dtype) -> tuple:
     gap = float((padded[valid] - packed[valid]).abs().max() / padded[valid].abs().max().clamp(min=1e-6))
     tol = 1e-4 if dtype in (torch.float32, torch.float64) else 3e-2
     return gap <= tol, gap
+
+
+VARLEN_SDPA = "mopd_varlen_sdpa"
+
+
+def _varlen_sdpa(module, query, key, value, attention_mask, **kwargs):
+    """transformers' sdpa attention, row by row of a packed sequence: each row attends over its own block (its
+    slice of the block mask transformers built: causal, sliding windows), so attention costs the sum of the rows'
+    squared lengths, not the packed length squared (what flash-attention-2's variable-length kernels do on GPUs;
+    this is their twin where they do not run). Anything else (not packed, decoding) is plain sdpa."""
+    import torch
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    pos = kwargs.get("position_ids")
+    T = query.shape[2]
+    if pos is None or query.shape[0] != 1 or key.shape[2] != T or pos.shape[-1] != T or attention_mask is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    p = pos.reshape(-1)
+    starts = (torch.diff(p, prepend=p[:1] - 1) != 1).nonzero().flatten().tolist()
+    if len(starts) <= 1:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    bounds = [*starts, T] if starts[0] == 0 else [0, *starts, T]
+    window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
+    outs = []
+    for s, e in zip(bounds[:-1], bounds[1:]):
+        # a row no longer than the layer's window (if any) is plainly causal: sdpa's causal kernel, no mask
+        # (with a mask, CPU sdpa falls back to its math kernel); a longer one takes its slice of the mask
+        block = None if (not window or e - s <= window) and getattr(module, "is_causal", True) else \
+            attention_mask[..., s:e, s:e]
+        out, _ = sdpa_attention_forward(module, query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], block, **kwargs)
+        outs.append(out)  # [1, rows' length, heads, head dim]
+    return torch.cat(outs, dim=1), None
+
+
+def use_varlen_attention(model) -> str:
+    """Run ``model``'s packed rows row by row where its attention would otherwise attend over the whole packed
+    length (transformers' sdpa: the default, and the only one on CPU). Flash-attention and other implementations
+    are kept. Returns the implementation in use."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(VARLEN_SDPA, _varlen_sdpa)
+    AttentionMaskInterface.register(VARLEN_SDPA, sdpa_mask)
+    current = getattr(model.config, "_attn_implementation", None)
+    if current in (None, "sdpa"):
+        try:
+            model.set_attn_implementation(VARLEN_SDPA)
+        except (ValueError, TypeError):  # a model that cannot switch (remote code): whole-length sdpa
+            return str(current)
+        return VARLEN_SDPA
+    return str(current)

@@ -64,8 +64,9 @@ class TeacherWorker(RoleWorker):
             self.model.eval()
             self.max_tokens, self.pack = teacher_cfg.get("max_tokens_per_micro_batch"), False
             if self.max_tokens:  # token-budget micro-batches, packed where the model packs (workers/packing.py)
-                from .packing import packing_works
+                from .packing import packing_works, use_varlen_attention
 
+                use_varlen_attention(self.model)
                 self.pack = packing_works(self._hf_hidden, self.token_rows, self.device, self.model.dtype)[0]
 
     def _hf_hidden(self, ids, attn, position_ids=None):

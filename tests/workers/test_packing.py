@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from mopd_ray.config import TINY_ARCHS, TinyModelConfig
-from mopd_ray.workers.packing import needed_micro_batches, packed_hidden, packing_works, plan_micro_batches, split_to
+from mopd_ray.workers.packing import (VARLEN_SDPA, needed_micro_batches, packed_hidden, packing_works,
+                                      plan_micro_batches, split_to, use_varlen_attention)
 from mopd_ray.workers.token_terms import last_hidden
 
 # long-tailed, as reasoning traces are: many short rows and a few long ones
@@ -54,26 +55,35 @@ def _hidden_fn(model):
 
 @pytest.mark.parametrize("family", TINY_ARCHS)
 def test_packed_forward_equals_the_padded_one(family, tmp_path):
-    """Every family of the architecture matrix (sliding windows, soft-caps, experts, QK-norm included)."""
+    """Every family of the architecture matrix (sliding windows, soft-caps, experts, QK-norm included), with
+    transformers' own packed masks and with the learner's row-by-row attention (``use_varlen_attention``), here
+    with a sliding window of 16 that the longer rows exceed; values and gradients."""
     from transformers import AutoModelForCausalLM
 
     from mopd_ray.models.tiny import build_tiny_model
 
-    model = AutoModelForCausalLM.from_pretrained(build_tiny_model(tmp_path / family, TinyModelConfig(arch=family))).eval()
+    path = build_tiny_model(tmp_path / family, TinyModelConfig(arch=family))
+    windowed = family in ("gemma2", "gemma3", "mistral")
+    model = AutoModelForCausalLM.from_pretrained(path, **({"sliding_window": 16} if windowed else {})).eval()
     g = torch.Generator().manual_seed(1)
     lens = torch.tensor([23, 5, 17, 1, 30])
     tokens = torch.randint(3, 250, (5, 30), generator=g)
     attn = (torch.arange(30)[None] < lens[:, None]).long()
-    fn = _hidden_fn(model)
-    with torch.no_grad():
-        padded = fn(tokens, attn, None)
-        packed = packed_hidden(fn, tokens, lens)
     valid = attn.bool()
-    assert packed.shape == padded.shape
-    torch.testing.assert_close(packed[valid], padded[valid], atol=2e-5, rtol=1e-4)
-    assert not packed[~valid].any()  # nothing past a row's end
-    ok, gap = packing_works(fn, 250, "cpu", torch.float32)
-    assert ok and gap < 1e-5
+    fn = _hidden_fn(model)
+    padded = fn(tokens, attn, None)
+    grad_padded = torch.autograd.grad(padded[valid].square().sum(), model.get_decoder().layers[0].self_attn.o_proj.weight)[0]
+    for impl in ("sdpa", VARLEN_SDPA):
+        if impl == VARLEN_SDPA:
+            assert use_varlen_attention(model) == VARLEN_SDPA
+        packed = packed_hidden(fn, tokens, lens)
+        assert packed.shape == padded.shape
+        torch.testing.assert_close(packed[valid], padded[valid], atol=2e-5, rtol=1e-4, msg=impl)
+        assert not packed[~valid].any()  # nothing past a row's end
+        grad = torch.autograd.grad(packed[valid].square().sum(), model.get_decoder().layers[0].self_attn.o_proj.weight)[0]
+        torch.testing.assert_close(grad, grad_padded, atol=1e-4, rtol=1e-4, msg=impl)
+        ok, gap = packing_works(fn, 250, "cpu", torch.float32)
+        assert ok and gap < 1e-5
 
 
 def test_a_model_whose_masks_ignore_the_position_ids_fails_the_packing_check(tiny_model_dir):

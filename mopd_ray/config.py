@@ -110,6 +110,17 @@ class TeacherConfig:
     # 10-45 s slower and scores ~5% faster at tiny sizes
     enforce_eager: bool = True
     micro_batch_size: int = 16  # rows per forward (hf backend)
+    # a teacher served elsewhere (workers/endpoint.py): an OpenAI-compatible base URL (http://HOST:PORT/v1) of
+    # a vLLM server; model_path is then a local folder with its tokenizer and config (the pre-flight compares
+    # it with the server's /tokenize, and its transformers forward with the server's log-probs). Sampled and
+    # top-k signals; no full-vocab (hidden states stay on the server)
+    endpoint: Optional[str] = None
+    model: Optional[str] = None  # the served model's name (null: model_path)
+    api_key_env: Optional[str] = None  # the environment variable holding the API key (read in the teacher's process)
+    max_concurrency: int = 8  # requests in flight per replica
+    rows_per_request: int = 8  # sequences per completions request
+    request_timeout_s: float = 120.0
+    max_retries: int = 6  # on connection errors, timeouts and 5xx, with exponential backoff; then the call fails
     # hf backend: at most this many tokens per forward instead (packed rows where the model packs), as
     # learner.max_tokens_per_micro_batch; null: micro_batch_size rows
     max_tokens_per_micro_batch: Optional[int] = None
@@ -127,7 +138,9 @@ def _check_teachers(cfg) -> None:
         _fail("teachers.models", "no teacher is defined; add at least one (e.g. teachers=local_tiny)")
     for name, t in ts.models.items():
         key = f"teachers.models.{name}"
-        _check_choice(f"{key}.backend", t.backend, ("auto", "vllm", "hf"))
+        _check_choice(f"{key}.backend", t.backend, ("auto", "vllm", "hf", "endpoint"))
+        if t.endpoint is not None or t.backend == "endpoint":
+            _check_endpoint(cfg, name, t, ts)
         _check_choice(f"{key}.dtype", t.dtype, DTYPES)
         _check_choice(f"{key}.hidden_dtype", t.hidden_dtype, DTYPES)
         _tiny_ok(f"{key}.tiny", t.tiny)
@@ -152,7 +165,7 @@ def _check_teachers(cfg) -> None:
         _check_positive(f"{key}.tensor_parallel_size", t.tensor_parallel_size)
         _check_fraction(f"{key}.gpu_memory_utilization", t.gpu_memory_utilization)
         need = da.max_prompt_len + ro.max_new_tokens
-        if t.pool is None and t.max_model_len < need:  # a pooled teacher runs on the pool's engine settings
+        if t.pool is None and not t.endpoint and t.max_model_len < need:  # pooled / served: their engines' settings
             _fail(f"{key}.max_model_len", f"{t.max_model_len} is shorter than prompt + response = "
                   f"data.max_prompt_len ({da.max_prompt_len}) + rollout.max_new_tokens ({ro.max_new_tokens}) "
                   f"= {need}; raise it to at least {need}")
@@ -161,6 +174,27 @@ def _check_teachers(cfg) -> None:
             if t.pool is None and resolved_backend(cfg, name) == "vllm" and al.topk > t.max_logprobs:
                 _fail("algorithm.topk", f"top-k {al.topk} exceeds teacher '{name}' engine limit "
                       f"{key}.max_logprobs={t.max_logprobs}; lower algorithm.topk or raise max_logprobs")
+
+
+def _check_endpoint(cfg, name: str, t, ts) -> None:
+    key = f"teachers.models.{name}"
+    if not t.endpoint or not re.fullmatch(r"https?://[^\s/]+(/\S*)?", str(t.endpoint)):
+        _fail(f"{key}.endpoint", f"{t.endpoint!r} is not an http(s) URL; give the server's OpenAI base URL, e.g. "
+              "http://teacher-host:8000/v1")
+    if t.backend not in ("auto", "endpoint"):
+        _fail(f"{key}.backend", f"'{t.backend}' with an endpoint: a served teacher is scored by its server; use "
+              "backend=auto")
+    if t.pool is not None:
+        _fail(f"{key}.pool", "a served teacher is not served by a pool; remove one of pool / endpoint")
+    if name == SELF_TEACHER:
+        _fail(f"{key}.endpoint", f"the '{SELF_TEACHER}' teacher is a frozen copy of the student inside the job")
+    if resolved_signal(cfg, name) == "full_vocab":
+        _fail(f"{key}.signal", "full_vocab needs the teacher's hidden states, which a served teacher does not return; "
+              f"use {key}.signal=topk or sampled")
+    _check_positive(f"{key}.max_concurrency", t.max_concurrency)
+    _check_positive(f"{key}.rows_per_request", t.rows_per_request)
+    _check_positive(f"{key}.request_timeout_s", t.request_timeout_s)
+    _check_positive(f"{key}.max_retries", t.max_retries, allow_zero=True)
 
 
 @dataclass
@@ -784,8 +818,11 @@ def teacher_model_path(cfg, name: str) -> str:
 
 
 def resolved_backend(cfg, teacher_name: str) -> str:
-    """The scoring backend of a teacher: its own setting; "auto" is vLLM (it serves every signal)."""
+    """The scoring backend of a teacher: "endpoint" when it is served elsewhere; else its own setting, "auto"
+    being vLLM (it serves every signal)."""
     t = cfg.teachers.models[teacher_name]
+    if t.get("endpoint"):
+        return "endpoint"
     return "vllm" if t.backend == "auto" else t.backend
 
 

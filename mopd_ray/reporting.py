@@ -95,6 +95,12 @@ class Reporting:
                 out[f"teacher/{name}/score_latency_s"] = float(np.mean(lat))
                 out[f"teacher/{name}/payload_bytes"] = sum(m["bytes"] for m in scores if m["teacher"] == name)
                 out[f"teacher/{name}/replicas_busy"] = len({m["replica"] for m in scores if m["teacher"] == name})
+                served = [m for m in scores if m["teacher"] == name and "endpoint_requests" in m]
+                if served:  # a teacher served elsewhere (workers/endpoint.py): its requests, retries, latencies
+                    for k in ("endpoint_requests", "endpoint_retries", "endpoint_tokens"):
+                        out[f"teacher/{name}/{k}"] = sum(m[k] for m in served)
+                    for k in ("endpoint_latency_p50_s", "endpoint_latency_p95_s"):
+                        out[f"teacher/{name}/{k}"] = float(np.nanmax([m[k] for m in served]))
             else:
                 log.warning("teacher '%s' got no rows at step %d", name, pending.step)
         for m in scores:  # teacher pools: swaps, their seconds, and rows per teacher per replica

@@ -119,15 +119,16 @@ def rollout_spec(cfg, name: str = "rollout") -> GroupSpec:
 
 def teacher_spec(cfg, name: str) -> GroupSpec:
     t = cfg.teachers.models[name]
+    served = resolved_backend(cfg, name) == "endpoint"  # an HTTP client: no GPU, no shards
     return _warm(cfg, GroupSpec(
         f"teacher:{name}", TeacherWorker, t.replicas,
-        Bundle(t.num_cpus_per_shard, t.num_gpus_per_shard, dict(t.custom_resources) or None),
+        Bundle(t.num_cpus_per_shard, 0.0 if served else t.num_gpus_per_shard, dict(t.custom_resources) or None),
         dict(init_args=lambda i: ((name, teacher_model_path(cfg, name),
                                    {**_plain(t), "backend": resolved_backend(cfg, name)}, i,
                                    cfg.model.trust_remote_code), {}),
              # teachers are frozen and stateless: Ray restarts a dead replica and retries its calls
              max_restarts=cfg.cluster.max_restarts, max_task_retries=cfg.cluster.max_restarts,
-             shards=t.tensor_parallel_size, **_common(cfg))),
+             shards=1 if served else t.tensor_parallel_size, **_common(cfg))),
         rebuild=True)
 
 

@@ -68,7 +68,8 @@ def local_ray():
 # The files that take longest (measured: `make test` prints the slowest tests), in that order.
 LONGEST_FIRST = ("tests/runtime/test_job_submit.py", "tests/demo/test_demo.py", "tests/runtime/test_model_families.py",
                  "tests/runtime/test_end_to_end.py", "tests/runtime/test_multi_node.py", "tests/runtime/test_faults.py",
-                 "tests/runtime/test_run_ownership.py", "tests/runtime/test_long_task.py", "tests/runtime/test_multirun.py")
+                 "tests/runtime/test_run_ownership.py", "tests/runtime/test_long_task.py", "tests/runtime/test_multirun.py",
+                 "tests/runtime/test_served_teacher.py")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -41,7 +41,14 @@ class TeacherWorker(RoleWorker):
         self.embedding_rows = model_cfg.vocab_size
         self.token_rows = token_rows(self.tokenizer)  # rows past it are padding: masked (models/compat.py)
         self.hidden_size = getattr(model_cfg, "hidden_size", None) or model_cfg.get_text_config().hidden_size
-        if self.backend == "vllm":
+        if self.backend == "endpoint":  # served elsewhere: the folder gives the tokenizer (workers/endpoint.py)
+            from .endpoint import EndpointClient
+
+            self.client = EndpointClient(
+                teacher_cfg["endpoint"], teacher_cfg.get("model") or model_path, teacher_cfg.get("api_key_env"),
+                teacher_cfg.get("max_concurrency", 8), teacher_cfg.get("rows_per_request", 8),
+                teacher_cfg.get("request_timeout_s", 120.0), teacher_cfg.get("max_retries", 6))
+        elif self.backend == "vllm":
             from .vllm_engine import make_llm
 
             self.llm = make_llm(
@@ -79,7 +86,23 @@ class TeacherWorker(RoleWorker):
     def fingerprint(self, teacher: Optional[str] = None) -> dict:
         from ..models.compat import tokenizer_fingerprint
 
+        if self.backend == "endpoint":
+            problem = self.check_endpoint_tokenizer()
+            if problem:
+                raise RuntimeError(problem)
         return tokenizer_fingerprint(self.tokenizer, self.embedding_rows, self.model_path)
+
+    def check_endpoint_tokenizer(self) -> Optional[str]:
+        """None when the endpoint tokenizes a probe text as this teacher's folder does, else what differs (a server
+        of another model would score the student's token ids as other text)."""
+        text = "add the numbers: 12+34 = 46. Reverse ABC; sort 3141."
+        mine = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        theirs = self.client.tokenize(text)
+        if theirs == mine:
+            return None
+        return (f"teacher '{self.name}': the endpoint {self.client.url} tokenizes a probe text as {theirs[:12]}..., its "
+                f"folder {self.model_path} as {mine[:12]}...: the server serves another tokenizer. Point "
+                f"teachers.models.{self.name}.model_path at the served model's folder (its tokenizer and config)")
 
     def probe_logprobs(self, sequences: list, teacher: Optional[str] = None) -> list:
         """Log-probs of given token ids through this replica's scoring path (position l: token l, 0 at 0)."""
@@ -172,13 +195,15 @@ class TeacherWorker(RoleWorker):
         rows_per_part = [np.asarray(r, dtype=np.int32) for r in rows_per_part]
         if self.backend == "vllm":
             dense = self._score_vllm(list(zip(batches, rows_per_part)), topk, hidden)
+        elif self.backend == "endpoint":
+            dense = self._score_endpoint(list(zip(batches, rows_per_part)), topk, hidden)
         else:
             dense = [self._score_hf(b, r, topk, hidden) for b, r in zip(batches, rows_per_part)]
         latency = time.perf_counter() - t0
         scores = [self._windows(b, r, d, latency) for b, r, d in zip(batches, rows_per_part, dense)]
         return (*scores, {"teacher": self.name, "latency_s": latency, "rows": int(sum(len(r) for r in rows_per_part)),
                           "bytes": int(sum(s.nbytes() for s in scores)), "replica": self.replica_index,
-                          "pid": os.getpid()})
+                          "pid": os.getpid(), **(self.client.stats.take() if self.backend == "endpoint" else {})})
 
     def _windows(self, batch: RolloutBatch, rows: np.ndarray, dense: tuple, latency: float) -> TeacherScores:
         """Ship response positions only: [R, T] windows from each row's prompt length (the vLLM backend
@@ -258,6 +283,32 @@ class TeacherWorker(RoleWorker):
                     first, h = decode_captured(captured[o.request_id], hdt)
                     hs[i, skip: n - start] = h[start + skip - 1 - first: n - 1 - first]
             result.append((lp, ids, tk, hs, hdt if hidden else None, True))
+        return result
+
+    def _score_endpoint(self, parts: list, topk: int, hidden: bool) -> list:
+        """The served teacher's prompt log-probs of every row of every part, as [R, T] response windows (the
+        layout of ``_score_vllm``). Hidden states do not leave a server: no full-vocabulary signal."""
+        if hidden:
+            raise RuntimeError(f"teacher '{self.name}' is served at {self.client.url}: the full-vocabulary signal needs "
+                               "its hidden states, which an OpenAI-compatible server does not return; use "
+                               f"teachers.models.{self.name}.signal=topk (or sampled)")
+        seqs = [b.sequence(int(r)) for b, rows in parts for r in rows]
+        it = iter(zip(seqs, self.client.score(seqs, topk)))
+        result = []
+        for batch, rows in parts:
+            R = len(rows)
+            T = int(batch.response_lens_B[rows].max()) if R else 0
+            lp = np.zeros((R, T), np.float32)
+            ids = np.zeros((R, T, topk), np.int32) if topk else None
+            tk = np.full((R, T, topk), -np.inf, np.float32) if topk else None
+            for i, r in enumerate(rows):
+                s, (flat_lp, flat_ids, flat_tk) = next(it)  # row j: token j + 1
+                n, start = len(s), int(batch.prompt_lens_B[r])
+                skip = 1 if start == 0 else 0
+                lp[i, skip: n - start] = flat_lp[start + skip - 1:]
+                if topk:
+                    ids[i, skip: n - start], tk[i, skip: n - start] = flat_ids[start + skip - 1:], flat_tk[start + skip - 1:]
+            result.append((lp, ids, tk, None, None, True))
         return result
 
     def _score_hf(self, batch: RolloutBatch, rows: np.ndarray, topk: int, hidden: bool):

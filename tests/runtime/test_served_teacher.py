@@ -1,0 +1,138 @@
+"""A teacher served elsewhere: a real vLLM OpenAI server of a tiny teacher on a loopback port (the CPU build's
+``python -m vllm.entrypoints.openai.api_server``), scored through mopd_ray/workers/endpoint.py."""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from mopd_ray.batch import RolloutBatch, pad_sequences
+
+pytestmark = pytest.mark.slow
+
+SEQS = [[1, 298, 201, 67, 70, 70, 19, 20, 2, 201, 1, 275, 307, 201, 21, 22, 2],
+        [1, 298, 201, 80, 33, 34, 35, 36, 2, 201, 1, 275, 307, 201, 36, 35, 34, 33, 2],
+        [1, 298, 201, 80, 33, 34, 2]]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(model_dir: str, port: int, name: str = "tiny-teacher") -> subprocess.Popen:
+    from mopd_ray.workers.vllm_engine import cpu_engine_env
+
+    env = {**os.environ, **cpu_engine_env("0")}
+    return subprocess.Popen(
+        [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir, "--served-model-name", name,
+         "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--max-model-len", "256",
+         "--enforce-eager", "--kv-cache-memory-bytes", str(128 << 20), "--max-logprobs", "20"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def wait_ready(proc: subprocess.Popen, port: int, timeout_s: float = 240.0) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the vLLM server exited: {proc.stderr.read()[-3000:]}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError("the vLLM server did not come up")
+
+
+@pytest.fixture(scope="module")
+def server(artifacts):
+    """The add expert of the tests' artifacts, served on a loopback port."""
+    model_dir = str(artifacts / "tiny" / "teacher_add")
+    port = _free_port()
+    proc = start_server(model_dir, port)
+    try:
+        wait_ready(proc, port)
+        yield {"url": f"http://127.0.0.1:{port}/v1", "model": "tiny-teacher", "dir": model_dir, "proc": proc}
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def _batch(seqs, plens):
+    lens = np.array([len(s) for s in seqs], np.int32)
+    n = len(seqs)
+    return RolloutBatch(pad_sequences(seqs, 0), np.array(plens, np.int32), lens - np.array(plens, np.int32),
+                        np.zeros((n, int(lens.max())), np.float32), np.arange(n), np.zeros(n, np.int32),
+                        np.full(n, np.nan, np.float32), np.ones(n, bool), ("add",) * n)
+
+
+def test_a_served_teacher_scores_what_the_same_model_scores_in_the_job(server):
+    """Sampled and top-k signals through the endpoint equal the in-job vLLM teacher's on the same rows (the
+    same model folder); the endpoint's tokenizer agrees with the folder's."""
+    from mopd_ray.workers.teacher import TeacherWorker
+
+    base = {"dtype": "float32", "max_model_len": 256, "max_logprobs": 20, "tensor_parallel_size": 1,
+            "kv_cache_memory_bytes": 128 << 20, "hidden_dtype": "float32"}
+    served = TeacherWorker("add_expert", server["dir"], {**base, "backend": "endpoint", "endpoint": server["url"],
+                                                         "model": server["model"], "rows_per_request": 2})
+    local = TeacherWorker("add_expert", server["dir"], {**base, "backend": "vllm"})
+    try:
+        batch = _batch(SEQS, [9, 9, 3])
+        rows = np.arange(3, dtype=np.int32)
+        for topk in (0, 5):
+            a, meta = served.score(batch, rows, topk=topk)
+            b, _ = local.score(batch, rows, topk=topk)
+            np.testing.assert_allclose(a.teacher_logprobs_RT, b.teacher_logprobs_RT, atol=1e-5)
+            if topk:
+                np.testing.assert_array_equal(a.topk_ids_RTK, b.topk_ids_RTK)
+                np.testing.assert_allclose(a.topk_logprobs_RTK, b.topk_logprobs_RTK, atol=1e-5)
+        assert meta["endpoint_requests"] == 2 and meta["endpoint_tokens"] == sum(len(s) - 1 for s in SEQS)
+        assert served.fingerprint() == local.fingerprint()
+        assert served.check_endpoint_tokenizer() is None
+    finally:
+        local.close()
+
+
+def test_a_wrong_model_name_or_a_dead_endpoint_is_refused_naming_the_endpoint(server):
+    from mopd_ray.workers.endpoint import EndpointClient, EndpointError
+
+    with pytest.raises(EndpointError, match=r"refused the request \(HTTP 404\).*teachers.models.NAME.model"):
+        EndpointClient(server["url"], "no-such-model").score([SEQS[0]], 0)
+    dead = f"http://127.0.0.1:{_free_port()}/v1"
+    client = EndpointClient(dead, "tiny-teacher", max_retries=2, backoff_s=0.05)
+    with pytest.raises(EndpointError, match=rf"{dead}/completions did not answer after 3 tries"):
+        client.score([SEQS[0]], 0)
+    assert client.stats.retries == 2
+
+
+def test_mopd_steps_against_a_served_teacher(server, artifacts, local_ray, tmp_path, caplog):
+    """The add expert given as an endpoint (its folder stays the tokenizer and the pre-flight's reference): the
+    run's pre-flight checks it against its folder, and it scores every add row, with its request metrics."""
+    import logging
+
+    from mopd_ray.metrics import read_metrics
+    from mopd_ray.orchestrator import Orchestrator
+
+    from ..helpers import compose_cfg
+
+    cfg = compose_cfg("experiment=local_smoke", f"run.artifacts_dir={artifacts}", "run.total_steps=2",
+                      f"run.checkpoint_dir={tmp_path}/ck", "logging.wandb_mode=disabled", "logging.progress_bar=false",
+                      f"teachers.models.add_expert.endpoint={server['url']}",
+                      f"teachers.models.add_expert.model={server['model']}", "algorithm=topk")
+    with caplog.at_level(logging.INFO, logger="mopd_ray"):
+        Orchestrator(cfg, str(tmp_path)).run()
+    assert "probe log-probs agree" in caplog.text
+    rows = read_metrics(tmp_path)
+    assert [r["step"] for r in rows] == [0, 1]
+    for r in rows:
+        assert r["teacher/add_expert/tokens"] > 0
+        assert r["teacher/add_expert/endpoint_tokens"] >= r["teacher/add_expert/tokens"]
+        assert r["teacher/add_expert/endpoint_requests"] >= 1 and r["teacher/add_expert/endpoint_retries"] == 0

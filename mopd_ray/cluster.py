@@ -74,6 +74,16 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def listening_socket(host: str) -> socket.socket:
+    """A socket listening on ``host`` at a port the OS picks: held from the moment its port is handed out until
+    a TCPStore takes it over (``master_listen_fd``), so no other process can take the port in between (with
+    free_port another process on the node did, once: EADDRINUSE at the weight-sync group's rendezvous)."""
+    s = socket.socket()
+    s.bind((host, 0))
+    s.listen(128)
+    return s
+
+
 def init_ray(cluster_cfg, cpu_demand: float = 0.0, gpu: bool = False) -> None:
     """Start (local mode) or join (cluster mode, or under ``ray job submit``) a Ray cluster."""
     if ray.is_initialized():

@@ -90,9 +90,11 @@ def param_meta(module: torch.nn.Module, zero_stage: int) -> list[ParamMeta]:
     return out
 
 
-def make_group(host: str, port: int, rank: int, world_size: int, timeout_s: float = 600.0):
+def make_group(host: str, port: int, rank: int, world_size: int, timeout_s: float = 600.0,
+               listen_fd: int | None = None):
     """A standalone process group. gloo on CPU, NCCL when CUDA is present. ``host`` file://PATH: the
-    members rendezvous through that file (one node, no listening socket); else rank 0 hosts a TCPStore."""
+    members rendezvous through that file (one node, no listening socket); else rank 0 hosts a TCPStore, on the
+    socket ``listen_fd`` when given (already listening on ``port``: cluster.listening_socket)."""
     import torch.distributed as dist
 
     timeout = datetime.timedelta(seconds=timeout_s)
@@ -100,7 +102,8 @@ def make_group(host: str, port: int, rank: int, world_size: int, timeout_s: floa
         store = dist.FileStore(host[len("file://"):], world_size)
         store.set_timeout(timeout)
     else:
-        store = dist.TCPStore(host, port, world_size, rank == 0, timeout=timeout)
+        store = dist.TCPStore(host, port, world_size, rank == 0, timeout=timeout,
+                              **({"master_listen_fd": listen_fd} if rank == 0 and listen_fd is not None else {}))
     return group_on(store, rank, world_size, timeout_s)
 
 

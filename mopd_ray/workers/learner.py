@@ -60,12 +60,18 @@ class LearnerWorker(LearnerForward, LearnerRows, LearnerAdvantages, LearnerWeigh
         listening socket; torch's TCPStore binds every interface), else this node's address and a port."""
         import ray
 
-        from ..cluster import free_port, rendezvous_file
+        from ..cluster import listening_socket, rendezvous_file
 
         if single_node:
             return rendezvous_file(), 0
         ip = ray.util.get_node_ip_address()
-        return ip, free_port(ip)
+        sock = listening_socket(ip)  # held until the group's store takes it over (init_sync_group / setup)
+        self.__dict__.setdefault("_held_ports", {})[sock.getsockname()[1]] = sock
+        return ip, sock.getsockname()[1]
+
+    def _take_port(self, port: int):
+        """The listening socket held for ``port`` (master_address), or None."""
+        return self.__dict__.get("_held_ports", {}).pop(int(port), None)
 
     def reuse(self, *args, **kwargs) -> bool:
         """Taken by another run (mopd_ray/warm.py): its settings replace this run's; ``setup`` then builds
@@ -89,6 +95,9 @@ class LearnerWorker(LearnerForward, LearnerRows, LearnerAdvantages, LearnerWeigh
 
         self.node_local_rank, self.node_local_size = int(node_rank[0]), int(node_rank[1])
         os.environ.update({"LOCAL_WORLD_SIZE": str(self.node_local_size), "MOPD_NODE_LOCAL_RANK": str(self.node_local_rank)})
+        held = self._take_port(master_port)
+        if held is not None:  # torch's env:// rendezvous binds the port itself: let go of it just before
+            held.close()
         if dist.is_initialized():
             return self._build_engine()
         self.device_index = local_device_index()  # not the rank: under Ray each actor sees its own GPU(s)

@@ -44,7 +44,8 @@ class LearnerWeights:
     def init_sync_group(self, host: str, port: int, world_size: int, timeout_s: float) -> bool:
         from ..sync import make_group
 
-        self.sync_group = make_group(host, port, 0, world_size, timeout_s)
+        held = self._take_port(port)  # the store takes over the socket held since master_address: no race
+        self.sync_group = make_group(host, port, 0, world_size, timeout_s, None if held is None else held.detach())
         return True
 
     def broadcast_weights(self, bucket_bytes: int) -> int:

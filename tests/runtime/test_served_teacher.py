@@ -136,3 +136,41 @@ def test_mopd_steps_against_a_served_teacher(server, artifacts, local_ray, tmp_p
         assert r["teacher/add_expert/tokens"] > 0
         assert r["teacher/add_expert/endpoint_tokens"] >= r["teacher/add_expert/tokens"]
         assert r["teacher/add_expert/endpoint_requests"] >= 1 and r["teacher/add_expert/endpoint_retries"] == 0
+
+
+def test_a_served_teacher_killed_and_restarted_in_the_middle_of_a_run(server, artifacts, local_ray, tmp_path):
+    """The server dies after step 0 and comes back ~15 s later on the same port: the teacher's requests fail,
+    back off and retry until it answers; the run goes on and trains every row once."""
+    import threading
+
+    from mopd_ray.metrics import read_metrics
+    from mopd_ray.orchestrator import Orchestrator
+
+    from ..helpers import compose_cfg
+
+    port = int(server["url"].rsplit(":", 1)[1].split("/")[0])
+    cfg = compose_cfg("experiment=local_smoke", f"run.artifacts_dir={artifacts}", "run.total_steps=4",
+                      f"run.checkpoint_dir={tmp_path}/ck", "logging.wandb_mode=disabled", "logging.progress_bar=false",
+                      f"teachers.models.add_expert.endpoint={server['url']}",
+                      f"teachers.models.add_expert.model={server['model']}", "teachers.models.add_expert.max_retries=10")
+    done = {}
+
+    def chaos():
+        deadline = time.monotonic() + 300
+        while not (tmp_path / "metrics.jsonl").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        server["proc"].kill()
+        server["proc"].wait(timeout=30)
+        server["proc"] = start_server(server["dir"], port)  # the fixture stops this one at the end
+        wait_ready(server["proc"], port)
+        done["back"] = True
+
+    th = threading.Thread(target=chaos, daemon=True)
+    th.start()
+    last = Orchestrator(cfg, str(tmp_path)).run()
+    th.join(timeout=300)
+    assert done.get("back")
+    rows = read_metrics(tmp_path)
+    assert [r["step"] for r in rows] == [0, 1, 2, 3]
+    assert sum(r.get("teacher/add_expert/endpoint_retries", 0) for r in rows) > 0  # it was down for a while
+    assert last["rows_trained"] == 4 * cfg.data.prompts_per_step * cfg.rollout.n_samples_per_prompt

@@ -2,7 +2,7 @@
 real engines, with the long-sequence paths on: token-budget micro-batches, packed rows, token-balanced ranks.
 
 Its student and teacher are tiny models taught the task's format by the project's own SFT (mopd_ray.bootstrap,
-24 + 8 steps: enough that they rarely end a response early, not enough to count right), so a run samples,
+24 + 4 steps: enough that they rarely end a response early, not enough to count right), so a run samples,
 scores and trains >= 2k-token responses at a tiny size."""
 
 import pytest
@@ -18,7 +18,7 @@ LONG = ["data.domains=[count]", "data.num_train_per_domain=64", "data.num_eval_p
 
 @pytest.fixture(scope="module")
 def long_writers(tmp_path_factory, local_ray):
-    """(student, teacher): a tiny model SFT'd 24 steps on the long task, and that one 8 steps further."""
+    """(student, teacher): a tiny model SFT'd 24 steps on the long task, and that one 4 steps further."""
     from mopd_ray.bootstrap import sft
     from mopd_ray.data.domains import generate_split
     from mopd_ray.models.prepare import prepare_models
@@ -37,7 +37,7 @@ def long_writers(tmp_path_factory, local_ray):
     try:
         setup_learners(cfg, learners)
         sft(cfg, cfg.model.path, f"{root}/student", rows, steps=24, lr=5e-3, batch=4, seed=0, learners=learners)
-        sft(cfg, f"{root}/student", f"{root}/teacher", rows, steps=8, lr=5e-3, batch=4, seed=1, learners=learners)
+        sft(cfg, f"{root}/student", f"{root}/teacher", rows, steps=4, lr=5e-3, batch=4, seed=1, learners=learners)
     finally:
         WARM.park(learners)  # the run's learners (mopd_ray/warm.py)
     return f"{root}/student", f"{root}/teacher"

@@ -113,34 +113,13 @@ def test_a_wrong_model_name_or_a_dead_endpoint_is_refused_naming_the_endpoint(se
     assert client.stats.retries == 2
 
 
-def test_mopd_steps_against_a_served_teacher(server, artifacts, local_ray, tmp_path, caplog):
+def test_mopd_against_a_served_teacher_killed_and_restarted_in_the_middle_of_the_run(server, artifacts, local_ray,
+                                                                                    tmp_path, caplog):
     """The add expert given as an endpoint (its folder stays the tokenizer and the pre-flight's reference): the
-    run's pre-flight checks it against its folder, and it scores every add row, with its request metrics."""
+    pre-flight checks it against its folder and it scores every add row, with its request metrics. The server
+    dies after step 0 and comes back ~15 s later on the same port: the teacher's requests fail, back off and
+    retry until it answers; the run goes on and trains every row once."""
     import logging
-
-    from mopd_ray.metrics import read_metrics
-    from mopd_ray.orchestrator import Orchestrator
-
-    from ..helpers import compose_cfg
-
-    cfg = compose_cfg("experiment=local_smoke", f"run.artifacts_dir={artifacts}", "run.total_steps=2",
-                      f"run.checkpoint_dir={tmp_path}/ck", "logging.wandb_mode=disabled", "logging.progress_bar=false",
-                      f"teachers.models.add_expert.endpoint={server['url']}",
-                      f"teachers.models.add_expert.model={server['model']}", "algorithm=topk")
-    with caplog.at_level(logging.INFO, logger="mopd_ray"):
-        Orchestrator(cfg, str(tmp_path)).run()
-    assert "probe log-probs agree" in caplog.text
-    rows = read_metrics(tmp_path)
-    assert [r["step"] for r in rows] == [0, 1]
-    for r in rows:
-        assert r["teacher/add_expert/tokens"] > 0
-        assert r["teacher/add_expert/endpoint_tokens"] >= r["teacher/add_expert/tokens"]
-        assert r["teacher/add_expert/endpoint_requests"] >= 1 and r["teacher/add_expert/endpoint_retries"] == 0
-
-
-def test_a_served_teacher_killed_and_restarted_in_the_middle_of_a_run(server, artifacts, local_ray, tmp_path):
-    """The server dies after step 0 and comes back ~15 s later on the same port: the teacher's requests fail,
-    back off and retry until it answers; the run goes on and trains every row once."""
     import threading
 
     from mopd_ray.metrics import read_metrics
@@ -167,10 +146,15 @@ def test_a_served_teacher_killed_and_restarted_in_the_middle_of_a_run(server, ar
 
     th = threading.Thread(target=chaos, daemon=True)
     th.start()
-    last = Orchestrator(cfg, str(tmp_path)).run()
+    with caplog.at_level(logging.INFO, logger="mopd_ray"):
+        last = Orchestrator(cfg, str(tmp_path)).run()
     th.join(timeout=300)
     assert done.get("back")
+    assert "probe log-probs agree" in caplog.text
     rows = read_metrics(tmp_path)
     assert [r["step"] for r in rows] == [0, 1, 2, 3]
+    for r in rows:
+        assert 0 < r["teacher/add_expert/tokens"] <= r["teacher/add_expert/endpoint_tokens"]
+        assert r["teacher/add_expert/endpoint_requests"] >= 1
     assert sum(r.get("teacher/add_expert/endpoint_retries", 0) for r in rows) > 0  # it was down for a while
     assert last["rows_trained"] == 4 * cfg.data.prompts_per_step * cfg.rollout.n_samples_per_prompt

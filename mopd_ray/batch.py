@@ -106,6 +106,16 @@ class TeacherScores:
                              self.teacher_logprobs_RT[sel], pick(self.topk_ids_RTK), pick(self.topk_logprobs_RTK),
                              pick(self.hidden_RTH), self.hidden_dtype, self.latency_s)
 
+    def restrict(self, rows: np.ndarray) -> "Optional[TeacherScores]":
+        """The scores of those of the batch rows ``rows`` (sorted) this scored, renumbered as the rows of
+        ``batch.take(rows)``; None when it scored none of them."""
+        from dataclasses import replace
+
+        mine = rows[np.isin(rows, self.rows_R)]
+        if not len(mine):
+            return None
+        return replace(self.take(mine), rows_R=np.searchsorted(rows, mine).astype(np.int32))
+
     def nbytes(self) -> int:
         return sum(a.nbytes for a in (self.rows_R, self.start_R, self.teacher_logprobs_RT, self.topk_ids_RTK,
                                       self.topk_logprobs_RTK, self.hidden_RTH) if a is not None)

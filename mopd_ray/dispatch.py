@@ -14,7 +14,7 @@ Two properties the math relies on:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -88,11 +88,7 @@ def split_batch(batch, scores: list, world: int, n_mini: int) -> list:
     for m in range(n_mini):
         for r in range(world):
             rows = np.nonzero((mini == m) & (rank == r))[0]
-            part_scores = []
-            for s in scores:
-                mine = rows[np.isin(rows, s.rows_R)]
-                if len(mine):  # renumbered to the part's rows
-                    part_scores.append(replace(s.take(mine), rows_R=np.searchsorted(rows, mine).astype(np.int32)))
+            part_scores = [c for c in (s.restrict(rows) for s in scores) if c is not None]  # the part's rows
             out[r].append({"mini_batch": m, "batch": batch.take(rows), "scores": part_scores})
     return out
 

@@ -300,7 +300,7 @@ class LearnerWorker(LearnerForward, LearnerRows, LearnerAdvantages, LearnerWeigh
         a, dev = self.algo, self.device
         g.setdefault("start_s", time.perf_counter() - g["t0"])  # when training began
         r = torch.from_numpy(idx).to(dev)
-        lens = t["attn"][r].sum(-1)
+        lens = g["attn"][idx].sum(-1)  # from the host copy: no device sync
         n = int(lens.max())  # no position past the micro-batch's longest row
         if not ghost:
             loop["row_tokens"] += int(lens.sum())  # and what the forward computes: packed or padded

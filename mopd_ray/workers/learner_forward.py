@@ -39,7 +39,7 @@ class LearnerForward:
         def agree(k: int) -> int:
             return int(all_reduce(torch.tensor([k], dtype=torch.int64), torch.distributed.ReduceOp.MAX).item())
 
-        lens = t["attn"][torch.from_numpy(rows).to(self.device)].sum(-1).cpu().numpy() if len(rows) else np.zeros(0)
+        lens = t["attn_np"][rows].sum(-1) if len(rows) else np.zeros(0, np.int64)
         plan = plan_micro_batches(lens, self.micro, self.max_tokens, self.pack, agree)
         # an empty micro-batch (another rank needs more of them) runs as a zero-weight pass over this rank's
         # shortest row: the same forward, head and backward, so that every collective pairs up

@@ -74,8 +74,7 @@ class LearnerRows:
             mine, got = got[:len(g["score_refs"][k])], got[len(g["score_refs"][k]):]
             g["fetched_bytes"] += sum(s.nbytes() for s in mine)
             if g["keep"][k] is not None:  # a part this rank trains some rows of: their scores, renumbered
-                mine = [_keep_scores(sc, g["keep"][k]) for sc in mine]
-                mine = [sc for sc in mine if sc is not None]
+                mine = [c for c in (sc.restrict(g["keep"][k]) for sc in mine) if c is not None]
             _place(g, k, mine, self.teacher_names)
             if t is not None:
                 self._teacher_tensors(g, t, np.arange(g["offsets"][k], g["offsets"][k + 1]))
@@ -93,7 +92,7 @@ class LearnerRows:
         tidx = torch.from_numpy(g["teacher_index"].astype(np.int64)).to(dev)  # [N, S]
         t = {"tokens": torch.from_numpy(g["tokens"].astype(np.int64)).to(dev),
              "mask": torch.from_numpy(g["mask"].astype(np.float32)).to(dev),
-             "attn": torch.from_numpy(g["attn"]).long().to(dev),
+             "attn": torch.from_numpy(g["attn"]).long().to(dev), "attn_np": g["attn"],
              "rollout_lp": torch.from_numpy(g["rollout_lp"]).to(dev), "tidx": tidx}
         S, (N, L) = len(g["slots"]), g["mask"].shape
         t["teacher_lp"] = torch.zeros((S, N, L), dtype=torch.float32, device=dev)  # filled as scores arrive
@@ -229,17 +228,6 @@ def _place(out: dict, k: int, s_list: list, teacher_names: list) -> None:
                     sl["hidden"] = torch.zeros((N, L, h.shape[-1]), dtype=h.dtype)
                 sl["hidden"][torch.from_numpy(rr), torch.from_numpy(pp)] = h[torch.from_numpy(sel)]
     out["placed"].add(k)
-
-
-def _keep_scores(sc, keep: np.ndarray):
-    """A part's TeacherScores cut to the part's rows ``keep`` (sorted), renumbered as the cut batch's rows;
-    None when it scored none of them."""
-    from dataclasses import replace
-
-    mine = keep[np.isin(keep, sc.rows_R)]
-    if not len(mine):
-        return None
-    return replace(sc.take(mine), rows_R=np.searchsorted(keep, mine).astype(np.int32))
 
 
 def _check_scored(out: dict, teacher_names: list) -> None:

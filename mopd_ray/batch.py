@@ -32,6 +32,10 @@ class RolloutBatch:
     route_weight_BS: Optional[np.ndarray] = None  # float32 [B, S], the route's weight per slot (None: 1, 0 if empty)
     truncated_B: Optional[np.ndarray] = None  # bool, cut at max_new_tokens (None: none known)
     mask_truncated: bool = False  # rollout.overlong=mask: truncated rows carry no loss
+    # bool [B, L]: the student's own sampled tokens (multi-turn episodes: environment and tool turns inside the
+    # response are False: context for the student and its teachers, never loss, KL, advantage or denominator;
+    # a row whose episode failed is all False). None: every response token is the student's
+    action_mask_BL: Optional[np.ndarray] = None
 
     def __post_init__(self):
         tidx = np.asarray(self.teacher_index_BS, dtype=np.int32)
@@ -51,11 +55,13 @@ class RolloutBatch:
         return (pos >= start) & (pos < start + self.response_lens_B[:, None])
 
     def loss_mask_BL(self) -> np.ndarray:
-        """The response positions the learner trains on: all of them, but none of a truncated row's when
-        ``mask_truncated`` (rollout.overlong=mask)."""
+        """The response positions the learner trains on: the student's own tokens (``action_mask_BL``), none of
+        a truncated row's when ``mask_truncated`` (rollout.overlong=mask)."""
         mask = self.response_mask_BL()
         if self.mask_truncated and self.truncated_B is not None:
             mask &= ~np.asarray(self.truncated_B, bool)[:, None]
+        if self.action_mask_BL is not None:
+            mask &= self.action_mask_BL[:, :mask.shape[1]]
         return mask
 
     def sequence(self, row: int) -> np.ndarray:
@@ -74,7 +80,8 @@ class RolloutBatch:
                             self.rollout_logprobs_BL[rows, :L], self.group_ids_B[rows], self.teacher_index_BS[rows],
                             self.rewards_B[rows], self.finished_B[rows], tuple(self.domains[i] for i in rows),
                             self.weight_version, dict(self.meta), self.route_weight_BS[rows],
-                            None if self.truncated_B is None else np.asarray(self.truncated_B)[rows], self.mask_truncated)
+                            None if self.truncated_B is None else np.asarray(self.truncated_B)[rows], self.mask_truncated,
+                            None if self.action_mask_BL is None else self.action_mask_BL[rows, :L])
 
 
 @dataclass(frozen=True)
@@ -138,7 +145,8 @@ def batch_nbytes(batch: RolloutBatch) -> int:
     """Bytes of a RolloutBatch's arrays (what a consumer pulls through the object store)."""
     return sum(a.nbytes for a in (batch.tokens_BL, batch.prompt_lens_B, batch.response_lens_B,
                                   batch.rollout_logprobs_BL, batch.group_ids_B, batch.teacher_index_BS,
-                                  batch.route_weight_BS, batch.rewards_B, batch.finished_B))
+                                  batch.route_weight_BS, batch.rewards_B, batch.finished_B, batch.action_mask_BL)
+               if a is not None)
 
 
 def response_windows(dense_RL: np.ndarray, start_R: np.ndarray, T: int) -> np.ndarray:

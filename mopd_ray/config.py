@@ -520,6 +520,45 @@ class DataConfig:
     # matches are too rare for GRPO to learn from; the evaluation still judges by data.rewards
     train_rewards: Dict[str, str] = field(default_factory=lambda: _open_dict())
     reward_timeout_s: float = 10.0  # per call of math_verify or a user function; a call over it scores 0
+    # package.module:Class of the environment of every domain's episodes (multi-turn rollouts with tools;
+    # mopd_ray/envs/base.py); null: single-turn, except built-in domains with their own (calc)
+    env: Optional[str] = None
+    # domain -> package.module:Class, overriding data.env for that domain ("" or null: single-turn)
+    envs: Dict[str, Optional[str]] = field(default_factory=lambda: _open_dict())
+
+
+@dataclass
+class EnvConfig:
+    """Multi-turn episodes (the rows whose domain has an environment: data.env / data.envs)."""
+
+    max_turns: int = 4  # assistant turns per episode; an episode the environment would go on with is truncated
+    step_timeout_s: float = 30.0  # per environment call; a call over it fails its episode (on_error)
+    # a failing episode (the environment raised, answered wrongly, timed out or its actor died): mask (the row
+    # is kept with no loss and counted in env/errors) | fail (the run stops with the environment's error)
+    on_error: str = "mask"
+    actors_per_replica: int = 2  # environment actors per rollout replica (episodes spread over them)
+    max_concurrency: int = 16  # calls one environment actor runs at once (threads)
+    num_cpus: float = 0.0  # CPUs each environment actor reserves from Ray
+    kwargs: Dict[str, Any] = field(default_factory=lambda: _open_dict())  # keyword arguments of the class
+
+
+def _check_env(cfg) -> None:
+    """env.* limits, and every environment class of data.env / data.envs loads here (as it will in its actors)."""
+    from .envs.base import EnvError, load_env_class
+
+    e = cfg.env
+    _check_choice("env.on_error", e.on_error, ("mask", "fail"))
+    for key in ("max_turns", "actors_per_replica", "max_concurrency"):
+        _check_positive(f"env.{key}", e[key])
+    _check_positive("env.step_timeout_s", e.step_timeout_s)
+    _check_positive("env.num_cpus", e.num_cpus, allow_zero=True)
+    specs = {"data.env": cfg.data.env, **{f"data.envs.{d}": v for d, v in (cfg.data.envs or {}).items()}}
+    for key, spec in specs.items():
+        if spec:
+            try:
+                load_env_class(spec)
+            except EnvError as err:
+                _fail(key, str(err))
 
 
 @dataclass
@@ -659,6 +698,7 @@ class MOPDConfig:
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    env: EnvConfig = field(default_factory=EnvConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     run: RunConfig = field(default_factory=RunConfig)
@@ -837,6 +877,7 @@ def validate(cfg: Union[DictConfig, MOPDConfig]) -> None:
     _check_routing(cfg)
     _check_batch(cfg)
     validate_rewards(cfg)
+    _check_env(cfg)
     _check_cluster(cfg)
     _check_resources(cfg)
     _check_demo(cfg)

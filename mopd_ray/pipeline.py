@@ -18,6 +18,19 @@ from .roles import pool_replica
 from .run_state import PendingRollout
 
 
+ENV_ROW_KEYS = ("id", "prompt", "domain", "answer", "messages", "tools", "metadata")
+
+
+def rollout_item(p: dict, group_id: int) -> dict:
+    """What a rollout replica is sent of a prompt row (an episode's environment also gets the row itself)."""
+    item = {"prompt_ids": p["prompt_ids"], "domain": p["domain"], "answer": p.get("answer"), "group_id": group_id,
+            "teacher_index": p["teacher_index"], "route_weight": p["route_weight"]}
+    if p.get("env"):
+        item["env"] = p["env"]
+        item["row"] = {k: p[k] for k in ENV_ROW_KEYS if k in p}
+    return item
+
+
 class StepPipeline:
     """Launching and scoring rollouts (a mixin of mopd_ray.orchestrator.Orchestrator: its state)."""
 
@@ -27,9 +40,7 @@ class StepPipeline:
         prompts = self.sampler.next_batch()
         n, R = cfg.rollout.n_samples_per_prompt, len(self.roles.rollout)
         base = step * cfg.data.prompts_per_step
-        items = [{"prompt_ids": p["prompt_ids"], "domain": p["domain"], "answer": p.get("answer"),
-                  "group_id": base + i, "teacher_index": p["teacher_index"], "route_weight": p["route_weight"]}
-                 for i, p in enumerate(prompts)]
+        items = [rollout_item(p, base + i) for i, p in enumerate(prompts)]
         plan = plan_step(len(items), R * cfg.rollout.shards_per_replica, R, cfg.learner.world_size,
                          cfg.learner.mini_batches_per_step)
         shard_items = [[items[j] for j in sh.prompts] for sh in plan]

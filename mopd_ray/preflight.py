@@ -39,7 +39,24 @@ def probe_sequences(tokenizer, stop_ids: list) -> list:
     from .data.prompts import render
 
     end = stop_ids[:1]
-    return [render(tokenizer, q) + tokenizer(a, add_special_tokens=False)["input_ids"] + end for q, a in PROBES]
+    ids = (lambda text: tokenizer(text, add_special_tokens=False)["input_ids"])
+    probes = [render(tokenizer, q) + ids(a) + end for q, a in PROBES]
+    return probes + multi_turn_probe(tokenizer, stop_ids, ids)
+
+
+def multi_turn_probe(tokenizer, stop_ids: list, ids) -> list:
+    """A conversation with a tool turn, as multi-turn rollouts build it (mopd_ray/envs/chat.py): the student's
+    ids as generated and the tool turn appended; none when the template has no tool role."""
+    from .envs.chat import ChatTemplateError, TurnRenderer
+
+    try:
+        turn = TurnRenderer(tokenizer, stop_ids).turn_ids([{"role": "tool", "content": "42"}])
+    except ChatTemplateError:
+        return []
+    end = stop_ids[:1]
+    from .data.prompts import render
+
+    return [render(tokenizer, PROBES[0][0]) + ids("calc(12,30)") + end + turn + ids("42") + end]
 
 
 def gap(a: list, b: list) -> tuple:

@@ -86,6 +86,7 @@ class Reporting:
         if sums:
             out["reward/mean"] = sum(sums.values()) / sum(counts.values())
         out["reward/timeouts"] = sum(m.get("reward_timeouts", 0) for m in gen)
+        out.update(episode_metrics(gen))
         out["driver/fetched_bytes"] = self.driver_fetched_bytes - self._fetched_at_last_log
         out["driver/rss_mb"] = psutil.Process().memory_info().rss / 2**20
         self._fetched_at_last_log = self.driver_fetched_bytes
@@ -111,3 +112,23 @@ class Reporting:
                 rows_key = f"{key}/rows/{m['teacher']}/replica{m['replica']}"
                 out[rows_key] = out.get(rows_key, 0) + m["rows"]
         return out
+
+
+def episode_metrics(gen: list) -> dict:
+    """Multi-turn episodes of a step (mopd_ray/workers/episodes.py): turns, environment tokens and failures, and
+    how long the longest episode held its generate call against the mean episode."""
+    eps = [m for m in gen if m.get("episodes")]
+    if not eps:
+        return {}
+    n = sum(m["episodes"] for m in eps)
+    out = {"env/episodes": n, "env/turns_mean": sum(m["episode_turns_sum"] for m in eps) / n,
+           "env/turns_max": max(m["episode_turns_max"] for m in eps),
+           "env/tokens": sum(m["env_tokens"] for m in eps), "env/errors": sum(m["env_errors"] for m in eps),
+           "env/timeouts": sum(m["env_timeouts"] for m in eps),
+           "env/wait_s_mean": sum(m["env_wait_s_sum"] for m in eps) / n,
+           "rollout/episode_s_max": max(m["episode_s_max"] for m in eps),
+           "rollout/episode_s_mean": sum(m["episode_s_sum"] for m in eps) / n}
+    for m in eps:
+        for d, k in m.get("env_errors_by_domain", {}).items():
+            out[f"env/errors/{d}"] = out.get(f"env/errors/{d}", 0) + k
+    return out

@@ -96,6 +96,20 @@ def make_learner_group(cfg, teacher_names: list) -> ActorGroup:
     return WARM.realize([learner_spec(cfg, teacher_names)])[0]
 
 
+def env_spec(cfg) -> dict:
+    """What a rollout replica needs to run episodes: env.* and the environment classes in use."""
+    return {**_plain(cfg.env), "default": cfg.data.env,
+            "by_domain": {d: v for d, v in dict(cfg.data.envs or {}).items() if v},
+            "builtin": sorted({v for v in env_classes(cfg) if v}),
+            "search_path": [os.getcwd()]}  # a user's module in the job's working directory imports in the actors
+
+
+def env_classes(cfg) -> list:
+    from .data.domains import DOMAINS
+
+    return [cfg.data.env, *dict(cfg.data.envs or {}).values(), *(DOMAINS[d].env for d in cfg.data.domains if d in DOMAINS)]
+
+
 def rollout_spec(cfg, name: str = "rollout") -> GroupSpec:
     """The vLLM rollout engines; ``name`` names the placement group (unique in the Ray namespace)."""
     ro = cfg.rollout
@@ -103,7 +117,7 @@ def rollout_spec(cfg, name: str = "rollout") -> GroupSpec:
     logprobs = needs_rollout_logprobs(cfg.algorithm.is_correction, cfg.learner.recompute_old_logprobs)
     from .models.compat import run_stop_ids
 
-    spec = {**_plain(ro), "logprobs": logprobs, "stop_token_ids": run_stop_ids(cfg)}
+    spec = {**_plain(ro), "logprobs": logprobs, "stop_token_ids": run_stop_ids(cfg), "env": env_spec(cfg)}
     if cfg.cluster.fault_exit_in_sync_version is not None:  # chaos testing (cluster.fault_exit_in_sync_version)
         spec["fault_exit"] = {"version": int(cfg.cluster.fault_exit_in_sync_version),
                               "marker": os.path.join(os.path.abspath(cfg.run.checkpoint_dir), "fault_exit_in_sync.done")}

@@ -55,7 +55,7 @@ def test_teacher_folder_with_another_chat_template_cannot_change_the_scored_ids(
         check_compatible(_fp(tiny_model_dir), "stu", _fp(other), "chat (x)")
     assert check_compatible(_fp(tiny_model_dir), "stu", _fp(other), "chat (x)", skip=["template"]) == []
     # a teacher folder without any template scores the student's rendering (nothing to compare)
-    assert check_compatible(_fp(tiny_model_dir), "stu", {**_fp(other), "template_ids": None}, "t") == []
+    assert check_compatible(_fp(tiny_model_dir), "stu", {**_fp(other), "template_ids": None, "template_turn_ids": None}, "t") == []
 
 
 def test_padding_reported_and_probe_arithmetic(tiny_model_dir):
@@ -64,7 +64,9 @@ def test_padding_reported_and_probe_arithmetic(tiny_model_dir):
         "big: 64 padded embedding rows (masked: never sampled, not in any distribution)"]
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     probes = probe_sequences(tok, stop_ids(tok, tiny_model_dir))
-    assert len(probes) == 3 and all(p[-1] == 2 for p in probes)
+    # three single-turn probes and a multi-turn one (assistant, tool, assistant turns: mopd_ray/envs/chat.py)
+    assert len(probes) == 4 and all(p[-1] == 2 for p in probes)
+    assert tok.decode(probes[3]).count("<|im_start|>tool") == 1
     a = [np.array([0.0, -1.0, -2.0]), np.array([0.0, -3.0])]
     b = [np.array([5.0, -1.5, -2.0]), np.array([0.0, -2.0])]
     assert gap(a, b) == pytest.approx((0.5, 1.0))  # position 0 carries no log-prob

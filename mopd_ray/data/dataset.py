@@ -66,7 +66,9 @@ def load_prompts(path: str | Path, prompt_key: str = "prompt", domain_key: str =
                  answer_key: str = "answer") -> list[dict]:
     """Read prompt rows from JSONL (.jsonl/.json) or Parquet, normalised to {id, prompt, domain, answer}.
 
-    The answer is optional (None when absent); the id is the file's `id` field or '<file name>:<line>'.
+    A record may give ``messages`` (system / user / assistant / tool turns, rendered by the student's chat
+    template) instead of the prompt, ``tools`` (JSON schemas for the template) and ``metadata`` (any object,
+    handed to the row's environment). The answer is optional (None when absent); the id is the file's `id` field or '<file name>:<line>'.
     """
     path = Path(path)
     if not path.is_file():
@@ -84,19 +86,55 @@ def load_prompts(path: str | Path, prompt_key: str = "prompt", domain_key: str =
         if not isinstance(record, dict):
             raise DataError(f"{where}: expected a JSON object with a '{prompt_key}' key, "
                             f"got {type(record).__name__}; write one object per line")
-        prompt = _required_text(record, prompt_key, where, "prompt")
+        messages = _messages(record, where) if "messages" in record else None
+        prompt = _required_text(record, prompt_key, where, "prompt") if messages is None else _last_user(messages)
         domain = _required_text(record, domain_key, where, "domain")
         answer = record.get(answer_key)
         row_id = record.get("id")
-        rows.append({
-            "id": default_id if row_id is None else str(row_id),
-            "prompt": prompt,
-            "domain": domain,
-            "answer": None if answer is None else str(answer),
-        })
+        row = {"id": default_id if row_id is None else str(row_id), "prompt": prompt, "domain": domain,
+               "answer": None if answer is None else str(answer)}
+        if messages is not None:
+            row["messages"] = messages
+        if record.get("tools") is not None:
+            row["tools"] = _tools(record["tools"], where)
+        if record.get("metadata") is not None:
+            if not isinstance(record["metadata"], dict):
+                raise DataError(f"{where}: key 'metadata' must be a JSON object (given to the row's environment)")
+            row["metadata"] = record["metadata"]
+        rows.append(row)
     if not rows:
         raise DataError(f"{path}: no rows; the file is empty or has only blank lines")
     return rows
+
+
+ROLES = ("system", "user", "assistant", "tool")
+
+
+def _messages(record: dict, where: str) -> list:
+    """A record's ``messages``: a non-empty list of {role, content} turns ending with a user or tool turn."""
+    msgs = record["messages"]
+    if not isinstance(msgs, list) or not msgs:
+        raise DataError(f"{where}: key 'messages' must be a non-empty list of {{'role', 'content'}} turns")
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+            raise DataError(f"{where}: messages[{i}] = {str(m)[:80]!r}: each turn needs 'role' (one of "
+                            f"{', '.join(ROLES)}) and a string 'content'")
+    if msgs[-1]["role"] == "assistant":
+        raise DataError(f"{where}: the last turn of 'messages' is the assistant's; the student writes the next "
+                        "assistant turn, so end the conversation with a user (or tool) turn")
+    if not any(m["role"] == "user" for m in msgs):
+        raise DataError(f"{where}: 'messages' has no user turn; add the user's request")
+    return msgs
+
+
+def _last_user(messages: list) -> str:
+    return [m["content"] for m in messages if m["role"] == "user"][-1]
+
+
+def _tools(tools, where: str) -> list:
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise DataError(f"{where}: key 'tools' must be a list of JSON schemas (objects), as chat templates take them")
+    return tools
 
 
 def check_routes(rows: list[dict], routing: dict[str, str], default: str | None, source: str) -> None:

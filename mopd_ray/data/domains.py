@@ -13,7 +13,7 @@ import random
 import string
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 from ..rewards import exact_match
 
@@ -28,6 +28,8 @@ class Domain:
     name: str
     make_example: Callable[[random.Random], tuple[str, str]]
     reward: Callable[[str, str], float]
+    env: Optional[str] = None  # package.module:Class of its environment (multi-turn episodes), None: single-turn
+    tools: Optional[list] = None  # JSON schemas of the tools its prompts offer (rendered by the chat template)
 
 
 def exact_match_reward(response: str, answer: str) -> float:
@@ -60,11 +62,25 @@ def make_count_example(rng: random.Random) -> tuple[str, str]:
     return f"count down from {n} to {m}:", " ".join(str(i) for i in range(n, m - 1, -1)) + " liftoff"
 
 
+def make_calc_example(rng: random.Random) -> tuple[str, str]:
+    """The tool domain: a product of two 2-3 digit numbers, found with the calculator tool
+    (mopd_ray/envs/calculator.py): ``calc(37,58)``, then the tool's answer copied."""
+    a, b = rng.randint(10, 999), rng.randint(10, 99)
+    return f"multiply with the tool: {a}*{b} =", str(a * b)
+
+
+CALC_ENV = "mopd_ray.envs.calculator:CalculatorEnv"
+CALC_TOOLS = [{"type": "function", "function": {
+    "name": "calc", "description": "the product of two integers",
+    "parameters": {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+                   "required": ["a", "b"]}}}]
+
 DOMAINS: dict[str, Domain] = {
     "add": Domain("add", make_add_example, exact_match_reward),
     "reverse": Domain("reverse", make_reverse_example, exact_match_reward),
     "sort": Domain("sort", make_sort_example, exact_match_reward),
     "count": Domain("count", make_count_example, exact_match_reward),  # long (not in the demo's default mix)
+    "calc": Domain("calc", make_calc_example, exact_match_reward, CALC_ENV, CALC_TOOLS),  # multi-turn, with a tool
 }
 
 
@@ -130,7 +146,10 @@ def generate_split(domains: list[str], n_per_domain: int, seed: int, split: str)
         domain = get_domain(name)
         rng = random.Random(f"{seed}:{split}:{name}")  # str seeds hash with sha512: stable across processes
         for i, (prompt, answer) in enumerate(_unique_examples(domain, n_per_domain, rng, split)):
-            rows.append({"id": f"{split}-{name}-{i}", "prompt": prompt, "domain": name, "answer": answer})
+            row = {"id": f"{split}-{name}-{i}", "prompt": prompt, "domain": name, "answer": answer}
+            if domain.tools:
+                row["tools"] = domain.tools
+            rows.append(row)
     return rows
 
 

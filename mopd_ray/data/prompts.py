@@ -26,10 +26,34 @@ class PromptPool:
     teacher_names: list
 
 
-def render(tokenizer, prompt: str) -> list:
-    out = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                        tokenize=True, return_dict=True)
+def render(tokenizer, prompt: str, messages: list | None = None, tools: list | None = None) -> list:
+    """A row's first turns as ids: its ``messages`` (or the prompt as one user turn) and its ``tools``, rendered
+    by the student's chat template, ending with the assistant header."""
+    kwargs = {"tools": tools} if tools else {}
+    out = tokenizer.apply_chat_template(messages or [{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                        tokenize=True, return_dict=True, **kwargs)
     return list(out["input_ids"])
+
+
+def _render_row(tokenizer, row: dict, source: str) -> list:
+    try:
+        return render(tokenizer, row["prompt"], row.get("messages"), row.get("tools"))
+    except Exception as e:  # jinja: roles or tools the template does not know
+        raise DataError(f"{source}: row '{row['id']}' cannot be rendered by the student's chat template "
+                        f"({type(e).__name__}: {e}); use the roles and tool format its template supports") from None
+
+
+def env_of(cfg, domain: str):
+    """The environment class (package.module:Class) of a domain's episodes: data.envs.DOMAIN, else data.env, else
+    the built-in domain's own (calc); None: single-turn."""
+    from .domains import DOMAINS
+
+    by_domain = dict(cfg.data.get("envs") or {})
+    if domain in by_domain:
+        return by_domain[domain] or None
+    if cfg.data.get("env"):
+        return cfg.data.env
+    return DOMAINS[domain].env if domain in DOMAINS else None
 
 
 def _rows(cfg, split: str, artifacts: Path) -> tuple[list, str]:
@@ -62,7 +86,7 @@ def build_prompt_pool(cfg, tokenizer) -> PromptPool:
         rows, source = _rows(cfg, split, artifacts)
         if not reward_only:
             check_routes(rows, routing, default, source)
-        ids = [render(tokenizer, r["prompt"]) for r in rows]
+        ids = [_render_row(tokenizer, r, source) for r in rows]
         kept, n_drop = filter_long_prompts(rows, [len(i) for i in ids], cfg.data.max_prompt_len)
         if n_drop:
             log.warning("%s: dropped %d of %d prompts longer than data.max_prompt_len=%d tokens", source, n_drop,
@@ -76,6 +100,7 @@ def build_prompt_pool(cfg, tokenizer) -> PromptPool:
     for rows in splits.values():
         for r in rows:
             r.update(_route_columns(cfg, r["domain"], teacher_names, slots))
+            r["env"] = env_of(cfg, r["domain"])
     return PromptPool(splits["train"], splits["eval"], dropped, teacher_names)
 
 

@@ -22,6 +22,8 @@ class TokenizerMismatchError(ValueError):
 # student's rendering, so a teacher trained on another format would see text it never saw: a renderer
 # mismatch biased teacher log-probs by 0.287 nats per token at tinker-cookbook #796).
 PROBE_CONVERSATION = [{"role": "user", "content": "What is 12 + 30?"}]
+# a multi-turn probe (agentic runs: assistant and tool turns), rendered by every folder's template too
+PROBE_TURNS = PROBE_CONVERSATION + [{"role": "assistant", "content": "calc(12,30)"}, {"role": "tool", "content": "42"}]
 
 
 def stop_ids(tokenizer, model_path: str | None = None) -> list:
@@ -130,12 +132,24 @@ def template_ids(tokenizer) -> list | None:
     return [int(i) for i in out["input_ids"]]
 
 
+def template_turn_ids(tokenizer) -> list | str | None:
+    """The multi-turn probe (user, assistant, tool) rendered by the folder's template: ids, or the template's
+    error as text (templates without a 'tool' role), or None without a template."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    try:
+        out = tokenizer.apply_chat_template(PROBE_TURNS, add_generation_prompt=True, tokenize=True, return_dict=True)
+    except Exception as e:  # noqa: BLE001 - jinja raises what the template raises
+        return f"{type(e).__name__}: {e}"[:200]
+    return [int(i) for i in out["input_ids"]]
+
+
 def tokenizer_fingerprint(tokenizer, embedding_rows: int | None = None, model_path: str | None = None) -> dict:
     vocab = tokenizer.get_vocab()
     digest = hashlib.sha256(json.dumps(sorted(vocab.items()), ensure_ascii=False).encode()).hexdigest()
     return {"vocab_sha256": digest, "vocab_size": len(vocab), "embedding_rows": embedding_rows,
             "eos_token_id": tokenizer.eos_token_id, "stop_ids": stop_ids(tokenizer, model_path),
-            "template_ids": template_ids(tokenizer)}
+            "template_ids": template_ids(tokenizer), "template_turn_ids": template_turn_ids(tokenizer)}
 
 
 SKIPPABLE = ("stop_ids", "template", "probe")  # teachers.models.NAME.skip_checks
@@ -182,6 +196,14 @@ def check_compatible(student: dict, student_name: str, teacher: dict, teacher_na
             "once with the student's template and every teacher scores exactly those ids, so a teacher trained "
             "on its own format would score text it never saw. Give the student the teacher's chat template, "
             f"or, if the teacher was trained on the student's format, teachers.models.{name}.skip_checks=[template]")
+    s_turn, t_turn = student.get("template_turn_ids"), teacher.get("template_turn_ids")
+    if "template" not in skip and isinstance(s_turn, list) and isinstance(t_turn, list) and s_turn != t_turn:
+        raise TokenizerMismatchError(
+            f"teacher '{teacher_name}' renders a multi-turn conversation (assistant and tool turns) otherwise than "
+            f"the student '{student_name}' ({len(t_turn)} vs {len(s_turn)} ids, first difference at id "
+            f"{_first_difference(s_turn, t_turn)}): in agentic runs the teacher scores the student's rendering of "
+            "tool turns. Give the student the teacher's chat template, or, if this is intended, "
+            f"teachers.models.{name}.skip_checks=[template]")
     if rows is not None and rows > student["vocab_size"]:
         notes.append(f"{name}: {rows - student['vocab_size']} padded embedding rows (masked: never sampled, not in any "
                      "distribution)")

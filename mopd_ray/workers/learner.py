@@ -154,7 +154,7 @@ class LearnerWorker(LearnerForward, LearnerRows, LearnerAdvantages, LearnerWeigh
         opt = torch.optim.AdamW(model.parameters(), lr=c["lr"], betas=tuple(c["betas"]),
                                 weight_decay=c["weight_decay"])
         total = self.total_steps * c["mini_batches_per_step"]
-        min_ratio = c["min_lr"] / c["lr"]
+        min_ratio = c["min_lr"] / c["lr"] if c["lr"] > 0 else 1.0  # lr 0: gradients and metrics, no update
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lambda s: lr_factor(s, total, c["warmup_steps"], c["lr_schedule"], min_ratio))
         ds_cfg = zero_config(stage=c["zero_stage"], micro_batch_size=self.micro, grad_accum=self.grad_accum,

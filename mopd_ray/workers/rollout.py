@@ -72,14 +72,23 @@ class RolloutWorker(RoleWorker):
                                  seed=(seed * 1_000_003 + step * 10_007 + p["group_id"]) % (2**31))
                   for p in prompts]
         t0 = time.perf_counter()
-        outputs = self.llm.generate([{"prompt_token_ids": list(p["prompt_ids"])} for p in prompts], params,
-                                    use_tqdm=False)
+        episodes: dict = {}
+        if any(p.get("env") for p in prompts):  # multi-turn episodes (rows without an environment: one turn)
+            per_prompt, episodes = self._episodes(prompts, step, seed)
+        else:
+            outputs = self.llm.generate([{"prompt_token_ids": list(p["prompt_ids"])} for p in prompts], params,
+                                        use_tqdm=False)
+            per_prompt = [self._rows_of(p, out) for p, out in zip(prompts, outputs)]
         gen_s = time.perf_counter() - t0
-        per_prompt = [self._rows_of(p, out) for p, out in zip(prompts, outputs)]
         timeouts_before = self.train_rewards.timeouts
         flat = [(p, row) for p, rows in zip(prompts, per_prompt) for row in rows]
-        scores = self.train_rewards.score([(p["domain"], row.pop("text"), p.get("answer")) for p, row in flat])
-        for (_, row), r in zip(flat, scores):
+        judged = [(p, row) for p, row in flat if row.get("env_reward") is None and not row.get("failed")]
+        scores = self.train_rewards.score([(p["domain"], row["text"], p.get("answer")) for p, row in judged])
+        for (_, row), r in zip(judged, scores):
+            row["env_reward"] = r
+        for _, row in flat:
+            r = None if row.pop("failed", False) else row.pop("env_reward", None)
+            row.pop("text")
             row["reward"] = np.nan if r is None else r - overlong_penalty(row["rlen"], row["truncated"], self.cfg)
         batches = [self._batch([row for i in idx for row in per_prompt[i]]) for idx in parts]
         rewards = [r["reward"] for rows in per_prompt for r in rows]
@@ -96,8 +105,46 @@ class RolloutWorker(RoleWorker):
                 "rows_by_domain": _count_by(domains, [True] * len(domains)),
                 "reward_sum_by_domain": {d: float(sum(v)) for d, v in by_domain.items()},
                 "reward_count_by_domain": {d: len(v) for d, v in by_domain.items()},
-                "reward_timeouts": self.train_rewards.timeouts - timeouts_before}
+                "reward_timeouts": self.train_rewards.timeouts - timeouts_before, **episodes}
+        if episodes:
+            meta["env_errors_by_domain"] = _count_by(domains, [r.get("error") is not None
+                                                               for rows in per_prompt for r in rows])
         return (*batches, meta)
+
+    def _episodes(self, prompts: list, step: int, seed: int) -> tuple:
+        """Multi-turn episodes of ``prompts`` (mopd_ray/workers/episodes.py): rows as ``_rows_of`` makes them,
+        with the mask of the student's own tokens, and the episodes' small numbers for the metrics."""
+        from ..envs.pool import EnvPool
+        from .episodes import EpisodeRunner, EpisodeSettings, episode_stats
+
+        env = self.cfg["env"]
+        if getattr(self, "env_pool", None) is None:
+            self.env_pool = EnvPool(env)
+            self.episode_runner = EpisodeRunner(self.llm, self.tokenizer, self.env_pool, self.model_path,
+                                                _sampled_logprobs)
+        n = self.cfg["n_samples_per_prompt"]
+        settings = EpisodeSettings(self.cfg["temperature"], self.cfg["top_p"], self.cfg["max_new_tokens"],
+                                   self.stop_ids(), self.cfg.get("logprobs", True), int(env["max_turns"]),
+                                   env.get("step_timeout_s"), env.get("on_error", "mask"))
+        eps = self.episode_runner.run(prompts, n, settings, lambda p, k: (
+            seed * 1_000_003 + step * 10_007 + p["group_id"] * 131 + k) % (2**31))
+        per_prompt = []
+        for i, p in enumerate(prompts):
+            rows = []
+            for e in eps[i * n:(i + 1) * n]:
+                rows.append({"seq": e.seq, "plen": e.plen, "rlen": e.response_len,
+                             "lp": [0.0] * e.plen + e.lp, "action": [0] * e.plen + e.action,
+                             "group": p["group_id"], "teacher": p["teacher_index"], "route_weight": p.get("route_weight"),
+                             "text": e.last_text, "env_reward": e.reward, "failed": e.error is not None,
+                             "error": e.error, "finished": e.finished, "truncated": e.truncated, "domain": p["domain"]})
+            per_prompt.append(rows)
+        return per_prompt, episode_stats(eps)
+
+    def stop_ids(self) -> list:
+        """The ids that end an assistant turn: the run's (rollout.stop_token_ids) and the student's EOS."""
+        ids = [int(i) for i in (self.cfg.get("stop_token_ids") or [])]
+        return ids + ([int(self.tokenizer.eos_token_id)] if self.tokenizer.eos_token_id is not None
+                      and self.tokenizer.eos_token_id not in ids else [])
 
     def _rows_of(self, prompt: dict, out) -> list:
         """The sampled rows of one prompt: ids, rollout log-probs, response text, end-of-turn flag."""
@@ -127,7 +174,9 @@ class RolloutWorker(RoleWorker):
             rewards_B=col("reward", np.float32), finished_B=col("finished", bool),
             truncated_B=col("truncated", bool), mask_truncated=self.cfg.get("overlong", "keep") == "mask",
             domains=tuple(r["domain"] for r in rows), weight_version=self.weight_version,
-            route_weight_BS=None if rows and rows[0]["route_weight"] is None else col("route_weight", np.float32))
+            route_weight_BS=None if rows and rows[0]["route_weight"] is None else col("route_weight", np.float32),
+            action_mask_BL=None if not any("action" in r for r in rows) else pad_sequences(
+                [r.get("action", [0] * r["plen"] + [1] * r["rlen"]) for r in rows], 0, tokens.shape[1], np.bool_))
 
     def evaluate(self, prompts: list, k: int, seed: int) -> dict:
         """Greedy accuracy and pass@k per domain under the engine's current weights."""
@@ -173,6 +222,9 @@ class RolloutWorker(RoleWorker):
 
         from safetensors.numpy import load_file
 
+        if getattr(self, "env_pool", None) is not None:  # the earlier run's environments
+            self.env_pool.shutdown()
+            self.env_pool = None
         state: dict = {}
         for f in sorted(Path(self.model_path).glob("*.safetensors")):
             state.update(load_file(str(f)))

@@ -28,7 +28,7 @@ def recompute_answer(domain, prompt):
 
 
 def test_the_built_in_domains_registered():
-    assert set(DOMAINS) == {"add", "reverse", "sort", "count"}
+    assert set(DOMAINS) == {"add", "reverse", "sort", "count", "calc"}
     assert all(isinstance(d, Domain) and d.name == n for n, d in DOMAINS.items())
 
 

@@ -21,19 +21,36 @@ from omegaconf import OmegaConf
 log = logging.getLogger(__name__)
 
 
-def _sft_rows(tokenizer, rows: list, max_prompt_len: int) -> tuple[list, list]:
+def _sft_rows(tokenizer, rows: list, max_prompt_len: int, tool_use: bool = False) -> tuple[list, list, list]:
+    """(sequences, prompt lengths, masks of the trained tokens): the prompt rendered as in the runs, then the
+    answer; with ``tool_use``, a domain's demonstrated episode (its assistant turns trained, its tool turns
+    appended as multi-turn rollouts append them and not trained: mopd_ray/envs/chat.py)."""
+    from .data.domains import DOMAINS
     from .data.prompts import render
+    from .envs.chat import TurnRenderer
 
     im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    seqs, plens = [], []
+    ids = (lambda text: tokenizer(text, add_special_tokens=False)["input_ids"])
+    seqs, plens, masks = [], [], []
     for r in rows:
-        p = render(tokenizer, r["prompt"])
+        p = render(tokenizer, r["prompt"], None, r.get("tools"))
         if len(p) > max_prompt_len:
             continue
-        a = tokenizer(r["answer"], add_special_tokens=False)["input_ids"] + [im_end]
-        seqs.append(p + a)
+        dom = DOMAINS.get(r["domain"])
+        turns = dom.demonstration(r["prompt"], r["answer"]) if tool_use and dom and dom.demonstration else \
+            [{"role": "assistant", "content": r["answer"]}]
+        seq, mask = list(p), [0] * len(p)
+        for t in turns:
+            if t["role"] == "assistant":
+                add, m = ids(t["content"]) + [im_end], 1
+            else:
+                add, m = TurnRenderer(tokenizer, [im_end], "the bootstrap's", r.get("tools")).turn_ids([t]), 0
+            seq += add
+            mask += [m] * len(add)
+        seqs.append(seq)
         plens.append(len(p))
-    return seqs, plens
+        masks.append(mask)
+    return seqs, plens, masks
 
 
 def sft_config(cfg, init_path: str, steps: int, lr: float, batch: int, seed: int):
@@ -48,15 +65,16 @@ def sft_config(cfg, init_path: str, steps: int, lr: float, batch: int, seed: int
 
 
 def sft(cfg, init_path: str, out_path: str, rows: list, steps: int, lr: float, batch: int, seed: int,
-        learners=None) -> list:
+        learners=None, tool_use: bool = False) -> list:
     """Supervised fine-tuning with the learner group; writes a transformers folder. Returns losses.
-    ``learners``: a group already set up (kept; its ranks reload ``init_path``), else one made here."""
+    ``learners``: a group already set up (kept; its ranks reload ``init_path``), else one made here.
+    ``tool_use``: domains with a demonstrated episode (calc) are trained on it (an expert), else on the answer."""
     from transformers import AutoTokenizer
 
     from .roles import _plain, make_learner_group, setup_learners
 
     tokenizer = AutoTokenizer.from_pretrained(init_path)
-    seqs, plens = _sft_rows(tokenizer, rows, cfg.data.max_prompt_len)
+    seqs, plens, masks = _sft_rows(tokenizer, rows, cfg.data.max_prompt_len, tool_use)
     c = sft_config(cfg, init_path, steps, lr, batch, seed)
     own = learners is None
     rng = np.random.default_rng(seed)
@@ -69,8 +87,8 @@ def sft(cfg, init_path: str, out_path: str, rows: list, steps: int, lr: float, b
             learners.gather(learners.call_all("reload", init_path, _plain(c.learner), steps, batch, seed), "reload")
         for step in range(steps):
             idx = rng.choice(len(seqs), size=batch, replace=False)
-            out = learners.gather(learners.call_all("sft_step", [seqs[i] for i in idx], [plens[i] for i in idx]),
-                                  "sft_step")
+            out = learners.gather(learners.call_all("sft_step", [seqs[i] for i in idx], [plens[i] for i in idx],
+                                                    [masks[i] for i in idx]), "sft_step")
             losses.append(out[0]["sft_loss"])
             if step % 50 == 0 or step == steps - 1:
                 log.info("sft %s step %d/%d loss %.4f", Path(out_path).name, step + 1, steps, losses[-1])
@@ -129,13 +147,18 @@ def held_out_accuracy(cfg, paths: dict, evals: list | None = None) -> dict:
 
     if evals is None:
         evals = generate_split(list(cfg.data.domains), cfg.data.num_eval_per_domain, cfg.data.seed, "eval")
+    from .data.prompts import env_of
+    from .roles import env_spec
+
     tok = AutoTokenizer.from_pretrained(next(iter(paths.values())))
-    eval_rows = [{**r, "prompt_ids": render(tok, r["prompt"])} for r in evals]
+    eval_rows = [{**r, "prompt_ids": render(tok, r["prompt"], r.get("messages"), r.get("tools")),
+                  "env": env_of(cfg, r["domain"])} for r in evals]
     accuracy = {}
     rewards = rewards_from_cfg(cfg)
     try:
         for name, p in paths.items():
-            res = evaluate_model_dir(p, eval_rows, rewards, k=0, max_new_tokens=cfg.rollout.max_new_tokens)
+            res = evaluate_model_dir(p, eval_rows, rewards, k=0, max_new_tokens=cfg.rollout.max_new_tokens,
+                                     env=env_spec(cfg))
             accuracy[name] = {dom: r["accuracy"] for dom, r in res.items()}
             log.info("%s accuracy %s", name, accuracy[name])
     finally:
@@ -180,7 +203,7 @@ def _bootstrap_locked(cfg, out: Path, recipe: dict) -> dict:
             rows = [r for r in train if r["domain"] == dom]
             p = out / f"teacher_{dom}"
             losses[f"teacher_{dom}"] = sft(cfg, str(base), str(p), rows, d.teacher_steps, d.teacher_lr, d.batch,
-                                           d.seed + 1 + i, learners)
+                                           d.seed + 1 + i, learners, tool_use=True)
             paths[f"teacher_{dom}"] = str(p)
     finally:  # kept warm for the runs after the bootstrap when their learner group is of this shape
         from .warm import WARM

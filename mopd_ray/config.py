@@ -532,6 +532,9 @@ class EnvConfig:
     """Multi-turn episodes (the rows whose domain has an environment: data.env / data.envs)."""
 
     max_turns: int = 4  # assistant turns per episode; an episode the environment would go on with is truncated
+    # tokens per assistant turn (null: the rest of the episode's budget, rollout.max_new_tokens, which counts the
+    # student's and the environment's tokens of an episode)
+    max_turn_tokens: Optional[int] = None
     step_timeout_s: float = 30.0  # per environment call; a call over it fails its episode (on_error)
     # a failing episode (the environment raised, answered wrongly, timed out or its actor died): mask (the row
     # is kept with no loss and counted in env/errors) | fail (the run stops with the environment's error)
@@ -551,6 +554,8 @@ def _check_env(cfg) -> None:
     for key in ("max_turns", "actors_per_replica", "max_concurrency"):
         _check_positive(f"env.{key}", e[key])
     _check_positive("env.step_timeout_s", e.step_timeout_s)
+    if e.max_turn_tokens is not None:
+        _check_positive("env.max_turn_tokens", e.max_turn_tokens)
     _check_positive("env.num_cpus", e.num_cpus, allow_zero=True)
     specs = {"data.env": cfg.data.env, **{f"data.envs.{d}": v for d, v in (cfg.data.envs or {}).items()}}
     for key, spec in specs.items():

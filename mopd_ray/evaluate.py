@@ -62,8 +62,9 @@ def merge_results(parts: list) -> dict:
 
 def evaluate_model_dir(model_path: str, prompts: list, rewards, k: int = 4, seed: int = 0, max_new_tokens: int = 16,
                        max_model_len: int = 256, dtype: str = "float32", tensor_parallel_size: int = 1,
-                       trust_remote_code: bool = False) -> dict:
-    """Stand-alone evaluation of a model folder (teachers, checkpoints) with an in-process engine."""
+                       trust_remote_code: bool = False, env: dict | None = None) -> dict:
+    """Stand-alone evaluation of a model folder (teachers, checkpoints) with an in-process engine; rows with an
+    environment (``env``: mopd_ray.roles.env_spec) are played as episodes."""
     from transformers import AutoTokenizer
 
     from .workers.vllm_engine import make_llm, on_gpu
@@ -72,7 +73,7 @@ def evaluate_model_dir(model_path: str, prompts: list, rewards, k: int = 4, seed
                    tensor_parallel_size=tensor_parallel_size, trust_remote_code=trust_remote_code)
     try:
         tok = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
-        return evaluate_llm(llm, tok, prompts, rewards, k, seed, max_new_tokens)
+        return evaluate_llm(llm, tok, prompts, rewards, k, seed, max_new_tokens, env=env, model_name=model_path)
     finally:
         del llm
 

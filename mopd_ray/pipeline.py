@@ -13,12 +13,10 @@ import ray
 from .cluster import RemoteCallError
 from .config import resolved_signal
 from .dispatch import parts_by_rank, plan_step
+from .envs.base import ENV_ROW_KEYS
 from .recovery import _REPLICA_GONE
 from .roles import pool_replica
 from .run_state import PendingRollout
-
-
-ENV_ROW_KEYS = ("id", "prompt", "domain", "answer", "messages", "tools", "metadata")
 
 
 def rollout_item(p: dict, group_id: int) -> dict:

@@ -27,7 +27,9 @@ class Reporting:
         from .evaluate import merge_results, per_domain_subset
 
         prompts = per_domain_subset(self.pool.eval, self.cfg.run.eval_max_prompts)
-        items = [{"prompt_ids": p["prompt_ids"], "domain": p["domain"], "answer": p.get("answer")} for p in prompts]
+        from .pipeline import rollout_item
+
+        items = [rollout_item(p, i) for i, p in enumerate(prompts)]
         shards = np.array_split(np.arange(len(items)), len(self.roles.rollout))
         refs = [a.evaluate.remote([items[j] for j in idx], self.cfg.run.eval_pass_k, self.cfg.run.seed)
                 for a, idx in zip(self.roles.rollout.actors, shards)]

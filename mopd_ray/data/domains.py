@@ -30,6 +30,8 @@ class Domain:
     reward: Callable[[str, str], float]
     env: Optional[str] = None  # package.module:Class of its environment (multi-turn episodes), None: single-turn
     tools: Optional[list] = None  # JSON schemas of the tools its prompts offer (rendered by the chat template)
+    # (prompt, answer) -> the expert's turns after the prompt (assistant and tool turns), for its SFT (bootstrap)
+    demonstration: Optional[Callable[[str, str], list]] = None
 
 
 def exact_match_reward(response: str, answer: str) -> float:
@@ -69,6 +71,13 @@ def make_calc_example(rng: random.Random) -> tuple[str, str]:
     return f"multiply with the tool: {a}*{b} =", str(a * b)
 
 
+def calc_demonstration(prompt: str, answer: str) -> list:
+    """How the calc expert plays an episode: call the tool with the two numbers, then copy its answer."""
+    a, b = prompt.rsplit(":", 1)[1].strip(" =").split("*")
+    return [{"role": "assistant", "content": f"calc({a},{b})"}, {"role": "tool", "content": answer},
+            {"role": "assistant", "content": answer}]
+
+
 CALC_ENV = "mopd_ray.envs.calculator:CalculatorEnv"
 CALC_TOOLS = [{"type": "function", "function": {
     "name": "calc", "description": "the product of two integers",
@@ -80,7 +89,7 @@ DOMAINS: dict[str, Domain] = {
     "reverse": Domain("reverse", make_reverse_example, exact_match_reward),
     "sort": Domain("sort", make_sort_example, exact_match_reward),
     "count": Domain("count", make_count_example, exact_match_reward),  # long (not in the demo's default mix)
-    "calc": Domain("calc", make_calc_example, exact_match_reward, CALC_ENV, CALC_TOOLS),  # multi-turn, with a tool
+    "calc": Domain("calc", make_calc_example, exact_match_reward, CALC_ENV, CALC_TOOLS, calc_demonstration),  # multi-turn, with a tool
 }
 
 

@@ -19,6 +19,10 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 
+# what an episode's environment is given of its data row
+ENV_ROW_KEYS = ("id", "prompt", "domain", "answer", "messages", "tools", "metadata")
+
+
 class EnvError(RuntimeError):
     """An environment that cannot be loaded or answered wrongly; the message names the class and the fix."""
 

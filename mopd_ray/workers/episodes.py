@@ -57,6 +57,7 @@ class EpisodeSettings:
     max_turns: int = 4
     step_timeout_s: Optional[float] = 30.0
     on_error: str = "mask"  # mask: the row is kept without loss, counted | fail: the run stops
+    max_turn_tokens: Optional[int] = None  # per assistant turn (None: the rest of the episode's budget)
 
 
 class EpisodeRunner:
@@ -119,7 +120,8 @@ class EpisodeRunner:
         room = s.max_new_tokens - ep.response_len
         if room <= 0:
             return self._end(ep, truncated=True)
-        params = SamplingParams(n=1, temperature=s.temperature, top_p=s.top_p, max_tokens=room,
+        params = SamplingParams(n=1, temperature=s.temperature, top_p=s.top_p,
+                                max_tokens=min(room, s.max_turn_tokens or room),
                                 stop_token_ids=list(s.stop_ids), logprobs=0 if s.logprobs else None,
                                 detokenize=False, flat_logprobs=True,
                                 seed=None if ep.seed is None else (ep.seed + 7919 * ep.turns) % (2**31))
@@ -135,10 +137,10 @@ class EpisodeRunner:
         ep.turns += 1
         ep.last_text = self.tokenizer.decode(toks, skip_special_tokens=True)
         ep.messages.append({"role": "assistant", "content": ep.last_text})
-        if o.finish_reason == "length":
-            return self._end(ep, truncated=True)
-        if not ep.item.get("env"):
-            return self._end(ep, finished=True)
+        cut = o.finish_reason == "length"
+        if not ep.item.get("env") or (cut and ep.response_len >= s.max_new_tokens):  # one turn, or no budget left
+            return self._end(ep, finished=not cut, truncated=cut)
+        # a turn cut at env.max_turn_tokens goes to the environment as it is
         a, ref = self.pool.call(hash(ep.key), ep.key, ep.item["env"], ep.item.get("row") or {}, ep.messages)
         waiting[ref] = (ep, a, time.monotonic())
 

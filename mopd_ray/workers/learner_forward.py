@@ -81,9 +81,10 @@ class LearnerForward:
             return token_terms(hidden, self._logits_fn(temperature), tokens, where, self.logit_chunk,
                                checkpointed=False)["logprobs"].float()
 
-    def sft_step(self, sequences: list, prompt_lens: list) -> dict:
+    def sft_step(self, sequences: list, prompt_lens: list, masks: list | None = None) -> dict:
         """One supervised step (bootstrap of teachers and the base student): token-mean cross-entropy on
-        the response tokens of every row, rows split across ranks, one optimizer step."""
+        the response tokens of every row (``masks``: only where 1, e.g. an episode's assistant turns), rows split
+        across ranks, one optimizer step."""
         import torch
 
         from ..batch import pad_sequences
@@ -96,6 +97,8 @@ class LearnerForward:
         lens = np.array([len(s) for s in sequences])
         pos = np.arange(tokens_all.shape[1])[None]
         mask_all = (pos >= np.array(prompt_lens)[:, None]) & (pos < lens[:, None])
+        if masks is not None:
+            mask_all &= pad_sequences(masks, 0).astype(bool)
         den = max(float(mask_all.sum()), 1.0) / (self.world_size * self.grad_accum)
         total = 0.0
         rows = np.array(list(mine))

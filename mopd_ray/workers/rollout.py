@@ -114,18 +114,14 @@ class RolloutWorker(RoleWorker):
     def _episodes(self, prompts: list, step: int, seed: int) -> tuple:
         """Multi-turn episodes of ``prompts`` (mopd_ray/workers/episodes.py): rows as ``_rows_of`` makes them,
         with the mask of the student's own tokens, and the episodes' small numbers for the metrics."""
-        from ..envs.pool import EnvPool
-        from .episodes import EpisodeRunner, EpisodeSettings, episode_stats
+        from .episodes import EpisodeSettings, episode_stats
 
         env = self.cfg["env"]
-        if getattr(self, "env_pool", None) is None:
-            self.env_pool = EnvPool(env)
-            self.episode_runner = EpisodeRunner(self.llm, self.tokenizer, self.env_pool, self.model_path,
-                                                _sampled_logprobs)
+        self._episode_runner()
         n = self.cfg["n_samples_per_prompt"]
         settings = EpisodeSettings(self.cfg["temperature"], self.cfg["top_p"], self.cfg["max_new_tokens"],
                                    self.stop_ids(), self.cfg.get("logprobs", True), int(env["max_turns"]),
-                                   env.get("step_timeout_s"), env.get("on_error", "mask"))
+                                   env.get("step_timeout_s"), env.get("on_error", "mask"), env.get("max_turn_tokens"))
         eps = self.episode_runner.run(prompts, n, settings, lambda p, k: (
             seed * 1_000_003 + step * 10_007 + p["group_id"] * 131 + k) % (2**31))
         per_prompt = []
@@ -139,6 +135,15 @@ class RolloutWorker(RoleWorker):
                              "error": e.error, "finished": e.finished, "truncated": e.truncated, "domain": p["domain"]})
             per_prompt.append(rows)
         return per_prompt, episode_stats(eps)
+
+    def _episode_runner(self) -> None:
+        from ..envs.pool import EnvPool
+        from .episodes import EpisodeRunner
+
+        if getattr(self, "env_pool", None) is None:
+            self.env_pool = EnvPool(self.cfg["env"])
+            self.episode_runner = EpisodeRunner(self.llm, self.tokenizer, self.env_pool, self.model_path,
+                                                _sampled_logprobs)
 
     def stop_ids(self) -> list:
         """The ids that end an assistant turn: the run's (rollout.stop_token_ids) and the student's EOS."""
@@ -182,8 +187,12 @@ class RolloutWorker(RoleWorker):
         """Greedy accuracy and pass@k per domain under the engine's current weights."""
         from .evaluation import evaluate_llm
 
+        runner = None
+        if any(p.get("env") for p in prompts):  # episodes, with this replica's environment actors
+            self._episode_runner()
+            runner = self.episode_runner
         return evaluate_llm(self.llm, self.tokenizer, prompts, self.rewards, k, seed, self.cfg["max_new_tokens"],
-                            stop_token_ids=self.cfg.get("stop_token_ids"))
+                            stop_token_ids=self.stop_ids(), env=self.cfg["env"], runner=runner)
 
     # ------------------------------------------------------------------ weight sync
     def _in_process(self) -> bool:

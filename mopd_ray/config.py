@@ -542,6 +542,12 @@ class EnvConfig:
     actors_per_replica: int = 2  # environment actors per rollout replica (episodes spread over them)
     max_concurrency: int = 16  # calls one environment actor runs at once (threads)
     num_cpus: float = 0.0  # CPUs each environment actor reserves from Ray
+    # episodes carried over between steps, as a fraction of a step's prompts (0: every step waits for all its
+    # episodes). f > 0: the run keeps (1 + f) x data.prompts_per_step groups in flight and each step trains the
+    # groups that finished first; the rest go on in the engine (paused while the learner trains) and are trained
+    # by a later step, so a long episode no longer holds a step (mopd_ray/workers/episodes.py)
+    carry_over: float = 0.0
+    max_episode_lag: int = 2  # a carried episode begun more weight versions ago than this is ended (truncated)
     kwargs: Dict[str, Any] = field(default_factory=lambda: _open_dict())  # keyword arguments of the class
 
 
@@ -557,6 +563,8 @@ def _check_env(cfg) -> None:
     if e.max_turn_tokens is not None:
         _check_positive("env.max_turn_tokens", e.max_turn_tokens)
     _check_positive("env.num_cpus", e.num_cpus, allow_zero=True)
+    _check_positive("env.carry_over", e.carry_over, allow_zero=True)
+    _check_positive("env.max_episode_lag", e.max_episode_lag, allow_zero=True)
     specs = {"data.env": cfg.data.env, **{f"data.envs.{d}": v for d, v in (cfg.data.envs or {}).items()}}
     for key, spec in specs.items():
         if spec:

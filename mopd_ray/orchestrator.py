@@ -179,6 +179,7 @@ class Orchestrator(StepPipeline, Recovery, Reporting):
         random.setstate(_tuple_state(state["rng"]["python"]))
         np.random.set_state(_np_state(state["rng"]["numpy"]))
         sync_weights(self.cfg, self.roles.learners, self.roles.rollout, self.state.weight_version)
+        self._restored()
         self.last_checkpoint = path
 
     def _resume_hint(self) -> str:
@@ -194,7 +195,7 @@ class Orchestrator(StepPipeline, Recovery, Reporting):
         self.state.sampler = in_flight.sampler_before if in_flight is not None else self.sampler.state_dict()
         tmp = ckpt.begin(self.start.root, step)
         self._get(self.roles.learners.call_all("save_checkpoint", str(tmp)), "learner.save_checkpoint")
-        state = {"step": step, "run_state": self.state.state_dict(),
+        state = {"step": step, "run_state": {**self.state.state_dict(), **self.carry_state(in_flight)},
                  "rng": {"python": random.getstate(), "numpy": _np_state_json(np.random.get_state())},
                  "config": OmegaConf.to_container(cfg, resolve=True), "identity": self.start.identity.record()}
         self.last_checkpoint = ckpt.commit(tmp, step, state, keep=cfg.run.keep_checkpoints)

@@ -5,6 +5,7 @@ again with the same prompts and seeds."""
 
 from __future__ import annotations
 
+import math
 import time
 
 import numpy as np
@@ -34,28 +35,95 @@ class StepPipeline:
 
     def _launch_rollout(self, step: int) -> PendingRollout:
         cfg = self.cfg
-        before = self.sampler.state_dict()
+        before, group_before = self.sampler.state_dict(), self.state.next_group
         prompts = self.sampler.next_batch()
         n, R = cfg.rollout.n_samples_per_prompt, len(self.roles.rollout)
         base = step * cfg.data.prompts_per_step
-        items = [rollout_item(p, base + i) for i, p in enumerate(prompts)]
+        carry = self._carries()
+        items = [rollout_item(p, self._group_id(carry, base + i)) for i, p in enumerate(prompts)]
         plan = plan_step(len(items), R * cfg.rollout.shards_per_replica, R, cfg.learner.world_size,
                          cfg.learner.mini_batches_per_step)
         shard_items = [[items[j] for j in sh.prompts] for sh in plan]
+        if carry:
+            self._carry_extras(step, plan, shard_items)
         part_teachers = [[np.repeat(np.array([shard_items[sh.index][j]["teacher_index"] for j in part.prompts],
                                              np.int32).reshape(len(part.prompts), -1), n, axis=0)
                           for part in sh.parts] for sh in plan]
         pending = PendingRollout(step, before, plan, shard_items, [None] * len(plan), [None] * len(plan),
-                                 part_teachers, self.state.weight_version, self.sampler.state_dict())
+                                 part_teachers, self.state.weight_version, self.sampler.state_dict(), group_before)
         for sh in plan:
             self._submit_shard(pending, sh.index)
         return pending
 
+    # ------------------------------------------------------------------ multi-turn episodes carried over
+    def _carries(self) -> bool:
+        """Episodes carry over between steps: env.carry_over > 0 and some training row has an environment."""
+        if "_carry" not in self.__dict__:
+            self._carry = self.cfg.env.carry_over > 0 and any(r.get("env") for r in self.pool.train)
+        return self._carry
+
+    def _group_id(self, carry: bool, default: int) -> int:
+        if not carry:
+            return default
+        self.state.next_group += 1
+        return self.state.next_group - 1
+
+    def _carry_extras(self, step: int, plan: list, shard_items: list) -> None:
+        """Prompts beyond the step's: at a run's first launch, env.carry_over x the step's prompts (the share of
+        groups in flight from then on); after a restore, the prompts the checkpoint had in flight. Each goes to
+        a shard in turn, and every prompt sent is recorded in flight until its group comes back."""
+        resend = self.__dict__.pop("_resend", None)
+        if resend is not None:
+            extras = resend
+        elif not self.state.in_flight:
+            k = math.ceil(self.cfg.env.carry_over * self.cfg.data.prompts_per_step)
+            extras = [rollout_item(p, self._group_id(True, 0)) for p in self.sampler.next_batch(k)]
+        else:
+            extras = []
+        for j, item in enumerate(extras):
+            shard_items[j % len(plan)].append(item)
+        for sh in plan:
+            for item in shard_items[sh.index]:
+                self.state.in_flight[str(item["group_id"])] = {"replica": sh.replica, "step": step, "item": item}
+
+    def _came_back(self, pending: PendingRollout, s: int, meta: dict) -> None:
+        """A carried shard's groups came back: no longer in flight; its parts' teachers are those groups'."""
+        if "groups" not in meta:
+            return
+        for g in meta["groups"]:
+            self.state.in_flight.pop(str(g), None)
+        pending.part_teachers[s] = meta["part_teachers"]
+
+    def _lost_with(self, pending: PendingRollout, replica: int, redo: list) -> None:
+        """A replica died with its carried episodes: its prompts in flight go out again with its first redone shard."""
+        if not self._carries():
+            return
+        sent = {str(i["group_id"]) for s in redo for i in pending.shard_items[s]}
+        lost = [v["item"] for g, v in self.state.in_flight.items() if v["replica"] == replica and g not in sent]
+        pending.shard_items[redo[0]] = pending.shard_items[redo[0]] + lost
+
+    def carry_state(self, oldest_pending) -> dict:
+        """What a checkpoint keeps of the carried episodes: the prompts in flight that were sent before the oldest
+        batch not yet trained on (that batch is drawn again on resume), and the group counter then."""
+        if oldest_pending is None:
+            return {"in_flight": dict(self.state.in_flight), "next_group": self.state.next_group}
+        return {"in_flight": {g: v for g, v in self.state.in_flight.items() if v["step"] < oldest_pending.step},
+                "next_group": oldest_pending.group_before}
+
+    def _restored(self) -> None:
+        """After a restore (resume, learner recovery): the engines forget their carried episodes and the prompts
+        the checkpoint had in flight go out again with the next launch."""
+        if not self._carries():
+            return
+        self._get(self.roles.rollout.call_all("drop_episodes"), "rollout.drop_episodes")
+        self._resend = [v["item"] for v in self.state.in_flight.values()]
+
     def _submit_shard(self, pending: PendingRollout, s: int) -> None:
         sh = pending.plan[s]
+        want = len(sh.prompts) if self._carries() else None
         *part_refs, meta_ref = self.roles.rollout.actors[sh.replica].generate.options(
             num_returns=len(sh.parts) + 1).remote(pending.shard_items[s], pending.step, self.cfg.run.seed,
-                                                  sh.part_prompt_lists())
+                                                  sh.part_prompt_lists(), want)
         pending.part_refs[s], pending.meta_refs[s] = part_refs, meta_ref
 
     def _score(self, pending: PendingRollout) -> tuple:
@@ -86,10 +154,12 @@ class StepPipeline:
                 # this shard and the replica's others still queued are lost with it: generate them again
                 redo = [s, *(o for o in waiting.values() if pending.plan[o].replica == replica)]
                 waiting = {k: v for k, v in waiting.items() if v not in redo}
+                self._lost_with(pending, replica, redo)
                 for other in redo:
                     self._submit_shard(pending, other)
                     waiting[pending.meta_refs[other]] = other
                 continue
+            self._came_back(pending, s, meta)
             score_meta_refs += self._score_shard(pending, s, score_refs[s])
         inputs = [[] for _ in range(self.cfg.learner.world_size)]
         for rank, parts in enumerate(parts_by_rank(pending.plan, self.cfg.learner.world_size)):

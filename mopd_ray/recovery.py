@@ -83,6 +83,7 @@ class Recovery:
             random.seed(cfg.run.seed)
             np.random.seed(cfg.run.seed)
             sync_weights(cfg, roles.learners, roles.rollout, self.state.weight_version)
+            self._restored()
         for k, v in replica_faults.items():
             setattr(self.state, k, max(v, getattr(self.state, k)))
         self.steps_redone += failed_at - self.state.step

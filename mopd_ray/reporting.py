@@ -129,7 +129,10 @@ def episode_metrics(gen: list) -> dict:
            "env/timeouts": sum(m["env_timeouts"] for m in eps),
            "env/wait_s_mean": sum(m["env_wait_s_sum"] for m in eps) / n,
            "rollout/episode_s_max": max(m["episode_s_max"] for m in eps),
-           "rollout/episode_s_mean": sum(m["episode_s_sum"] for m in eps) / n}
+           "rollout/episode_s_mean": sum(m["episode_s_sum"] for m in eps) / n,
+           # env.carry_over: groups left running for a later step, and the oldest weights a trained episode began with
+           "env/carried_groups": sum(m.get("episode_groups_carried", 0) for m in eps),
+           "env/episode_lag_max": max(m.get("episode_lag_max", 0) for m in eps)}
     for m in eps:
         for d, k in m.get("env_errors_by_domain", {}).items():
             out[f"env/errors/{d}"] = out.get(f"env/errors/{d}", 0) + k

@@ -19,6 +19,10 @@ class RunState:
     consecutive_skips: int = 0
     rollout_retries: int = 0
     teacher_restarts: int = 0
+    # multi-turn episodes carried over (env.carry_over): the next group id, and the prompts sent to the rollout
+    # replicas whose groups have not come back yet ({group id: {"replica", "step", "item"}})
+    next_group: int = 0
+    in_flight: dict = field(default_factory=dict)
 
     def state_dict(self) -> dict:
         return dict(self.__dict__)
@@ -35,3 +39,4 @@ class PendingRollout:
     part_teachers: list  # per shard, per part: [rows, slots] teacher indices (small, known from the prompts)
     weight_version: int = 0  # weights the engines must hold when they generate this batch
     sampler_after: dict = field(default_factory=dict)  # and after it (this batch's data/epoch, data/consumed)
+    group_before: int = 0  # RunState.next_group before this batch's prompts took theirs (carried episodes)

@@ -2,6 +2,7 @@
 
 import itertools
 import time
+import zlib
 
 _made = {}  # class -> count of its environments made in this actor process: every fourth one misbehaves
 
@@ -55,3 +56,10 @@ class HangingEnv(TurnsEnv):
 
 class NoStep:
     """Not an environment: no step method."""
+
+
+class LongTailEnv(TurnsEnv):
+    """Episodes of 1 tool turn mostly, and of 6 for one row in eight (by id): a heavy tail of episode lengths."""
+
+    def __init__(self, row: dict, long_turns: int = 6):
+        super().__init__(row, turns=long_turns if zlib.crc32(str(row.get("id")).encode()) % 8 == 0 else 1)

@@ -189,11 +189,12 @@ class PromptSampler:
             return np.arange(len(self.rows))
         return np.random.default_rng(self.seed + epoch).permutation(len(self.rows))
 
-    def next_batch(self) -> list[dict]:
-        """The next batch_size rows, crossing into the next epoch when this one runs out."""
+    def next_batch(self, size: int | None = None) -> list[dict]:
+        """The next batch_size (or ``size``) rows, crossing into the next epoch when this one runs out."""
+        want = self.batch_size if size is None else int(size)
         batch: list[dict] = []
-        while len(batch) < self.batch_size:
-            take = min(self.batch_size - len(batch), len(self.rows) - self.position)
+        while len(batch) < want:
+            take = min(want - len(batch), len(self.rows) - self.position)
             batch.extend(self.rows[i] for i in self._order[self.position:self.position + take])
             self.position += take
             self.consumed += take

@@ -45,7 +45,8 @@ class RolloutWorker(RoleWorker):
             worker_extension_cls="mopd_ray.workers.vllm_ext.WorkerExtension", **extra)
         self.weight_version = 0
 
-    def generate(self, prompts: list[dict], step: int, seed: int, parts: Optional[list] = None) -> tuple:
+    def generate(self, prompts: list[dict], step: int, seed: int, parts: Optional[list] = None,
+                 want: Optional[int] = None) -> tuple:
         """Sample ``n_samples_per_prompt`` responses for each prompt (token ids rendered by the driver).
 
         Each prompt dict: prompt_ids, domain, answer, group_id, teacher_index (one per slot), route_weight.
@@ -54,6 +55,11 @@ class RolloutWorker(RoleWorker):
         destination, the indices of its prompts (default: one part of all). Returns (*batches, meta),
         one RolloutBatch per part: call with ``num_returns=len(parts) + 1`` so each learner rank fetches
         only its own part and the driver only the small meta.
+
+        ``want`` (multi-turn episodes carried over, env.carry_over): ``prompts`` start new episodes and the call
+        returns the ``want`` groups that finished first, oldest first (carried from earlier calls included); the
+        parts then index that list, and the meta names its groups and their teachers (``groups``,
+        ``part_teachers``).
         """
         from vllm import SamplingParams
 
@@ -74,7 +80,7 @@ class RolloutWorker(RoleWorker):
         t0 = time.perf_counter()
         episodes: dict = {}
         if any(p.get("env") for p in prompts):  # multi-turn episodes (rows without an environment: one turn)
-            per_prompt, episodes = self._episodes(prompts, step, seed)
+            prompts, per_prompt, episodes = self._episodes(prompts, step, seed, want)
         else:
             outputs = self.llm.generate([{"prompt_token_ids": list(p["prompt_ids"])} for p in prompts], params,
                                         use_tqdm=False)
@@ -106,14 +112,18 @@ class RolloutWorker(RoleWorker):
                 "reward_sum_by_domain": {d: float(sum(v)) for d, v in by_domain.items()},
                 "reward_count_by_domain": {d: len(v) for d, v in by_domain.items()},
                 "reward_timeouts": self.train_rewards.timeouts - timeouts_before, **episodes}
+        if want is not None:  # which groups came back, and their rows' teachers (the driver scores by them)
+            meta["groups"] = [p["group_id"] for p in prompts]
+            meta["part_teachers"] = [b.teacher_index_BS for b in batches]
         if episodes:
             meta["env_errors_by_domain"] = _count_by(domains, [r.get("error") is not None
                                                                for rows in per_prompt for r in rows])
         return (*batches, meta)
 
-    def _episodes(self, prompts: list, step: int, seed: int) -> tuple:
-        """Multi-turn episodes of ``prompts`` (mopd_ray/workers/episodes.py): rows as ``_rows_of`` makes them,
-        with the mask of the student's own tokens, and the episodes' small numbers for the metrics."""
+    def _episodes(self, prompts: list, step: int, seed: int, want: Optional[int] = None) -> tuple:
+        """Multi-turn episodes of ``prompts`` (mopd_ray/workers/episodes.py): (the prompts of the groups returned,
+        their rows as ``_rows_of`` makes them with the mask of the student's own tokens, the episodes' small
+        numbers for the metrics). ``want``: carried over (``generate``)."""
         from .episodes import EpisodeSettings, episode_stats
 
         env = self.cfg["env"]
@@ -121,20 +131,32 @@ class RolloutWorker(RoleWorker):
         n = self.cfg["n_samples_per_prompt"]
         settings = EpisodeSettings(self.cfg["temperature"], self.cfg["top_p"], self.cfg["max_new_tokens"],
                                    self.stop_ids(), self.cfg.get("logprobs", True), int(env["max_turns"]),
-                                   env.get("step_timeout_s"), env.get("on_error", "mask"), env.get("max_turn_tokens"))
-        eps = self.episode_runner.run(prompts, n, settings, lambda p, k: (
-            seed * 1_000_003 + step * 10_007 + p["group_id"] * 131 + k) % (2**31))
-        per_prompt = []
-        for i, p in enumerate(prompts):
-            rows = []
-            for e in eps[i * n:(i + 1) * n]:
-                rows.append({"seq": e.seq, "plen": e.plen, "rlen": e.response_len,
-                             "lp": [0.0] * e.plen + e.lp, "action": [0] * e.plen + e.action,
-                             "group": p["group_id"], "teacher": p["teacher_index"], "route_weight": p.get("route_weight"),
-                             "text": e.last_text, "env_reward": e.reward, "failed": e.error is not None,
-                             "error": e.error, "finished": e.finished, "truncated": e.truncated, "domain": p["domain"]})
-            per_prompt.append(rows)
-        return per_prompt, episode_stats(eps)
+                                   env.get("step_timeout_s"), env.get("on_error", "mask"), env.get("max_turn_tokens"),
+                                   env.get("max_episode_lag"))
+        runner = self.episode_runner
+        seed_of = (lambda p, k: (seed * 1_000_003 + step * 10_007 + p["group_id"] * 131 + k) % (2**31))
+        if want is None:
+            eps = runner.run(prompts, n, settings, seed_of)
+            groups = [eps[i * n:(i + 1) * n] for i in range(len(prompts))]
+        else:
+            runner.start(prompts, n, seed_of, self.weight_version)
+            groups = [g for _, g in runner.advance(settings, want, self.weight_version)]
+            prompts = [g[0].item for g in groups]
+        per_prompt = [[{"seq": e.seq, "plen": e.plen, "rlen": e.response_len, "lp": [0.0] * e.plen + e.lp,
+                        "action": [0] * e.plen + e.action, "group": p["group_id"], "teacher": p["teacher_index"],
+                        "route_weight": p.get("route_weight"), "text": e.last_text, "env_reward": e.reward,
+                        "failed": e.error is not None, "error": e.error, "finished": e.finished,
+                        "truncated": e.truncated, "domain": p["domain"]} for e in g] for p, g in zip(prompts, groups)]
+        eps = [e for g in groups for e in g]
+        return prompts, per_prompt, episode_stats(eps, runner.carried, self.weight_version)
+
+    def drop_episodes(self) -> int:
+        """Forget the episodes carried over (a run restored from a checkpoint sends its in-flight prompts again)."""
+        runner = getattr(self, "episode_runner", None)
+        n = runner.carried if runner is not None else 0
+        if runner is not None:
+            runner.reset()
+        return n
 
     def _episode_runner(self) -> None:
         from ..envs.pool import EnvPool
@@ -231,7 +253,8 @@ class RolloutWorker(RoleWorker):
 
         from safetensors.numpy import load_file
 
-        if getattr(self, "env_pool", None) is not None:  # the earlier run's environments
+        if getattr(self, "env_pool", None) is not None:  # the earlier run's environments and episodes
+            self.episode_runner.reset()
             self.env_pool.shutdown()
             self.env_pool = None
         state: dict = {}

@@ -126,10 +126,10 @@ class EpisodeRunner:
             keys.append(g)
         return keys
 
-    def run(self, items: list, n: int, s: EpisodeSettings, seed_of: Callable) -> list:
+    def run(self, items: list, n: int, s: EpisodeSettings, seed_of: Callable, version: int = 0) -> list:
         """Every episode of ``items`` to its end (nothing carried): the Episodes in item order, ``n`` per item."""
-        keys = self.start(items, n, seed_of)
-        done = {k: g for k, g in self.advance(s, None, keys=keys)}
+        keys = self.start(items, n, seed_of, version)
+        done = {k: g for k, g in self.advance(s, None, version, keys=keys)}
         return [e for k in keys for e in done[k]]
 
     def advance(self, s: EpisodeSettings, want: Optional[int], version: int = 0, keys=None) -> list:

@@ -136,7 +136,7 @@ class RolloutWorker(RoleWorker):
         runner = self.episode_runner
         seed_of = (lambda p, k: (seed * 1_000_003 + step * 10_007 + p["group_id"] * 131 + k) % (2**31))
         if want is None:
-            eps = runner.run(prompts, n, settings, seed_of)
+            eps = runner.run(prompts, n, settings, seed_of, self.weight_version)
             groups = [eps[i * n:(i + 1) * n] for i in range(len(prompts))]
         else:
             runner.start(prompts, n, seed_of, self.weight_version)

@@ -323,6 +323,10 @@ class RolloutConfig:
     num_cpus_per_shard: float = 1.0
     num_gpus_per_shard: float = 0.0
     custom_resources: Dict[str, float] = field(default_factory=dict)
+    # a response's reasoning block (thinking_tags) is cut before its reward is judged and before an environment
+    # sees the turn (the text after the closing tag; the tokens stay as generated and are trained)
+    strip_thinking: bool = False
+    thinking_tags: List[str] = field(default_factory=lambda: ["<think>", "</think>"])  # opening and closing tag
     weight_sync: str = "broadcast"  # broadcast (torch.distributed group: NCCL/gloo) | object_store
     weight_sync_bucket_mb: int = 256  # bucket size of the weight stream (0: one tensor per bucket)
     # after every sync, engines and learner score a fixed probe; a mean gap above the tolerance (null: the
@@ -548,6 +552,10 @@ class EnvConfig:
     # by a later step, so a long episode no longer holds a step (mopd_ray/workers/episodes.py)
     carry_over: float = 0.0
     max_episode_lag: int = 2  # a carried episode begun more weight versions ago than this is ended (truncated)
+    # an earlier turn's reasoning block in the context of later turns: keep (the tokens as generated) | strip (cut
+    # from the sequence when the turn ends, as templates such as Qwen3's render earlier turns: those tokens are then
+    # in no later context and not trained; rollout.thinking_tags must each be one token of the student's vocabulary)
+    thinking_in_context: str = "keep"
     kwargs: Dict[str, Any] = field(default_factory=lambda: _open_dict())  # keyword arguments of the class
 
 
@@ -557,6 +565,9 @@ def _check_env(cfg) -> None:
 
     e = cfg.env
     _check_choice("env.on_error", e.on_error, ("mask", "fail"))
+    _check_choice("env.thinking_in_context", e.thinking_in_context, ("keep", "strip"))
+    if len(cfg.rollout.thinking_tags) != 2 or not all(cfg.rollout.thinking_tags):
+        _fail("rollout.thinking_tags", f"{list(cfg.rollout.thinking_tags)}: give the opening and the closing tag")
     for key in ("max_turns", "actors_per_replica", "max_concurrency"):
         _check_positive(f"env.{key}", e[key])
     _check_positive("env.step_timeout_s", e.step_timeout_s)

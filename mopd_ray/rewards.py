@@ -45,6 +45,17 @@ class RewardError(RuntimeError):
     """A reward function that cannot run or raised; the message names the domain, function and fix."""
 
 
+def strip_thinking(text: str, tags=("<think>", "</think>")) -> str:
+    """The text without its reasoning block: after the last closing tag (templates that open the block in the
+    prompt leave only the closing one in the response), else before an opening tag that never closed."""
+    open_tag, close_tag = tags
+    if close_tag in text:
+        return text.rsplit(close_tag, 1)[1].lstrip()
+    if open_tag in text:
+        return text.split(open_tag, 1)[0]
+    return text
+
+
 def answer_text(response: str) -> str:
     """The response up to the first special-token marker, stripped."""
     return response.split(END_MARKER_PREFIX, 1)[0].strip()

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 from ..envs.base import EnvError
+from ..rewards import strip_thinking
 from ..envs.chat import TurnRenderer
 from ..envs.pool import EnvPool, deadline_passed, wait_any
 
@@ -40,6 +41,7 @@ class Episode:
     action: list = field(default_factory=list)  # per response position: 1 the student's token, 0 the environment's
     lp: list = field(default_factory=list)  # per response position: sampled log-prob (0 at environment tokens)
     turn: list = field(default_factory=list)  # the student's ids of the turn in generation
+    turn_start: int = 0  # where in seq the turn in generation (or the last one) began
     turns: int = 0
     requests: int = 0  # engine requests made (a paused turn resumes with a new one)
     last_text: str = ""
@@ -72,6 +74,9 @@ class EpisodeSettings:
     on_error: str = "mask"  # mask: the row is kept without loss, counted | fail: the run stops
     max_turn_tokens: Optional[int] = None  # per assistant turn (None: the rest of the episode's budget)
     max_episode_lag: Optional[int] = None  # carried episodes older than this many weight versions end truncated
+    strip_thinking: bool = False  # the environment and the reward see a turn without its reasoning block
+    thinking_tags: tuple = ("<think>", "</think>")
+    thinking_in_context: str = "keep"  # strip: an earlier turn's reasoning block is cut from the later context
 
 
 class EpisodeRunner:
@@ -204,6 +209,8 @@ class EpisodeRunner:
                                 stop_token_ids=list(s.stop_ids), logprobs=0 if s.logprobs else None,
                                 detokenize=False, flat_logprobs=True, output_kind=RequestOutputKind.DELTA,
                                 seed=None if ep.seed is None else (ep.seed + 7919 * ep.requests) % (2**31))
+        if not ep.turn:
+            ep.turn_start = len(ep.seq)
         rid = f"{ep.key}-r{ep.requests}"
         ep.requests += 1
         engine.add_request(rid, {"prompt_token_ids": list(ep.seq)}, params)
@@ -224,6 +231,8 @@ class EpisodeRunner:
     def _turn_done(self, ep: Episode, finish_reason, s: EpisodeSettings) -> None:
         ep.turns += 1
         ep.last_text = self.tokenizer.decode(ep.turn, skip_special_tokens=True)
+        if s.strip_thinking:
+            ep.last_text = strip_thinking(ep.last_text, tuple(s.thinking_tags))
         ep.turn = []
         ep.messages.append({"role": "assistant", "content": ep.last_text})
         cut = finish_reason == "length"
@@ -243,6 +252,8 @@ class EpisodeRunner:
             return self._end(ep, finished=True)
         if ep.turns >= s.max_turns:
             return self._end(ep, truncated=True)
+        if s.thinking_in_context == "strip":
+            self._cut_thinking(ep, s)
         ids = self._renderer(ep.item.get("row", {}).get("tools"), s.stop_ids).turn_ids(reply["messages"])
         if ep.response_len + len(ids) >= s.max_new_tokens:  # no room for the student's next token
             return self._end(ep, truncated=True)
@@ -251,6 +262,22 @@ class EpisodeRunner:
         ep.lp += [0.0] * len(ids)
         ep.messages += reply["messages"]
         self._submit(engine, ep, s)
+
+    def _tag_ids(self, s: EpisodeSettings) -> tuple:
+        if getattr(self, "_tags", None) is None:
+            ids = []
+            for tag in s.thinking_tags:
+                enc = self.tokenizer(tag, add_special_tokens=False)["input_ids"]
+                if len(enc) != 1:
+                    raise EnvError(f"env.thinking_in_context=strip needs each of rollout.thinking_tags to be one token "
+                                   f"of {self.model_name}'s vocabulary; '{tag}' is {len(enc)} tokens {enc}: set the "
+                                   "tags its chat template uses, or env.thinking_in_context=keep")
+                ids.append(enc[0])
+            self._tags = tuple(ids)
+        return self._tags
+
+    def _cut_thinking(self, ep: Episode, s: EpisodeSettings) -> None:
+        cut_thinking(ep, *self._tag_ids(s))
 
     def _fail(self, ep: Episode, why: str, s: EpisodeSettings) -> None:
         row_id = (ep.item.get("row") or {}).get("id", "?")
@@ -266,6 +293,20 @@ class EpisodeRunner:
         g = ep.key.rsplit("-", 1)[0]
         if g in self.groups and all(e.done for e in self.groups[g]) and g not in self.done:
             self.done.append(g)
+
+
+def cut_thinking(ep: Episode, open_id: int, close_id: int) -> None:
+    """Cut the last turn's reasoning block (tags included) from the episode's sequence, as templates that drop
+    earlier reasoning render the conversation. Without a closing tag nothing is cut (the turn had no answer after
+    it); without an opening tag the block began in the prompt (the template opened it): cut from the turn's start."""
+    turn = ep.seq[ep.turn_start:]
+    if close_id not in turn:
+        return
+    j = ep.turn_start + len(turn) - 1 - turn[::-1].index(close_id)
+    head = turn[:j - ep.turn_start]
+    i = ep.turn_start + head.index(open_id) if open_id in head else ep.turn_start
+    a, b = i - ep.plen, j + 1 - ep.plen  # response positions
+    del ep.seq[i:j + 1], ep.action[a:b], ep.lp[a:b]
 
 
 def episode_stats(eps: list, carried: int = 0, version: int = 0) -> dict:

@@ -18,10 +18,12 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 
 def evaluate_llm(llm, tokenizer, prompts: list, rewards, k: int = 4, seed: int = 0, max_new_tokens: int = 16,
-                 stop_token_ids=None, env: dict | None = None, model_name: str = "the model", runner=None) -> dict:
+                 stop_token_ids=None, env: dict | None = None, model_name: str = "the model", runner=None,
+                 thinking_tags=None) -> dict:
     """prompts: rows with prompt_ids, domain, answer (and ``env``: played as multi-turn episodes with the
     environments of ``env``, mopd_ray.roles.env_spec, by ``runner`` or one made here); rewards: a
-    mopd_ray.rewards.Rewards. Returns {domain: {accuracy, pass@k, n}} over the domains that have a reward."""
+    mopd_ray.rewards.Rewards. ``thinking_tags``: responses are judged without their reasoning block.
+    Returns {domain: {accuracy, pass@k, n}} over the domains that have a reward."""
     prompts = [p for p in prompts if rewards.has_reward(p["domain"]) and p.get("answer") is not None]
     if not prompts:
         return {}
@@ -29,9 +31,9 @@ def evaluate_llm(llm, tokenizer, prompts: list, rewards, k: int = 4, seed: int =
     if any(p.get("env") for p in prompts):
         if runner is None:
             own = runner = _runner(llm, tokenizer, env, model_name)
-        play = _episodes(runner, tokenizer, env, stop_token_ids, max_new_tokens)
+        play = _episodes(runner, tokenizer, env, stop_token_ids, max_new_tokens, thinking_tags)
     else:
-        play = _single_turn(llm, tokenizer, stop_token_ids, max_new_tokens)
+        play = _single_turn(llm, tokenizer, stop_token_ids, max_new_tokens, thinking_tags)
     try:
         scores = _judge(rewards, prompts, play(prompts, 1, 0.0, None))
         correct, passk, count = defaultdict(float), defaultdict(float), defaultdict(int)
@@ -60,8 +62,13 @@ def _judge(rewards, prompts: list, played: list) -> list:
     return [own if own is not None else next(judged) for outs in played for _, own in outs]
 
 
-def _single_turn(llm, tokenizer, stop_token_ids, max_new_tokens: int):
+def _single_turn(llm, tokenizer, stop_token_ids, max_new_tokens: int, thinking_tags=None):
     from vllm import SamplingParams
+
+    from ..rewards import strip_thinking
+
+    text = (lambda o: tokenizer.decode(o.token_ids, skip_special_tokens=True)) if not thinking_tags else (
+        lambda o: strip_thinking(tokenizer.decode(o.token_ids, skip_special_tokens=True), tuple(thinking_tags)))
 
     def play(prompts: list, n: int, temperature: float, seed):
         inputs = [{"prompt_token_ids": list(p["prompt_ids"])} for p in prompts]
@@ -69,7 +76,7 @@ def _single_turn(llm, tokenizer, stop_token_ids, max_new_tokens: int):
                                  stop_token_ids=list(stop_token_ids or []),
                                  seed=None if seed is None else seed * 7919 + i) for i in range(len(prompts))]
         outs = llm.generate(inputs, params, use_tqdm=False)
-        return [[(tokenizer.decode(o.token_ids, skip_special_tokens=True), None) for o in g.outputs] for g in outs]
+        return [[(text(o), None) for o in g.outputs] for g in outs]
     return play
 
 
@@ -83,7 +90,7 @@ def _runner(llm, tokenizer, env: dict | None, model_name: str):
     return EpisodeRunner(llm, tokenizer, EnvPool(env), model_name, _sampled_logprobs)
 
 
-def _episodes(runner, tokenizer, env: dict, stop_token_ids, max_new_tokens: int):
+def _episodes(runner, tokenizer, env: dict, stop_token_ids, max_new_tokens: int, thinking_tags=None):
     """Plays rows as episodes (rows without an environment: one turn); an episode's reward is its environment's
     (None: the domain's reward of its last assistant turn); a failed episode scores 0."""
     from ..envs.base import ENV_ROW_KEYS
@@ -93,7 +100,9 @@ def _episodes(runner, tokenizer, env: dict, stop_token_ids, max_new_tokens: int)
 
     def play(prompts: list, n: int, temperature: float, seed):
         s = EpisodeSettings(temperature, 1.0, max_new_tokens, stops, False, int(env["max_turns"]),
-                            env.get("step_timeout_s"), "mask", env.get("max_turn_tokens"))
+                            env.get("step_timeout_s"), "mask", env.get("max_turn_tokens"), None,
+                            bool(thinking_tags), tuple(thinking_tags or ("<think>", "</think>")),
+                            env.get("thinking_in_context", "keep"))
         items = [{**p, "group_id": i, "row": {k: p[k] for k in ENV_ROW_KEYS if p.get(k) is not None}}
                  for i, p in enumerate(prompts)]
         eps = runner.run(items, n, s, lambda it, k: None if seed is None else (seed * 7919 + it["group_id"] * 31 + k))

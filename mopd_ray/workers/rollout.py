@@ -8,6 +8,7 @@ from typing import Optional
 import numpy as np
 
 from ..batch import RolloutBatch, pad_sequences
+from ..rewards import strip_thinking
 from .base import RoleWorker
 
 
@@ -132,7 +133,9 @@ class RolloutWorker(RoleWorker):
         settings = EpisodeSettings(self.cfg["temperature"], self.cfg["top_p"], self.cfg["max_new_tokens"],
                                    self.stop_ids(), self.cfg.get("logprobs", True), int(env["max_turns"]),
                                    env.get("step_timeout_s"), env.get("on_error", "mask"), env.get("max_turn_tokens"),
-                                   env.get("max_episode_lag"))
+                                   env.get("max_episode_lag"), bool(self.cfg.get("strip_thinking")),
+                                   tuple(self.cfg.get("thinking_tags") or ("<think>", "</think>")),
+                                   env.get("thinking_in_context", "keep"))
         runner = self.episode_runner
         seed_of = (lambda p, k: (seed * 1_000_003 + step * 10_007 + p["group_id"] * 131 + k) % (2**31))
         if want is None:
@@ -180,6 +183,8 @@ class RolloutWorker(RoleWorker):
         for o in out.outputs:
             resp = list(o.token_ids)
             text = self.tokenizer.decode(resp, skip_special_tokens=True)
+            if self.cfg.get("strip_thinking"):  # the reward judges the answer, not the reasoning
+                text = strip_thinking(text, tuple(self.cfg["thinking_tags"]))
             rows.append({"seq": list(prompt["prompt_ids"]) + resp, "plen": plen, "rlen": len(resp),
                          # zeros when not asked for (nothing consumes them: algo.mismatch.needs_rollout_logprobs)
                          "lp": [0.0] * plen + (_sampled_logprobs(o.logprobs, resp) if o.logprobs
@@ -214,7 +219,8 @@ class RolloutWorker(RoleWorker):
             self._episode_runner()
             runner = self.episode_runner
         return evaluate_llm(self.llm, self.tokenizer, prompts, self.rewards, k, seed, self.cfg["max_new_tokens"],
-                            stop_token_ids=self.stop_ids(), env=self.cfg["env"], runner=runner)
+                            stop_token_ids=self.stop_ids(), env=self.cfg["env"], runner=runner,
+                            thinking_tags=self.cfg["thinking_tags"] if self.cfg.get("strip_thinking") else None)
 
     # ------------------------------------------------------------------ weight sync
     def _in_process(self) -> bool:

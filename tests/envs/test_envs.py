@@ -143,3 +143,23 @@ def test_config_names_a_bad_environment_and_its_limits():
     with pytest.raises(ConfigError, match="env.max_turns"):
         validate(compose_cfg("env.max_turns=0"))
     validate(compose_cfg("data.env=tests.envs_fixture:TurnsEnv", "env.kwargs.turns=3"))
+
+
+def test_reasoning_blocks_are_stripped_for_rewards_and_cut_from_later_context():
+    from mopd_ray.rewards import strip_thinking
+    from mopd_ray.workers.episodes import Episode, cut_thinking
+
+    assert strip_thinking("<think>12*34 is...</think> 408") == "408"
+    assert strip_thinking("so 408</think>408") == "408"  # the template opened the block in the prompt
+    assert strip_thinking("408 <think>unfinished") == "408 " and strip_thinking("408") == "408"
+    # prompt [1, 2], then a turn "a <think> b c </think> d" as ids 5, 8, 6, 7, 9, 4 with OPEN=8, CLOSE=9
+    ep = Episode("g-0", {}, None, [1, 2, 5, 8, 6, 7, 9, 4], [], 2, action=[1] * 6, lp=[-0.1, -0.2, -0.3, -0.4, -0.5, -0.6],
+                 turn_start=2)
+    cut_thinking(ep, 8, 9)
+    assert ep.seq == [1, 2, 5, 4] and ep.action == [1, 1] and ep.lp == [-0.1, -0.6]
+    ep = Episode("g-0", {}, None, [1, 2, 6, 9, 4], [], 2, action=[1] * 3, lp=[0.0] * 3, turn_start=2)
+    cut_thinking(ep, 8, 9)  # opened in the prompt
+    assert ep.seq == [1, 2, 4]
+    ep = Episode("g-0", {}, None, [1, 2, 8, 6], [], 2, action=[1] * 2, lp=[0.0] * 2, turn_start=2)
+    cut_thinking(ep, 8, 9)  # never closed: left as generated
+    assert ep.seq == [1, 2, 8, 6]

@@ -81,7 +81,10 @@ def test_multi_turn_run_with_failing_hanging_and_slow_environments(local_ray, ar
                       "run.total_steps=2", "run.save_every=0", "data.domains=[calc,add,sort]",
                       "data.prompts_per_step=8", "rollout.n_samples_per_prompt=2", "rollout.max_new_tokens=64",
                       f"rollout.stop_token_ids=[{stops}]", "teachers.routing.calc=add_expert", *ENVS,
-                      "env.max_turns=3", "env.step_timeout_s=4", "env.actors_per_replica=1",
+                      "env.max_turns=3", "env.step_timeout_s=3", "env.actors_per_replica=1",
+                      # '%' ... '&' as the reasoning block (one token each here): cut for rewards and the
+                      # environments, and from the later turns' context
+                      "rollout.strip_thinking=true", "rollout.thinking_tags=['%','&']", "env.thinking_in_context=strip",
                       "logging.wandb_mode=disabled", "logging.progress_bar=false")
     Orchestrator(cfg, str(run)).run()
     rows = read_metrics(run)

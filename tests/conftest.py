@@ -69,7 +69,7 @@ def local_ray():
 LONGEST_FIRST = ("tests/runtime/test_job_submit.py", "tests/demo/test_demo.py", "tests/runtime/test_model_families.py",
                  "tests/runtime/test_end_to_end.py", "tests/runtime/test_multi_node.py", "tests/runtime/test_faults.py",
                  "tests/runtime/test_run_ownership.py", "tests/runtime/test_long_task.py", "tests/runtime/test_multirun.py",
-                 "tests/runtime/test_served_teacher.py")
+                 "tests/runtime/test_served_teacher.py", "tests/runtime/test_agentic.py")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -17,7 +17,7 @@ def test_cascade_config_stages_and_recovery_runs():
     cfg = compose_cfg("experiment=cascade")
     validate(cfg)
     check_cascade(cfg)
-    assert [st.name for st in cfg.cascade.stages] == ["stage_add", "stage_reverse", "stage_sort"]
+    assert [st.name for st in cfg.cascade.stages] == ["stage_add", "stage_reverse", "stage_sort", "stage_calc"]
     o = stage_overrides(cfg, 1, "/ck/stage_add/student_final", Path("/out/stages"))
     # its own domain only, from the previous stage's student, its own teacher (the domain's specialist)
     assert "model.path='/ck/stage_add/student_final'" in o and "data.domains=[reverse]" in o
@@ -38,7 +38,7 @@ def test_cascade_config_stages_and_recovery_runs():
     assert rec.model.path == dirs["stage_sort"] and rec.algorithm.signal == "sampled"
     grpo = compose_cfg("experiment=cascade", *runs["grpo_rewards_only"])
     assert grpo.algorithm.signal == "none" and not grpo.teachers.models
-    # the local Ray is started once for every run: as large as the largest (3 stage teachers + self)
+    # the local Ray is started once for every run: as large as the largest (4 stage teachers + self)
     from mopd_ray.cascade import max_cpus
     from mopd_ray.config import resource_demand
 
@@ -61,7 +61,7 @@ def test_cascade_recovery_teachers_from_one_pool():
 
     dedicated = compose_cfg("experiment=cascade", *dict(recovery_variants(
         compose_cfg("experiment=cascade"), dirs["stage_sort"], dirs))["recover_topk_self0.25"])
-    assert resource_demand(dedicated)["CPU"] - resource_demand(rec)["CPU"] == 3  # 4 teacher engines -> 1
+    assert resource_demand(dedicated)["CPU"] - resource_demand(rec)["CPU"] == 4  # 5 teacher engines -> 1
     mine = compose_cfg("experiment=cascade", "cascade.teacher_pool=true", "teachers.pools.cascade.replicas=2")
     o = dict(recovery_variants(mine, dirs["stage_sort"], dirs))["recover_sampled"]
     assert not any(x.startswith("teachers.pools.cascade.replicas") for x in o)
@@ -84,7 +84,10 @@ def test_cascade_bad_config_names_the_key(override, key):
 
 
 def test_cascade_summary_spread_over_seeds():
-    cfg = compose_cfg("experiment=cascade", "cascade.run_seeds=[0,1]")
+    three = ("data.domains=[add,reverse,sort]", "cascade.stages=[{name: stage_add, domains: [add], teacher: add_expert},"
+             "{name: stage_reverse, domains: [reverse], teacher: reverse_expert},"
+             "{name: stage_sort, domains: [sort], teacher: sort_expert}]")
+    cfg = compose_cfg("experiment=cascade", "cascade.run_seeds=[0,1]", *three)
     acc = {"student_base": {"add": 0.0, "reverse": 0.0, "sort": 0.1},
            "stage_add": {"add": 0.9, "reverse": 0.0, "sort": 0.0},
            "stage_reverse": {"add": 0.5, "reverse": 1.0, "sort": 0.0},
@@ -111,7 +114,7 @@ def check_a_miniature_cascade(tmp_path, demo_overrides: list) -> None:
     overrides = [*[o for o in demo_overrides if not o.startswith(("run.output_dir=", "run.eval_pass_k="))],
                  f"run.output_dir={out}", "run.eval_pass_k=0",
                  "cascade.stages=[{name: first, domains: [add, reverse], teacher: add_expert, steps: 2},"
-                 "{name: second, domains: [sort], steps: 2}]",
+                 "{name: second, domains: [sort, calc], steps: 2}]",
                  "cascade.signals=[sampled]", "cascade.self_weights=[0.5]", "cascade.recovery_steps=2",
                  "cascade.run_seeds=[0,1]", "cascade.grpo_baseline=false",
                  "cascade.teacher_pool=true"]  # the recovery's three teachers on one engine
@@ -119,10 +122,10 @@ def check_a_miniature_cascade(tmp_path, demo_overrides: list) -> None:
     cfg_of = (lambda d: json.loads((out / d / "run.json").read_text())["config"])  # the run's resolved config
     first, second = cfg_of("stages/first"), cfg_of("stages/second")
     assert first["model"]["path"].endswith("art/demo/seed0/student_base") and first["data"]["domains"] == ["add", "reverse"]
-    assert second["model"]["path"] == str(out / "stages/first/student_final") and second["data"]["domains"] == ["sort"]
+    assert second["model"]["path"] == str(out / "stages/first/student_final") and second["data"]["domains"] == ["sort", "calc"]
     assert second["algorithm"]["signal"] == "none" and second["teachers"]["models"] == {}  # GRPO: no teacher
     acc = json.loads((out / "stages/accuracy.json").read_text())["accuracy"]
-    assert set(acc) == {"student_base", "first", "second"} and all(set(a) == {"add", "reverse", "sort"} for a in acc.values())
+    assert set(acc) == {"student_base", "first", "second"} and all(set(a) == {"add", "reverse", "sort", "calc"} for a in acc.values())
     for seed in (0, 1):
         rec = cfg_of(f"seed{seed}/recover_sampled_self0.5")
         assert rec["run"]["seed"] == seed and rec["model"]["path"] == str(out / "stages/second/student_final")

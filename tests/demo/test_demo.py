@@ -90,9 +90,10 @@ def test_bootstrap_and_every_run_of_the_demo_and_the_cascade(tmp_path):
                  "demo.baselines=false"]
     summary = run_demo(overrides)
     manifest = json.loads((tmp_path / "art/demo/seed0/manifest.json").read_text())
-    assert set(manifest["paths"]) == {"student_base", "teacher_add", "teacher_reverse", "teacher_sort"}
+    assert set(manifest["paths"]) == {"student_base", "teacher_add", "teacher_reverse", "teacher_sort", "teacher_calc"}
     assert set(summary["final_accuracy"]) == {"student_before", "teacher_add", "teacher_reverse", "teacher_sort",
-                                              "mopd_topk"}
+                                              "teacher_calc", "mopd_topk"}
+    assert set(summary["final_accuracy"]["mopd_topk"]) == {"add", "reverse", "sort", "calc"}  # the tool domain too
     results = json.loads((tmp_path / "out/results.json").read_text())
     for name, run in results["runs"].items():
         assert [e["step"] for e in run["eval"]] == [0, 2], name
@@ -119,7 +120,7 @@ def test_bootstrap_and_every_run_of_the_demo_and_the_cascade(tmp_path):
     rows = [r for r in generate_split(domains, cfg.data.num_train_per_domain, cfg.data.seed, "train")
             if r["domain"] == domains[-1]]
     sft(cfg, str(seed0 / "student_base"), str(tmp_path / "again"), rows, d.teacher_steps, d.teacher_lr, d.batch,
-        d.seed + len(domains))
+        d.seed + len(domains), tool_use=True)
     assert (tmp_path / "again/model.safetensors").read_bytes() == \
         (seed0 / f"teacher_{domains[-1]}/model.safetensors").read_bytes()
     # the cascade from the same bootstrap: its stages, recovery runs over seeds, and resume

@@ -132,7 +132,9 @@ def recipe_of(cfg) -> dict:
             "learner": {k: v for k, v in learner.items() if k not in pinned},
             "data": {"domains": list(da.domains), "num_train_per_domain": da.num_train_per_domain,
                      "num_eval_per_domain": da.num_eval_per_domain, "seed": da.seed},
-            "tokenizer_seed": cfg.model.tokenizer_seed, "eval_max_new_tokens": cfg.rollout.max_new_tokens}
+            "tokenizer_seed": cfg.model.tokenizer_seed, "eval_max_new_tokens": cfg.rollout.max_new_tokens,
+            # the held-out accuracies of tool domains are measured as episodes under these limits
+            "eval_episodes": {"max_turns": cfg.env.max_turns, "max_turn_tokens": cfg.env.max_turn_tokens}}
 
 
 def held_out_accuracy(cfg, paths: dict, evals: list | None = None) -> dict:

@@ -117,11 +117,12 @@ class EnvPool:
         self.actors[a] = self._start(a)
         self.restarts += 1
 
-    def tidy(self) -> None:
-        """Between steps: replace actors whose calls hung (their threads would never come back)."""
-        for a in sorted(self.hung):
+    def tidy(self, busy=()) -> None:
+        """Between steps: replace actors whose calls hung (their threads would never come back), except those
+        with calls of other episodes still in flight (``busy``: carried episodes; replaced at a later call)."""
+        for a in sorted(self.hung - set(busy)):
             self._replace(a)
-        self.hung.clear()
+            self.hung.discard(a)
 
     def shutdown(self) -> None:
         import ray

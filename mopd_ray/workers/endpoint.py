@@ -1,5 +1,5 @@
-"""A teacher served elsewhere: an OpenAI-compatible completions endpoint (vLLM's or SGLang's server) that scores
-the student's tokens with its prompt log-probs.
+"""A teacher served elsewhere: an OpenAI-compatible completions endpoint (vLLM's OpenAI server; SGLang's does not
+offer vLLM's ``prompt_logprobs``, so it is not supported yet) that scores the student's tokens with its prompt log-probs.
 
 The exact token ids go to the server (the completions API's token-id prompt form: no re-tokenisation, no chat
 template on the server), ``max_tokens=1`` and vLLM's ``prompt_logprobs`` (0: the token's own log-prob; k: the

@@ -180,8 +180,8 @@ class EpisodeRunner:
         self.done = [k for k in self.done if k not in set(take)]
         for k in take:
             self.order.pop(k)
-        if self.pool is not None and not self.waiting:
-            self.pool.tidy()
+        if self.pool is not None:
+            self.pool.tidy({a for _, a, _ in self.waiting.values()})
         return out
 
     def _pause(self, engine, t_call: float) -> None:

@@ -144,6 +144,9 @@ class RolloutWorker(RoleWorker):
         else:
             runner.start(prompts, n, seed_of, self.weight_version)
             groups = [g for _, g in runner.advance(settings, want, self.weight_version)]
+            if len(groups) < want:  # the driver keeps more groups in flight than a call takes: a bookkeeping fault
+                raise RuntimeError(f"rollout replica {self.replica_index}: {want} episode groups asked for, only "
+                                   f"{len(groups)} started and not yet returned (env.carry_over)")
             prompts = [g[0].item for g in groups]
         per_prompt = [[{"seq": e.seq, "plen": e.plen, "rlen": e.response_len, "lp": [0.0] * e.plen + e.lp,
                         "action": [0] * e.plen + e.action, "group": p["group_id"], "teacher": p["teacher_index"],

@@ -113,6 +113,78 @@ def test_a_wrong_model_name_or_a_dead_endpoint_is_refused_naming_the_endpoint(se
     assert client.stats.retries == 2
 
 
+class _Tamper:
+    """An HTTP proxy in front of the real server that forwards every request and edits /completions answers
+    (``edit(answer) -> answer``): a server that answers with wrong token counts or other tokens."""
+
+    def __init__(self, upstream: str, edit):
+        import http.server
+        import json
+        import threading
+
+        import httpx
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def _forward(self, method: str):
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                r = httpx.request(method, upstream + self.path[len("/v1"):], content=body,
+                                  headers={"Content-Type": "application/json"}, timeout=60)
+                out = r.content
+                if self.path.endswith("/completions") and r.status_code == 200:
+                    out = json.dumps(edit(r.json())).encode()
+                self.send_response(r.status_code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(out)))
+                self.end_headers()
+                self.wfile.write(out)
+
+            def do_POST(self):
+                self._forward("POST")
+
+            def do_GET(self):
+                self._forward("GET")
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_a_server_answering_wrong_token_counts_or_other_tokens_is_refused(server):
+    """A real server's answers, edited on the way: one prompt log-prob short (a server that re-tokenised), or the
+    log-probs of another token than was sent: refused at once (no retry), naming the endpoint."""
+    from mopd_ray.workers.endpoint import EndpointClient, EndpointError
+
+    def drop_last(ans):
+        for c in ans["choices"]:
+            c["prompt_logprobs"] = c["prompt_logprobs"][:-1]
+        return ans
+
+    def other_token(ans):
+        for c in ans["choices"]:
+            last = c["prompt_logprobs"][-1]
+            c["prompt_logprobs"][-1] = {str(int(k) + 1): v for k, v in last.items()}
+        return ans
+
+    for edit, match in [(drop_last, r"answered 16 prompt log-probs for a 17-token sequence: it does not score the "
+                                     r"token ids it was sent"),
+                        (other_token, r"position 16 of a 17-token sequence has no log-prob for its token 2")]:
+        proxy = _Tamper(server["url"], edit)
+        try:
+            client = EndpointClient(proxy.url, server["model"], max_retries=3, backoff_s=0.05)
+            with pytest.raises(EndpointError, match=rf"endpoint {proxy.url}.*{match}"):
+                client.score([SEQS[0]], 0)
+            assert client.stats.retries == 0  # a wrong answer is not a transient failure
+        finally:
+            proxy.close()
+
+
 def test_mopd_against_a_served_teacher_killed_and_restarted_in_the_middle_of_the_run(server, artifacts, local_ray,
                                                                                     tmp_path, caplog):
     """The add expert given as an endpoint (its folder stays the tokenizer and the pre-flight's reference): the

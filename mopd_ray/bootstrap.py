@@ -143,28 +143,30 @@ def held_out_accuracy(cfg, paths: dict, evals: list | None = None) -> dict:
     from transformers import AutoTokenizer
 
     from .data.domains import generate_split
-    from .data.prompts import render
-    from .evaluate import evaluate_model_dir
+    from .data.prompts import env_of, render
     from .data.run_rewards import rewards_from_cfg
+    from .envs.pool import EnvPool
+    from .evaluate import evaluate_model_dir
+    from .roles import env_spec
 
     if evals is None:
         evals = generate_split(list(cfg.data.domains), cfg.data.num_eval_per_domain, cfg.data.seed, "eval")
-    from .data.prompts import env_of
-    from .roles import env_spec
-
     tok = AutoTokenizer.from_pretrained(next(iter(paths.values())))
     eval_rows = [{**r, "prompt_ids": render(tok, r["prompt"], r.get("messages"), r.get("tools")),
                   "env": env_of(cfg, r["domain"])} for r in evals]
     accuracy = {}
     rewards = rewards_from_cfg(cfg)
+    pool = EnvPool(env_spec(cfg)) if any(r["env"] for r in eval_rows) else None  # one for every folder
     try:
         for name, p in paths.items():
             res = evaluate_model_dir(p, eval_rows, rewards, k=0, max_new_tokens=cfg.rollout.max_new_tokens,
-                                     env=env_spec(cfg))
+                                     env=env_spec(cfg), env_pool=pool)
             accuracy[name] = {dom: r["accuracy"] for dom, r in res.items()}
             log.info("%s accuracy %s", name, accuracy[name])
     finally:
         rewards.close()
+        if pool is not None:
+            pool.shutdown()
     return accuracy
 
 

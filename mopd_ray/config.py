@@ -543,7 +543,9 @@ class EnvConfig:
     # a failing episode (the environment raised, answered wrongly, timed out or its actor died): mask (the row
     # is kept with no loss and counted in env/errors) | fail (the run stops with the environment's error)
     on_error: str = "mask"
-    actors_per_replica: int = 2  # environment actors per rollout replica (episodes spread over them)
+    # environment actors per rollout replica (episodes spread over them; each runs max_concurrency calls at once:
+    # raise it for environments that compute in Python rather than wait on tools)
+    actors_per_replica: int = 1
     max_concurrency: int = 16  # calls one environment actor runs at once (threads)
     num_cpus: float = 0.0  # CPUs each environment actor reserves from Ray
     # episodes carried over between steps, as a fraction of a step's prompts (0: every step waits for all its

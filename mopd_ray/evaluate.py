@@ -62,9 +62,10 @@ def merge_results(parts: list) -> dict:
 
 def evaluate_model_dir(model_path: str, prompts: list, rewards, k: int = 4, seed: int = 0, max_new_tokens: int = 16,
                        max_model_len: int = 256, dtype: str = "float32", tensor_parallel_size: int = 1,
-                       trust_remote_code: bool = False, env: dict | None = None) -> dict:
+                       trust_remote_code: bool = False, env: dict | None = None, env_pool=None) -> dict:
     """Stand-alone evaluation of a model folder (teachers, checkpoints) with an in-process engine; rows with an
-    environment (``env``: mopd_ray.roles.env_spec) are played as episodes."""
+    environment (``env``: mopd_ray.roles.env_spec) are played as episodes, with the environment actors of
+    ``env_pool`` (mopd_ray.envs.pool.EnvPool; None: started and stopped here)."""
     from transformers import AutoTokenizer
 
     from .workers.vllm_engine import make_llm, on_gpu
@@ -73,7 +74,14 @@ def evaluate_model_dir(model_path: str, prompts: list, rewards, k: int = 4, seed
                    tensor_parallel_size=tensor_parallel_size, trust_remote_code=trust_remote_code)
     try:
         tok = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
-        return evaluate_llm(llm, tok, prompts, rewards, k, seed, max_new_tokens, env=env, model_name=model_path)
+        runner = None
+        if env_pool is not None:
+            from .workers.episodes import EpisodeRunner
+            from .workers.rollout import _sampled_logprobs
+
+            runner = EpisodeRunner(llm, tok, env_pool, model_path, _sampled_logprobs)
+        return evaluate_llm(llm, tok, prompts, rewards, k, seed, max_new_tokens, env=env, model_name=model_path,
+                            runner=runner)
     finally:
         del llm
 
@@ -157,25 +165,40 @@ def run_command(argv=None) -> int:
     results, t0 = {}, time.time()
     from transformers import AutoTokenizer
 
+    from .data.prompts import env_of
+    from .roles import env_spec
+
+    rows = [{**r, "env": env_of(cfg, r["domain"])} for r in rows]
+    pool = None
+    if any(r["env"] for r in rows):  # played as episodes: the environments in Ray actors of their own
+        import ray
+
+        from .envs.pool import EnvPool
+
+        if not ray.is_initialized():
+            ray.init(include_dashboard=False, log_to_driver=False)
+        pool = EnvPool(env_spec(cfg))
     try:
         for model in args.model:
             if not (Path(model) / "config.json").exists():
                 log.error("--model %s: not a transformers model folder (no config.json)", model)
                 return 2
             tok = AutoTokenizer.from_pretrained(model, trust_remote_code=cfg.model.trust_remote_code)
-            rendered = [{**r, "prompt_ids": render(tok, r["prompt"])} for r in rows]
+            rendered = [{**r, "prompt_ids": render(tok, r["prompt"], r.get("messages"), r.get("tools"))} for r in rows]
             kept = [r for r in rendered if len(r["prompt_ids"]) <= cfg.data.max_prompt_len]
             if len(kept) < len(rendered):
                 log.warning("%s: %d of %d prompts longer than data.max_prompt_len=%d tokens skipped", model,
                             len(rendered) - len(kept), len(rendered), cfg.data.max_prompt_len)
             results[model] = evaluate_model_dir(model, kept, rewards, k, cfg.run.seed, cfg.rollout.max_new_tokens,
                                                 max_len, cfg.rollout.dtype, args.tensor_parallel_size,
-                                                cfg.model.trust_remote_code)
+                                                cfg.model.trust_remote_code, env_spec(cfg), pool)
     except RewardError as e:
         log.error("%s", e)
         return 2
     finally:
         rewards.close()
+        if pool is not None:
+            pool.shutdown()
     out = Path(args.out or f"outputs/eval/{time.strftime('%Y-%m-%d_%H-%M-%S')}/results.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"data": source, "k": k, "rewards": rewards.names, "seed": cfg.run.seed,

@@ -77,7 +77,7 @@ def evaluate_model_dir(model_path: str, prompts: list, rewards, k: int = 4, seed
         runner = None
         if env_pool is not None:
             from .workers.episodes import EpisodeRunner
-            from .workers.rollout import _sampled_logprobs
+            from .workers.episodes import sampled_logprobs as _sampled_logprobs
 
             runner = EpisodeRunner(llm, tok, env_pool, model_path, _sampled_logprobs)
         return evaluate_llm(llm, tok, prompts, rewards, k, seed, max_new_tokens, env=env, model_name=model_path,

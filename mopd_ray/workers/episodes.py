@@ -24,10 +24,12 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
+import numpy as np
+
 from ..envs.base import EnvError
-from ..rewards import strip_thinking
 from ..envs.chat import TurnRenderer
 from ..envs.pool import EnvPool, deadline_passed, wait_any
+from ..rewards import strip_thinking
 
 
 @dataclass
@@ -321,3 +323,15 @@ def episode_stats(eps: list, carried: int = 0, version: int = 0) -> dict:
             "env_errors": sum(e.error is not None for e in eps), "env_timeouts": sum(e.timed_out for e in eps),
             "env_wait_s_sum": sum(e.env_s for e in eps), "episode_s_max": max(dur), "episode_s_sum": sum(dur),
             "episode_groups_carried": carried, "episode_lag_max": max(version - e.version for e in eps)}
+
+
+def sampled_logprobs(logprobs, resp: list) -> list:
+    """The rollout log-prob of each sampled token, from vLLM's flat log-probs (``logprobs=0``: the sampled
+    token is each position's first entry) or, should the engine return them, per-position dicts."""
+    from vllm.logprobs import FlatLogprobs
+
+    if isinstance(logprobs, FlatLogprobs):
+        starts = np.asarray(logprobs.start_indices, np.int64)
+        if np.array_equal(np.asarray(logprobs.token_ids, np.int64)[starts], np.asarray(resp, np.int64)):
+            return np.asarray(logprobs.logprobs, np.float32)[starts].tolist()
+    return [logprobs[i][t].logprob for i, t in enumerate(resp)]

@@ -83,7 +83,7 @@ def _single_turn(llm, tokenizer, stop_token_ids, max_new_tokens: int, thinking_t
 def _runner(llm, tokenizer, env: dict | None, model_name: str):
     from ..envs.pool import EnvPool
     from .episodes import EpisodeRunner
-    from .rollout import _sampled_logprobs
+    from .episodes import sampled_logprobs as _sampled_logprobs
 
     if env is None:
         raise ValueError("rows with an environment need its settings (env: mopd_ray.roles.env_spec)")

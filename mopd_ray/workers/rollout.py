@@ -9,6 +9,7 @@ import numpy as np
 
 from ..batch import RolloutBatch, pad_sequences
 from ..rewards import strip_thinking
+from .episodes import sampled_logprobs as _sampled_logprobs
 from .base import RoleWorker
 
 
@@ -329,18 +330,6 @@ class RolloutWorker(RoleWorker):
         from ..models.compat import tokenizer_fingerprint
 
         return tokenizer_fingerprint(self.tokenizer)
-
-
-def _sampled_logprobs(logprobs, resp: list) -> list:
-    """The rollout log-prob of each sampled token, from vLLM's flat log-probs (``logprobs=0``: the sampled
-    token is each position's first entry) or, should the engine return them, per-position dicts."""
-    from vllm.logprobs import FlatLogprobs
-
-    if isinstance(logprobs, FlatLogprobs):
-        starts = np.asarray(logprobs.start_indices, np.int64)
-        if np.array_equal(np.asarray(logprobs.token_ids, np.int64)[starts], np.asarray(resp, np.int64)):
-            return np.asarray(logprobs.logprobs, np.float32)[starts].tolist()
-    return [logprobs[i][t].logprob for i, t in enumerate(resp)]
 
 
 def _count_by(domains: list, flags: list) -> dict:

@@ -100,7 +100,7 @@ class Reporting:
                 out[f"teacher/{name}/replicas_busy"] = len({m["replica"] for m in scores if m["teacher"] == name})
                 served = [m for m in scores if m["teacher"] == name and "endpoint_requests" in m]
                 if served:  # a teacher served elsewhere (workers/endpoint.py): its requests, retries, latencies
-                    for k in ("endpoint_requests", "endpoint_retries", "endpoint_tokens"):
+                    for k in ("endpoint_requests", "endpoint_retries", "endpoint_tokens", "endpoint_bytes"):
                         out[f"teacher/{name}/{k}"] = sum(m[k] for m in served)
                     for k in ("endpoint_latency_p50_s", "endpoint_latency_p95_s"):
                         out[f"teacher/{name}/{k}"] = float(np.nanmax([m[k] for m in served]))

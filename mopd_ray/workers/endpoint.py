@@ -31,15 +31,16 @@ class EndpointStats:
     requests: int = 0
     retries: int = 0
     tokens: int = 0
+    bytes: int = 0  # of the answers received
     latencies: list = field(default_factory=list)
 
     def take(self) -> dict:
         """The counters since the last call (the per-teacher metrics of one scoring call)."""
         lat = np.array(self.latencies or [np.nan])
         out = {"endpoint_requests": self.requests, "endpoint_retries": self.retries, "endpoint_tokens": self.tokens,
-               "endpoint_latency_p50_s": float(np.nanpercentile(lat, 50)),
+               "endpoint_bytes": self.bytes, "endpoint_latency_p50_s": float(np.nanpercentile(lat, 50)),
                "endpoint_latency_p95_s": float(np.nanpercentile(lat, 95))}
-        self.requests = self.retries = self.tokens = 0
+        self.requests = self.retries = self.tokens = self.bytes = 0
         self.latencies = []
         return out
 
@@ -80,6 +81,7 @@ class EndpointClient:
                 last = f"{type(e).__name__}: {e}"
                 continue
             self.stats.requests += 1
+            self.stats.bytes += len(r.content)
             self.stats.latencies.append(time.perf_counter() - t0)
             if r.status_code >= 500:
                 last = f"HTTP {r.status_code}: {r.text[:300]}"

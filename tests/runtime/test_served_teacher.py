@@ -95,6 +95,7 @@ def test_a_served_teacher_scores_what_the_same_model_scores_in_the_job(server):
                 np.testing.assert_array_equal(a.topk_ids_RTK, b.topk_ids_RTK)
                 np.testing.assert_allclose(a.topk_logprobs_RTK, b.topk_logprobs_RTK, atol=1e-5)
         assert meta["endpoint_requests"] == 2 and meta["endpoint_tokens"] == sum(len(s) - 1 for s in SEQS)
+        assert meta["endpoint_bytes"] > 100 * meta["endpoint_tokens"]  # the answers' JSON: an entry per position
         assert served.fingerprint() == local.fingerprint()
         assert served.check_endpoint_tokenizer() is None
     finally:
@@ -227,6 +228,6 @@ def test_mopd_against_a_served_teacher_killed_and_restarted_in_the_middle_of_the
     assert [r["step"] for r in rows] == [0, 1, 2, 3]
     for r in rows:
         assert 0 < r["teacher/add_expert/tokens"] <= r["teacher/add_expert/endpoint_tokens"]
-        assert r["teacher/add_expert/endpoint_requests"] >= 1
+        assert r["teacher/add_expert/endpoint_requests"] >= 1 and r["teacher/add_expert/endpoint_bytes"] > 0
     assert sum(r.get("teacher/add_expert/endpoint_retries", 0) for r in rows) > 0  # it was down for a while
     assert last["rows_trained"] == 4 * cfg.data.prompts_per_step * cfg.rollout.n_samples_per_prompt

@@ -324,6 +324,9 @@ class LearnerWorker(LearnerForward, LearnerRows, LearnerAdvantages, LearnerWeigh
             distill = adv[r, :n]
         mb.advantages_bL = distill + t["outcome"][r, :n]
         loss, mets = micro_batch_loss(terms, mb, a, denominator)
+        if loss.grad_fn is None:  # no position trains (failed episodes, masked truncations): a zero that still
+            # runs the backward through the body and the head, as every other rank's micro-batch does (ZeRO)
+            loss = loss + 0.0 * self._logits_fn(1.0)(hidden[:1, :1].reshape(1, -1)).sum()
         # garbage in (non-finite teacher scores, log-probs) or a non-finite loss on any rank: this update
         # is skipped on every rank (one all-reduce per micro-batch; ranks take the same branch)
         if _any_rank(bad is not None or not bool(torch.isfinite(loss))):

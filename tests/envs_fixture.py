@@ -31,10 +31,10 @@ class FlakyEnv(TurnsEnv):
 
     def __init__(self, row: dict):
         super().__init__(row, turns=2)
-        self.fail = _nth(FlakyEnv) % 4 == 0
+        self.nth = _nth(FlakyEnv)
 
     def step(self, messages: list) -> dict:
-        if self.fail:
+        if self.nth % 4 == 0:
             raise ValueError("the user's environment broke")
         return super().step(messages)
 

@@ -70,8 +70,9 @@ class EnvPool:
         self.actors: list = []
         self.hung: set = set()  # actors with a call past its deadline: replaced by ``tidy``
         self.restarts = 0
+        self.made_by: dict = {}  # call ref -> the actor it went to (a dead actor is replaced once, not per call)
 
-    def _start(self, i: int):
+    def _start(self):
         import ray
 
         cls = ray.remote(EnvActor).options(num_cpus=float(self.cfg.get("num_cpus", 0.0)),
@@ -86,25 +87,30 @@ class EnvPool:
     def ensure(self) -> None:
         n = max(1, int(self.cfg.get("actors_per_replica", 1)))
         while len(self.actors) < n:
-            self.actors.append(self._start(len(self.actors)))
+            self.actors.append(self._start())
 
     def call(self, episode_index: int, key: str, spec: str, row: dict, messages: list):
         """(actor index, ObjectRef) of one step of an episode (episodes keep their actor)."""
         self.ensure()
         a = episode_index % len(self.actors)
-        return a, self.actors[a].step.remote(key, spec, row, messages)
+        ref = self.actors[a].step.remote(key, spec, row, messages)
+        self.made_by[ref] = self.actors[a]
+        return a, ref
 
     def result(self, a: int, ref) -> dict:
         """The answer of a finished call: {"ok": ...} or {"error": ...} (a dead actor is replaced)."""
         import ray
 
+        actor = self.made_by.pop(ref, None)
         try:
             return ray.get(ref)
         except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError) as e:
-            self._replace(a)
+            if actor is self.actors[a]:  # its other calls fail too: the actor already replaced stays
+                self._replace(a)
             return {"error": f"the environment's actor died ({type(e).__name__}); it was restarted"}
 
-    def timed_out(self, a: int) -> None:
+    def timed_out(self, a: int, ref=None) -> None:
+        self.made_by.pop(ref, None)
         self.hung.add(a)
 
     def _replace(self, a: int) -> None:
@@ -114,7 +120,7 @@ class EnvPool:
             ray.kill(self.actors[a], no_restart=True)
         except Exception:  # noqa: BLE001 - already gone
             pass
-        self.actors[a] = self._start(a)
+        self.actors[a] = self._start()
         self.restarts += 1
 
     def tidy(self, busy=()) -> None:
@@ -133,6 +139,7 @@ class EnvPool:
             except Exception:  # noqa: BLE001
                 pass
         self.actors = []
+        self.made_by.clear()
 
 
 def wait_any(refs: list, timeout: float) -> list:

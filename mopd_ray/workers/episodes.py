@@ -80,6 +80,17 @@ class EpisodeSettings:
     thinking_tags: tuple = ("<think>", "</think>")
     thinking_in_context: str = "keep"  # strip: an earlier turn's reasoning block is cut from the later context
 
+    @classmethod
+    def of(cls, env: dict, temperature: float, top_p: float, max_new_tokens: int, stop_ids: list,
+           logprobs: bool = True, thinking_tags=None, on_error: Optional[str] = None,
+           max_episode_lag: Optional[int] = None) -> "EpisodeSettings":
+        """From the env.* settings (mopd_ray.roles.env_spec) and the sampling of the caller; ``thinking_tags``:
+        strip reasoning blocks with these tags (None: keep them)."""
+        return cls(temperature, top_p, max_new_tokens, list(stop_ids), logprobs, int(env["max_turns"]),
+                   env.get("step_timeout_s"), on_error or env.get("on_error", "mask"), env.get("max_turn_tokens"),
+                   max_episode_lag, bool(thinking_tags), tuple(thinking_tags or ("<think>", "</think>")),
+                   env.get("thinking_in_context", "keep"))
+
 
 class EpisodeRunner:
     """The episodes of a rollout replica on ``llm`` (a vllm.LLM) with environments from ``pool``: those started
@@ -97,6 +108,9 @@ class EpisodeRunner:
         engine = self.llm.llm_engine
         if getattr(self, "generating", None):
             engine.abort_request(list(self.generating))
+        if self.pool is not None:  # environment calls in flight are dropped
+            for ref in getattr(self, "waiting", {}):
+                self.pool.made_by.pop(ref, None)
         self.generating: dict = {}  # engine request id -> episode
         self.waiting: dict = {}  # environment call ref -> (episode, actor index, call start)
         self.paused: list = []  # episodes whose next turn (or the rest of one) is to be submitted
@@ -170,7 +184,7 @@ class EpisodeRunner:
             for ref, (ep, a, t0) in list(self.waiting.items()):
                 if deadline_passed(t0, s.step_timeout_s):
                     del self.waiting[ref]
-                    self.pool.timed_out(a)
+                    self.pool.timed_out(a, ref)
                     ep.env_s += time.monotonic() - t0
                     ep.timed_out = True
                     self._fail(ep, f"environment '{ep.item['env']}' did not answer within env.step_timeout_s="

@@ -99,11 +99,9 @@ def _episodes(runner, tokenizer, env: dict, stop_token_ids, max_new_tokens: int,
     stops = list(stop_token_ids or []) or [tokenizer.eos_token_id]
 
     def play(prompts: list, n: int, temperature: float, seed):
-        s = EpisodeSettings(temperature, 1.0, max_new_tokens, stops, False, int(env["max_turns"]),
-                            env.get("step_timeout_s"), "mask", env.get("max_turn_tokens"), None,
-                            bool(thinking_tags), tuple(thinking_tags or ("<think>", "</think>")),
-                            env.get("thinking_in_context", "keep"))
-        items = [{**p, "group_id": i, "row": {k: p[k] for k in ENV_ROW_KEYS if p.get(k) is not None}}
+        s = EpisodeSettings.of(env, temperature, 1.0, max_new_tokens, stops, False, thinking_tags, on_error="mask")
+        # the row the environment gets: as the rollout items carry it, or from a row of the data itself
+        items = [{**p, "group_id": i, "row": p.get("row") or {k: p[k] for k in ENV_ROW_KEYS if p.get(k) is not None}}
                  for i, p in enumerate(prompts)]
         eps = runner.run(items, n, s, lambda it, k: None if seed is None else (seed * 7919 + it["group_id"] * 31 + k))
         return [[(e.last_text, 0.0 if e.error else e.reward) for e in eps[i * n:(i + 1) * n]] for i in range(len(items))]

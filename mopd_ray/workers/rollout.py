@@ -131,12 +131,9 @@ class RolloutWorker(RoleWorker):
         env = self.cfg["env"]
         self._episode_runner()
         n = self.cfg["n_samples_per_prompt"]
-        settings = EpisodeSettings(self.cfg["temperature"], self.cfg["top_p"], self.cfg["max_new_tokens"],
-                                   self.stop_ids(), self.cfg.get("logprobs", True), int(env["max_turns"]),
-                                   env.get("step_timeout_s"), env.get("on_error", "mask"), env.get("max_turn_tokens"),
-                                   env.get("max_episode_lag"), bool(self.cfg.get("strip_thinking")),
-                                   tuple(self.cfg.get("thinking_tags") or ("<think>", "</think>")),
-                                   env.get("thinking_in_context", "keep"))
+        settings = EpisodeSettings.of(env, self.cfg["temperature"], self.cfg["top_p"], self.cfg["max_new_tokens"],
+                                      self.stop_ids(), self.cfg.get("logprobs", True), self._thinking_tags(),
+                                      max_episode_lag=env.get("max_episode_lag"))
         runner = self.episode_runner
         seed_of = (lambda p, k: (seed * 1_000_003 + step * 10_007 + p["group_id"] * 131 + k) % (2**31))
         if want is None:
@@ -174,6 +171,10 @@ class RolloutWorker(RoleWorker):
             self.episode_runner = EpisodeRunner(self.llm, self.tokenizer, self.env_pool, self.model_path,
                                                 _sampled_logprobs)
 
+    def _thinking_tags(self):
+        """The reasoning block's tags when rollout.strip_thinking, else None."""
+        return tuple(self.cfg["thinking_tags"]) if self.cfg.get("strip_thinking") else None
+
     def stop_ids(self) -> list:
         """The ids that end an assistant turn: the run's (rollout.stop_token_ids) and the student's EOS."""
         ids = [int(i) for i in (self.cfg.get("stop_token_ids") or [])]
@@ -187,8 +188,8 @@ class RolloutWorker(RoleWorker):
         for o in out.outputs:
             resp = list(o.token_ids)
             text = self.tokenizer.decode(resp, skip_special_tokens=True)
-            if self.cfg.get("strip_thinking"):  # the reward judges the answer, not the reasoning
-                text = strip_thinking(text, tuple(self.cfg["thinking_tags"]))
+            if self._thinking_tags():  # the reward judges the answer, not the reasoning
+                text = strip_thinking(text, self._thinking_tags())
             rows.append({"seq": list(prompt["prompt_ids"]) + resp, "plen": plen, "rlen": len(resp),
                          # zeros when not asked for (nothing consumes them: algo.mismatch.needs_rollout_logprobs)
                          "lp": [0.0] * plen + (_sampled_logprobs(o.logprobs, resp) if o.logprobs
@@ -224,7 +225,7 @@ class RolloutWorker(RoleWorker):
             runner = self.episode_runner
         return evaluate_llm(self.llm, self.tokenizer, prompts, self.rewards, k, seed, self.cfg["max_new_tokens"],
                             stop_token_ids=self.stop_ids(), env=self.cfg["env"], runner=runner,
-                            thinking_tags=self.cfg["thinking_tags"] if self.cfg.get("strip_thinking") else None)
+                            thinking_tags=self._thinking_tags())
 
     # ------------------------------------------------------------------ weight sync
     def _in_process(self) -> bool:

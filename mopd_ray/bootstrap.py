@@ -124,7 +124,7 @@ def recipe_of(cfg) -> dict:
     (a quick demo with a constant learning rate must not reuse, or build, other teachers silently).
     """
     d, da = cfg.demo, cfg.data
-    keys = ("seed", "model", "batch", "base_steps", "base_lr", "teacher_steps", "teacher_lr")
+    keys = ("seed", "model", "batch", "base_steps", "base_lr", "base_tool_use", "teacher_steps", "teacher_lr")
     learner = OmegaConf.to_container(cfg.learner, resolve=True)
     pinned = ("lr", "min_lr", "micro_batch_size", "warmup_steps", "mini_batches_per_step", "lr_schedule",
               "num_cpus_per_rank", "num_gpus_per_rank", "custom_resources")
@@ -201,7 +201,7 @@ def _bootstrap_locked(cfg, out: Path, recipe: dict) -> dict:
     try:
         setup_learners(first, learners)
         losses = {"student_base": sft(cfg, str(init), str(base), train, d.base_steps, d.base_lr, d.batch, d.seed,
-                                      learners)}
+                                      learners, tool_use=d.base_tool_use)}
         paths = {"student_base": str(base)}
         for i, dom in enumerate(domains):
             rows = [r for r in train if r["domain"] == dom]

@@ -669,6 +669,10 @@ class DemoConfig:
     batch: int = 64
     base_steps: int = 60
     base_lr: float = 1e-3
+    # the base student's SFT on tool domains (calc): False, on the bare answer (it never saw the tool: MOPD teaches
+    # the calls); True, on the demonstrated episodes, as an instruction-tuned student has seen tool calls (the
+    # experts train on them for longer)
+    base_tool_use: bool = False
     teacher_steps: int = 600
     teacher_lr: float = 1e-3
     signals: List[str] = field(default_factory=lambda: ["topk", "full_vocab", "sampled"])

@@ -30,7 +30,7 @@ def test_pass_at_k_and_merge():
 
 
 def test_variants_cover_signals_and_baselines():
-    assert [n for n, _ in variants(compose_cfg("experiment=demo"))] == ["mopd_topk", "single_teacher_add",
+    assert [n for n, _ in variants(compose_cfg("experiment=demo"))] == ["mopd_topk", "single_teacher_reverse",
                                                                         "grpo_rewards_only"]
     cfg = compose_cfg("experiment=demo_full")
     names = [n for n, _ in variants(cfg)]
@@ -87,13 +87,16 @@ def test_bootstrap_and_every_run_of_the_demo_and_the_cascade(tmp_path):
                  "rollout.n_samples_per_prompt=2", "learner.micro_batch_size=4", "learner.world_size=1", "run.total_steps=2",
                  "run.eval_every=2", "run.eval_pass_k=2", "cluster.include_dashboard=false",
                  "logging.wandb_mode=disabled", "logging.progress_bar=false", "demo.signals=[topk]",
-                 "demo.baselines=false"]
+                 "demo.baselines=false",
+                 # the miniature cascade below runs from this bootstrap: its domains and base recipe (not the
+                 # full study's four) pinned here
+                 "data.domains=[reverse,sort,calc]", "demo.base_tool_use=true"]
     summary = run_demo(overrides)
     manifest = json.loads((tmp_path / "art/demo/seed0/manifest.json").read_text())
-    assert set(manifest["paths"]) == {"student_base", "teacher_add", "teacher_reverse", "teacher_sort", "teacher_calc"}
-    assert set(summary["final_accuracy"]) == {"student_before", "teacher_add", "teacher_reverse", "teacher_sort",
-                                              "teacher_calc", "mopd_topk"}
-    assert set(summary["final_accuracy"]["mopd_topk"]) == {"add", "reverse", "sort", "calc"}  # the tool domain too
+    assert set(manifest["paths"]) == {"student_base", "teacher_reverse", "teacher_sort", "teacher_calc"}
+    assert set(summary["final_accuracy"]) == {"student_before", "teacher_reverse", "teacher_sort", "teacher_calc",
+                                              "mopd_topk"}
+    assert set(summary["final_accuracy"]["mopd_topk"]) == {"reverse", "sort", "calc"}  # the tool domain too
     results = json.loads((tmp_path / "out/results.json").read_text())
     for name, run in results["runs"].items():
         assert [e["step"] for e in run["eval"]] == [0, 2], name
@@ -106,7 +109,7 @@ def test_bootstrap_and_every_run_of_the_demo_and_the_cascade(tmp_path):
     bootstrap(_compose(overrides))
     assert (tmp_path / "art/demo/seed0/manifest.json").stat().st_mtime_ns == stamp
     # the last teacher trained again from the same base and seed, in a fresh learner group, is
-    # byte-identical to the bootstrap's, which came fourth out of one group reloaded for each model
+    # byte-identical to the bootstrap's, which came last out of one group reloaded for each model
     from mopd_ray.bootstrap import sft
     from mopd_ray.data.domains import generate_split
 
@@ -138,8 +141,11 @@ def test_bootstrap_recipe_ignores_comparison_settings():
                                  "run.total_steps=7")) == base
     assert recipe_of(compose_cfg("experiment=demo", "demo.teacher_steps=10")) != base
     assert recipe_of(compose_cfg("experiment=demo", "data.num_eval_per_domain=7")) != base
-    # the quick and the full demonstration share one bootstrap (the quick one's constant learning rate
-    # is for its runs; the bootstrap pins its own schedule); learner settings the SFT uses are keyed
-    assert recipe_of(compose_cfg("experiment=demo_full")) == base
+    # the full study and the cascade share one bootstrap (the cascade's constant learning rate is for its runs;
+    # the bootstrap pins its own schedule); the quick demonstration has its own; learner settings the SFT uses
+    # are keyed
+    full = recipe_of(compose_cfg("experiment=demo_full"))
+    assert recipe_of(compose_cfg("experiment=cascade")) == full != base
+    assert recipe_of(compose_cfg("experiment=demo", "demo.base_tool_use=false")) != base
     assert recipe_of(compose_cfg("experiment=demo", "learner.world_size=1")) != base
     assert recipe_of(compose_cfg("experiment=demo", "learner.betas=[0.9,0.95]")) != base

@@ -113,16 +113,16 @@ def check_a_miniature_cascade(tmp_path, demo_overrides: list) -> None:
     out = tmp_path / "cascade"
     overrides = [*[o for o in demo_overrides if not o.startswith(("run.output_dir=", "run.eval_pass_k="))],
                  f"run.output_dir={out}", "run.eval_pass_k=0",
-                 "cascade.stages=[{name: first, domains: [reverse], teacher: reverse_expert, steps: 2},"
-                 "{name: second, domains: [sort, calc], steps: 2}]",
+                 "cascade.stages=[{name: first, domains: [reverse, sort], teacher: reverse_expert, steps: 2},"
+                 "{name: second, domains: [calc], steps: 2}]",
                  "cascade.signals=[sampled]", "cascade.self_weights=[0.5]", "cascade.recovery_steps=2",
                  "cascade.run_seeds=[0,1]", "cascade.grpo_baseline=false",
                  "cascade.teacher_pool=true"]  # the recovery's three teachers on one engine
     summary = run_cascade(overrides)
     cfg_of = (lambda d: json.loads((out / d / "run.json").read_text())["config"])  # the run's resolved config
     first, second = cfg_of("stages/first"), cfg_of("stages/second")
-    assert first["model"]["path"].endswith("art/demo/seed0/student_base") and first["data"]["domains"] == ["reverse"]
-    assert second["model"]["path"] == str(out / "stages/first/student_final") and second["data"]["domains"] == ["sort", "calc"]
+    assert first["model"]["path"].endswith("art/demo/seed0/student_base") and first["data"]["domains"] == ["reverse", "sort"]
+    assert second["model"]["path"] == str(out / "stages/first/student_final") and second["data"]["domains"] == ["calc"]
     assert second["algorithm"]["signal"] == "none" and second["teachers"]["models"] == {}  # GRPO: no teacher
     acc = json.loads((out / "stages/accuracy.json").read_text())["accuracy"]
     assert set(acc) == {"student_base", "first", "second"} and all(set(a) == {"reverse", "sort", "calc"} for a in acc.values())
@@ -130,7 +130,7 @@ def check_a_miniature_cascade(tmp_path, demo_overrides: list) -> None:
         rec = cfg_of(f"seed{seed}/recover_sampled_self0.5")
         assert rec["run"]["seed"] == seed and rec["model"]["path"] == str(out / "stages/second/student_final")
         assert rec["teachers"]["models"]["first"]["model_path"] == str(out / "stages/first/student_final")
-        assert rec["teachers"]["routing"]["sort"] == [{"teacher": "second", "weight": 1.0}, {"teacher": "self", "weight": 0.5}]
+        assert rec["teachers"]["routing"]["calc"] == [{"teacher": "second", "weight": 1.0}, {"teacher": "self", "weight": 0.5}]
         assert {n: t["pool"] for n, t in rec["teachers"]["models"].items()} == dict.fromkeys(("first", "second", "self"), "cascade")
         steps = [json.loads(x) for x in (out / f"seed{seed}/recover_sampled_self0.5/metrics.jsonl").read_text().splitlines()]
         assert len(steps) == 2 and {"teacher/first/reverse_kl", "teacher/self/reverse_kl"} <= set(steps[-1])

@@ -269,7 +269,7 @@ def command_line(run) -> None:
     """``run(sys.argv[1:])`` with the quiet console (unless logging.verbose=true); a configuration
     error is logged and exits 2."""
     from .config import ConfigError
-    from .console import configure
+    from .console import configure, skip_exit_collection
 
     configure(any(o.strip() in ("logging.verbose=true", "logging.verbose=True") for o in sys.argv[1:]))
     try:
@@ -277,6 +277,8 @@ def command_line(run) -> None:
     except ConfigError as e:
         log.error("%s", e)
         sys.exit(2)
+    finally:
+        skip_exit_collection()
 
 
 def main() -> None:

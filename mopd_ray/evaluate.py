@@ -210,7 +210,13 @@ def run_command(argv=None) -> int:
 
 
 def main() -> None:
-    sys.exit(run_command())
+    from .console import skip_exit_collection
+
+    try:
+        rc = run_command()
+    finally:
+        skip_exit_collection()
+    sys.exit(rc)
 
 
 if __name__ == "__main__":

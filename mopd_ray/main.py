@@ -160,6 +160,8 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from .console import skip_exit_collection
+
     try:
         _hydra_main()
     except SystemExit as e:
@@ -168,6 +170,8 @@ def main() -> None:
         if e.code == 1 and not _STARTED:
             sys.exit(2)
         raise
+    finally:
+        skip_exit_collection()
 
 
 if __name__ == "__main__":

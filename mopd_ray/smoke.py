@@ -166,4 +166,8 @@ if __name__ == "__main__":
     from .console import configure
 
     configure(False)
-    sys.exit(main())
+    rc = main()
+    from .console import skip_exit_collection
+
+    skip_exit_collection()
+    sys.exit(rc)

@@ -135,10 +135,36 @@ def _eval_rows(cfg, path) -> tuple[list, str]:
         "the synthetic eval split"
 
 
+def _env_pool(cfg):
+    """The environments of rows played as episodes, in Ray actors of their own (a local Ray started if none is)."""
+    import ray
+
+    from .envs.pool import EnvPool
+    from .roles import env_spec
+
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False, log_to_driver=False)
+    return EnvPool(env_spec(cfg))
+
+
+def _rendered(model: str, rows: list, cfg) -> list:
+    """The rows with their prompts rendered by ``model``'s template; those over data.max_prompt_len left out (said)."""
+    from transformers import AutoTokenizer
+
+    from .data.prompts import render
+
+    tok = AutoTokenizer.from_pretrained(model, trust_remote_code=cfg.model.trust_remote_code)
+    rendered = [{**r, "prompt_ids": render(tok, r["prompt"], r.get("messages"), r.get("tools"))} for r in rows]
+    kept = [r for r in rendered if len(r["prompt_ids"]) <= cfg.data.max_prompt_len]
+    if len(kept) < len(rendered):
+        log.warning("%s: %d of %d prompts longer than data.max_prompt_len=%d tokens skipped", model,
+                    len(rendered) - len(kept), len(rendered), cfg.data.max_prompt_len)
+    return kept
+
+
 def run_command(argv=None) -> int:
     from .config import ConfigError, compose_config, validate_rewards
     from .data.dataset import DataError
-    from .data.prompts import render
     from .data.run_rewards import rewards_from_cfg
     from .rewards import RewardError
 
@@ -163,32 +189,17 @@ def run_command(argv=None) -> int:
     max_len = cfg.data.max_prompt_len + cfg.rollout.max_new_tokens
     quiet_torch()
     results, t0 = {}, time.time()
-    from transformers import AutoTokenizer
-
     from .data.prompts import env_of
     from .roles import env_spec
 
     rows = [{**r, "env": env_of(cfg, r["domain"])} for r in rows]
-    pool = None
-    if any(r["env"] for r in rows):  # played as episodes: the environments in Ray actors of their own
-        import ray
-
-        from .envs.pool import EnvPool
-
-        if not ray.is_initialized():
-            ray.init(include_dashboard=False, log_to_driver=False)
-        pool = EnvPool(env_spec(cfg))
+    pool = _env_pool(cfg) if any(r["env"] for r in rows) else None
     try:
         for model in args.model:
             if not (Path(model) / "config.json").exists():
                 log.error("--model %s: not a transformers model folder (no config.json)", model)
                 return 2
-            tok = AutoTokenizer.from_pretrained(model, trust_remote_code=cfg.model.trust_remote_code)
-            rendered = [{**r, "prompt_ids": render(tok, r["prompt"], r.get("messages"), r.get("tools"))} for r in rows]
-            kept = [r for r in rendered if len(r["prompt_ids"]) <= cfg.data.max_prompt_len]
-            if len(kept) < len(rendered):
-                log.warning("%s: %d of %d prompts longer than data.max_prompt_len=%d tokens skipped", model,
-                            len(rendered) - len(kept), len(rendered), cfg.data.max_prompt_len)
+            kept = _rendered(model, rows, cfg)
             results[model] = evaluate_model_dir(model, kept, rewards, k, cfg.run.seed, cfg.rollout.max_new_tokens,
                                                 max_len, cfg.rollout.dtype, args.tensor_parallel_size,
                                                 cfg.model.trust_remote_code, env_spec(cfg), pool)

@@ -69,50 +69,13 @@ class Reporting:
                "faults/skipped_steps": self.state.skipped_steps, "faults/learner_restarts": self.learner_restarts,
                "faults/steps_redone": self.steps_redone,
                "faults/teacher_restarts": self._count_teacher_restarts(scores)}
-        sums, counts = {}, {}
-        for m in gen:
-            for d, v in m["reward_sum_by_domain"].items():
-                sums[d] = sums.get(d, 0.0) + v
-                counts[d] = counts.get(d, 0) + m["reward_count_by_domain"][d]
-        for d in sums:
-            out[f"reward/{d}"] = sums[d] / counts[d]
-        cut, seen = {}, {}
-        for m in gen:
-            for d, n in m.get("rows_by_domain", {}).items():
-                seen[d] = seen.get(d, 0) + n
-                cut[d] = cut.get(d, 0) + m.get("truncated_by_domain", {}).get(d, 0)
-        for d in seen:  # responses cut at rollout.max_new_tokens, per domain (rollout.overlong decides their fate)
-            out[f"rollout/truncated_fraction/{d}"] = cut[d] / max(seen[d], 1)
-        if seen:
-            out["rollout/truncated_fraction"] = sum(cut.values()) / max(sum(seen.values()), 1)
-        if sums:
-            out["reward/mean"] = sum(sums.values()) / sum(counts.values())
+        out.update(domain_metrics(gen))
         out["reward/timeouts"] = sum(m.get("reward_timeouts", 0) for m in gen)
         out.update(episode_metrics(gen))
         out["driver/fetched_bytes"] = self.driver_fetched_bytes - self._fetched_at_last_log
         out["driver/rss_mb"] = psutil.Process().memory_info().rss / 2**20
         self._fetched_at_last_log = self.driver_fetched_bytes
-        for name in self.roles.teacher_names:
-            lat = [m["latency_s"] for m in scores if m["teacher"] == name]
-            if lat:
-                out[f"teacher/{name}/score_latency_s"] = float(np.mean(lat))
-                out[f"teacher/{name}/payload_bytes"] = sum(m["bytes"] for m in scores if m["teacher"] == name)
-                out[f"teacher/{name}/replicas_busy"] = len({m["replica"] for m in scores if m["teacher"] == name})
-                served = [m for m in scores if m["teacher"] == name and "endpoint_requests" in m]
-                if served:  # a teacher served elsewhere (workers/endpoint.py): its requests, retries, latencies
-                    for k in ("endpoint_requests", "endpoint_retries", "endpoint_tokens", "endpoint_bytes"):
-                        out[f"teacher/{name}/{k}"] = sum(m[k] for m in served)
-                    for k in ("endpoint_latency_p50_s", "endpoint_latency_p95_s"):
-                        out[f"teacher/{name}/{k}"] = float(np.nanmax([m[k] for m in served]))
-            else:
-                log.warning("teacher '%s' got no rows at step %d", name, pending.step)
-        for m in scores:  # teacher pools: swaps, their seconds, and rows per teacher per replica
-            if "pool" in m:
-                key = f"pool/{m['pool']}"
-                out[f"{key}/swaps"] = out.get(f"{key}/swaps", 0) + m["swaps"]
-                out[f"{key}/swap_s"] = out.get(f"{key}/swap_s", 0.0) + m["swap_s"]
-                rows_key = f"{key}/rows/{m['teacher']}/replica{m['replica']}"
-                out[rows_key] = out.get(rows_key, 0) + m["rows"]
+        out.update(teacher_metrics(self.roles.teacher_names, scores, pending.step))
         return out
 
 
@@ -136,4 +99,55 @@ def episode_metrics(gen: list) -> dict:
     for m in eps:
         for d, k in m.get("env_errors_by_domain", {}).items():
             out[f"env/errors/{d}"] = out.get(f"env/errors/{d}", 0) + k
+    return out
+
+
+def domain_metrics(gen: list) -> dict:
+    """reward/<domain> and reward/mean, rollout/truncated_fraction and its per-domain parts, from the rollout
+    shards' meta (responses cut at rollout.max_new_tokens: rollout.overlong decides their fate)."""
+    out, sums, counts, cut, seen = {}, {}, {}, {}, {}
+    for m in gen:
+        for d, v in m["reward_sum_by_domain"].items():
+            sums[d] = sums.get(d, 0.0) + v
+            counts[d] = counts.get(d, 0) + m["reward_count_by_domain"][d]
+        for d, n in m.get("rows_by_domain", {}).items():
+            seen[d] = seen.get(d, 0) + n
+            cut[d] = cut.get(d, 0) + m.get("truncated_by_domain", {}).get(d, 0)
+    for d in sums:
+        out[f"reward/{d}"] = sums[d] / counts[d]
+    for d in seen:
+        out[f"rollout/truncated_fraction/{d}"] = cut[d] / max(seen[d], 1)
+    if seen:
+        out["rollout/truncated_fraction"] = sum(cut.values()) / max(sum(seen.values()), 1)
+    if sums:
+        out["reward/mean"] = sum(sums.values()) / sum(counts.values())
+    return out
+
+
+def teacher_metrics(names: list, scores: list, step: int) -> dict:
+    """Per teacher: score latency, payload bytes, replicas busy (and a served teacher's requests, retries, tokens,
+    bytes, latency percentiles); per teacher pool: swaps, their seconds, rows per teacher per replica. A teacher
+    that got no rows this step is said."""
+    out = {}
+    for name in names:
+        mine = [m for m in scores if m["teacher"] == name]
+        if not mine:
+            log.warning("teacher '%s' got no rows at step %d", name, step)
+            continue
+        out[f"teacher/{name}/score_latency_s"] = float(np.mean([m["latency_s"] for m in mine]))
+        out[f"teacher/{name}/payload_bytes"] = sum(m["bytes"] for m in mine)
+        out[f"teacher/{name}/replicas_busy"] = len({m["replica"] for m in mine})
+        served = [m for m in mine if "endpoint_requests" in m]
+        if served:  # a teacher served elsewhere (workers/endpoint.py): its requests, retries, latencies
+            for k in ("endpoint_requests", "endpoint_retries", "endpoint_tokens", "endpoint_bytes"):
+                out[f"teacher/{name}/{k}"] = sum(m[k] for m in served)
+            for k in ("endpoint_latency_p50_s", "endpoint_latency_p95_s"):
+                out[f"teacher/{name}/{k}"] = float(np.nanmax([m[k] for m in served]))
+    for m in scores:  # teacher pools: swaps, their seconds, and rows per teacher per replica
+        if "pool" in m:
+            key = f"pool/{m['pool']}"
+            out[f"{key}/swaps"] = out.get(f"{key}/swaps", 0) + m["swaps"]
+            out[f"{key}/swap_s"] = out.get(f"{key}/swap_s", 0.0) + m["swap_s"]
+            rows_key = f"{key}/rows/{m['teacher']}/replica{m['replica']}"
+            out[rows_key] = out.get(rows_key, 0) + m["rows"]
     return out

@@ -63,25 +63,12 @@ class RolloutWorker(RoleWorker):
         parts then index that list, and the meta names its groups and their teachers (``groups``,
         ``part_teachers``).
         """
-        from vllm import SamplingParams
-
-        n = self.cfg["n_samples_per_prompt"]
         parts = [list(range(len(prompts)))] if parts is None else parts
-        params = [SamplingParams(n=n, temperature=self.cfg["temperature"], top_p=self.cfg["top_p"],
-                                 max_tokens=self.cfg["max_new_tokens"],
-                                 stop_token_ids=list(self.cfg.get("stop_token_ids") or []),
-                                 logprobs=0 if self.cfg.get("logprobs", True) else None,
-                                 # text is decoded once below for rewards; vLLM's detokenizing of every
-                                 # sampled token and its log-prob entry cost ~20% of the generate time
-                                 detokenize=False,
-                                 # flat lists instead of a dict and a Logprob object per sampled token
-                                 # (one engine, 16 x 32 tokens: 143 against 149 ms per generate)
-                                 flat_logprobs=True,
-                                 seed=(seed * 1_000_003 + step * 10_007 + p["group_id"]) % (2**31))
-                  for p in prompts]
+        multi_turn = any(p.get("env") for p in prompts)  # multi-turn episodes (rows without an environment: one turn)
+        params = None if multi_turn else sampling_params(self.cfg, prompts, step, seed)
         t0 = time.perf_counter()
         episodes: dict = {}
-        if any(p.get("env") for p in prompts):  # multi-turn episodes (rows without an environment: one turn)
+        if multi_turn:
             prompts, per_prompt, episodes = self._episodes(prompts, step, seed, want)
         else:
             outputs = self.llm.generate([{"prompt_token_ids": list(p["prompt_ids"])} for p in prompts], params,
@@ -89,15 +76,7 @@ class RolloutWorker(RoleWorker):
             per_prompt = [self._rows_of(p, out) for p, out in zip(prompts, outputs)]
         gen_s = time.perf_counter() - t0
         timeouts_before = self.train_rewards.timeouts
-        flat = [(p, row) for p, rows in zip(prompts, per_prompt) for row in rows]
-        judged = [(p, row) for p, row in flat if row.get("env_reward") is None and not row.get("failed")]
-        scores = self.train_rewards.score([(p["domain"], row["text"], p.get("answer")) for p, row in judged])
-        for (_, row), r in zip(judged, scores):
-            row["env_reward"] = r
-        for _, row in flat:
-            r = None if row.pop("failed", False) else row.pop("env_reward", None)
-            row.pop("text")
-            row["reward"] = np.nan if r is None else r - overlong_penalty(row["rlen"], row["truncated"], self.cfg)
+        reward_rows(self.train_rewards, self.cfg, prompts, per_prompt)
         batches = [self._batch([row for i in idx for row in per_prompt[i]]) for idx in parts]
         rewards = [r["reward"] for rows in per_prompt for r in rows]
         domains = [p["domain"] for p, rows in zip(prompts, per_prompt) for _ in rows]
@@ -354,3 +333,34 @@ def overlong_penalty(length: int, truncated: bool, cfg: dict) -> float:
     if buffer <= 0 or length <= start:
         return 0.0
     return full * min(1.0, (length - start) / buffer)
+
+
+def sampling_params(cfg: dict, prompts: list, step: int, seed: int) -> list:
+    """One SamplingParams per prompt: ``n_samples_per_prompt`` samples, seeded by run seed, step and group."""
+    from vllm import SamplingParams
+
+    return [SamplingParams(n=cfg["n_samples_per_prompt"], temperature=cfg["temperature"], top_p=cfg["top_p"],
+                           max_tokens=cfg["max_new_tokens"], stop_token_ids=list(cfg.get("stop_token_ids") or []),
+                           logprobs=0 if cfg.get("logprobs", True) else None,
+                           # text is decoded once for rewards (reward_rows); vLLM's detokenizing of every
+                           # sampled token and its log-prob entry cost ~20% of the generate time
+                           detokenize=False,
+                           # flat lists instead of a dict and a Logprob object per sampled token
+                           # (one engine, 16 x 32 tokens: 143 against 149 ms per generate)
+                           flat_logprobs=True,
+                           seed=(seed * 1_000_003 + step * 10_007 + p["group_id"]) % (2**31))
+            for p in prompts]
+
+
+def reward_rows(train_rewards, cfg: dict, prompts: list, per_prompt: list) -> None:
+    """Each row's ``reward``: its environment's, else the domain's train reward of its text (NaN for a failed
+    episode or a domain without one), less the overlong penalty; the rows' texts dropped."""
+    flat = [(p, row) for p, rows in zip(prompts, per_prompt) for row in rows]
+    judged = [(p, row) for p, row in flat if row.get("env_reward") is None and not row.get("failed")]
+    scores = train_rewards.score([(p["domain"], row["text"], p.get("answer")) for p, row in judged])
+    for (_, row), r in zip(judged, scores):
+        row["env_reward"] = r
+    for _, row in flat:
+        r = None if row.pop("failed", False) else row.pop("env_reward", None)
+        row.pop("text")
+        row["reward"] = np.nan if r is None else r - overlong_penalty(row["rlen"], row["truncated"], cfg)

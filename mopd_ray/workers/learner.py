@@ -327,25 +327,9 @@ class LearnerWorker(LearnerForward, LearnerRows, LearnerAdvantages, LearnerWeigh
         if loss.grad_fn is None:  # no position trains (failed episodes, masked truncations): a zero that still
             # runs the backward through the body and the head, as every other rank's micro-batch does (ZeRO)
             loss = loss + 0.0 * self._logits_fn(1.0)(hidden[:1, :1].reshape(1, -1)).sum()
-        # garbage in (non-finite teacher scores, log-probs) or a non-finite loss on any rank: this update
-        # is skipped on every rank (one all-reduce per micro-batch; ranks take the same branch)
-        if _any_rank(bad is not None or not bool(torch.isfinite(loss))):
-            if not loop["poisoned"]:
-                loop["nonfinite"] = bad or (None if bool(torch.isfinite(loss)) else {
-                    "teachers": self._names(g["teacher_index"][idx]), "stats": {"loss": float(loss), "rows": len(idx)}}) \
-                    or {"teachers": [], "stats": "non-finite on another rank"}
-            if first:
-                loop["skipped"] += 1
-                return False
-            # mid-accumulation: gradients of earlier micro-batches are already reduced. Make the
-            # accumulated gradient non-finite on every rank, so DeepSpeed drops the step and clears them
-            # (its overflow path, checked in _optimize); the remaining micro-batches run to the boundary
-            loop["poisoned"] = True
-        if loop["poisoned"]:
-            loss = loss * float("nan")
-        elif ghost:  # its row was trained in an earlier micro-batch: the same collectives, no gradient
-            loss = loss * 0.0
-            loop["ghosts"] += 1
+        loss = _gated(loss, bad, first, ghost, loop, lambda: self._names(g["teacher_index"][idx]), len(idx))
+        if loss is None:
+            return False
         self.engine.backward(loss)
         self.engine.step()
         if not loop["poisoned"] and not ghost:
@@ -364,3 +348,31 @@ def _any_rank(flag: bool) -> bool:
     return any_rank(flag)
 
 
+def _gated(loss, bad, first: bool, ghost: bool, loop: dict, teachers, rows: int):
+    """The micro-batch's loss as the backward takes it, or None: the update is skipped.
+
+    Garbage in (``bad``: non-finite teacher scores or log-probs) or a non-finite loss on any rank skips this
+    update on every rank (one all-reduce per micro-batch; ranks take the same branch); the first such cause is
+    kept in ``loop["nonfinite"]`` (``teachers()``: the names of the micro-batch's teachers). At the first
+    micro-batch of a mini-batch nothing has been reduced yet: None. Mid-accumulation the gradients of earlier
+    micro-batches are already reduced: the loss becomes NaN here and in every later micro-batch of the mini-batch,
+    so DeepSpeed drops the step and clears them (its overflow path, checked in _optimize). A ``ghost`` (its row was
+    trained in an earlier micro-batch) runs the same collectives with no gradient."""
+    import torch
+
+    finite = bool(torch.isfinite(loss))
+    if _any_rank(bad is not None or not finite):
+        if not loop["poisoned"]:
+            loop["nonfinite"] = bad or (None if finite else {"teachers": teachers(),
+                                                             "stats": {"loss": float(loss), "rows": rows}}) \
+                or {"teachers": [], "stats": "non-finite on another rank"}
+        if first:
+            loop["skipped"] += 1
+            return None
+        loop["poisoned"] = True
+    if loop["poisoned"]:
+        return loss * float("nan")
+    if ghost:
+        loop["ghosts"] += 1
+        return loss * 0.0
+    return loss

@@ -10,7 +10,7 @@ import numpy as np, httpx
 from mopd_ray.config import TinyModelConfig
 from mopd_ray.models.tiny import build_tiny_model
 from mopd_ray.workers.endpoint import EndpointClient
-from tests.runtime.test_served_teacher import _free_port, start_server, wait_ready
+from tests.runtime.test_served_teacher import _free_port, start_server, stop_server, wait_ready
 d = str(build_tiny_model(Path(tempfile.mkdtemp()) / "t", TinyModelConfig(seed=1)))
 port = _free_port(); proc = start_server(d, port)
 try:
@@ -31,4 +31,4 @@ try:
         raw = r.content; t2 = time.perf_counter(); ans = json.loads(raw); t3 = time.perf_counter()
     print(f"one request of 64 rows: server+transfer {1000*(t1-t0):.0f} ms, {len(raw)/1e6:.2f} MB JSON, parse {1000*(t3-t2):.0f} ms")
 finally:
-    proc.terminate(); proc.wait(timeout=30)
+    stop_server(proc)

@@ -43,7 +43,7 @@ def main() -> None:
     from mopd_ray.config import TinyModelConfig
     from mopd_ray.models.tiny import build_tiny_model
     from mopd_ray.workers.teacher import TeacherWorker
-    from tests.runtime.test_served_teacher import _free_port, start_server, wait_ready
+    from tests.runtime.test_served_teacher import _free_port, start_server, stop_server, wait_ready
 
     model_dir = str(build_tiny_model(Path(tempfile.mkdtemp()) / "teacher_add", TinyModelConfig(seed=1)))
     port = _free_port()
@@ -75,8 +75,7 @@ def main() -> None:
                 print(f"{key:>10}: served {rate['served']:9.1f} tok/s  in-job {rate['in_job']:9.1f} tok/s  "
                       f"ratio {rate['served'] / rate['in_job']:.3f}", flush=True)
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        stop_server(proc)
     if args.out:
         Path(args.out).write_text(json.dumps(out, indent=1))
     print(json.dumps(out))

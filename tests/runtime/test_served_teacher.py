@@ -33,7 +33,19 @@ def start_server(model_dir: str, port: int, name: str = "tiny-teacher") -> subpr
         [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir, "--served-model-name", name,
          "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--max-model-len", "256",
          "--enforce-eager", "--kv-cache-memory-bytes", str(128 << 20), "--max-logprobs", "20"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        start_new_session=True)  # its engine core is a child process: stop_server kills the whole group
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    """Kill the server and its engine-core process (killing the server alone left the engine core running)."""
+    import signal
+
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=30)
 
 
 def wait_ready(proc: subprocess.Popen, port: int, timeout_s: float = 240.0) -> None:
@@ -57,13 +69,15 @@ def server(artifacts):
     """The add expert of the tests' artifacts, served on a loopback port."""
     model_dir = str(artifacts / "tiny" / "teacher_add")
     port = _free_port()
-    proc = start_server(model_dir, port)
+    state = {"url": f"http://127.0.0.1:{port}/v1", "model": "tiny-teacher", "dir": model_dir,
+             "proc": start_server(model_dir, port)}
     try:
-        wait_ready(proc, port)
-        yield {"url": f"http://127.0.0.1:{port}/v1", "model": "tiny-teacher", "dir": model_dir, "proc": proc}
+        wait_ready(state["proc"], port)
+        yield state
     finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+        # the server running now: the kill-and-restart test replaces the first (stopping only that one left the
+        # second running after every suite, 0.6 GB each)
+        stop_server(state["proc"])
 
 
 def _batch(seqs, plens):
@@ -211,8 +225,7 @@ def test_mopd_against_a_served_teacher_killed_and_restarted_in_the_middle_of_the
         deadline = time.monotonic() + 300
         while not (tmp_path / "metrics.jsonl").exists() and time.monotonic() < deadline:
             time.sleep(0.05)
-        server["proc"].kill()
-        server["proc"].wait(timeout=30)
+        stop_server(server["proc"])  # the server and its engine core die
         server["proc"] = start_server(server["dir"], port)  # the fixture stops this one at the end
         wait_ready(server["proc"], port)
         done["back"] = True

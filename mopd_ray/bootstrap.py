@@ -170,6 +170,21 @@ def held_out_accuracy(cfg, paths: dict, evals: list | None = None) -> dict:
     return accuracy
 
 
+def sft_plan(cfg, out: Path, train: list) -> list:
+    """The bootstrap's fine-tunings, in order: the base student from ``<out>/init`` on every domain (the tool domains
+    on their demonstrated episodes when ``demo.base_tool_use``), then one expert per domain from the base student on
+    its own rows, on its demonstrated episodes where the domain has them."""
+    d = cfg.demo
+    base = str(out / "student_base")
+    plan = [{"name": "student_base", "init": str(out / "init"), "path": base, "rows": train, "steps": d.base_steps,
+             "lr": d.base_lr, "seed": d.seed, "tool_use": bool(d.base_tool_use)}]
+    for i, dom in enumerate(cfg.data.domains):
+        plan.append({"name": f"teacher_{dom}", "init": base, "path": str(out / f"teacher_{dom}"),
+                     "rows": [r for r in train if r["domain"] == dom], "steps": d.teacher_steps, "lr": d.teacher_lr,
+                     "seed": d.seed + 1 + i, "tool_use": True})
+    return plan
+
+
 def _bootstrap_locked(cfg, out: Path, recipe: dict) -> dict:
     from .cluster import init_ray
     from .config import resource_demand
@@ -192,7 +207,6 @@ def _bootstrap_locked(cfg, out: Path, recipe: dict) -> dict:
     domains = list(cfg.data.domains)
     train = generate_split(domains, cfg.data.num_train_per_domain, cfg.data.seed, "train")
     evals = generate_split(domains, cfg.data.num_eval_per_domain, cfg.data.seed, "eval")
-    base = out / "student_base"
     # one learner group trains every model in turn (a group's start costs ~10 s of imports per rank)
     from .roles import make_learner_group, setup_learners
 
@@ -200,15 +214,11 @@ def _bootstrap_locked(cfg, out: Path, recipe: dict) -> dict:
     learners = make_learner_group(first, [])
     try:
         setup_learners(first, learners)
-        losses = {"student_base": sft(cfg, str(init), str(base), train, d.base_steps, d.base_lr, d.batch, d.seed,
-                                      learners, tool_use=d.base_tool_use)}
-        paths = {"student_base": str(base)}
-        for i, dom in enumerate(domains):
-            rows = [r for r in train if r["domain"] == dom]
-            p = out / f"teacher_{dom}"
-            losses[f"teacher_{dom}"] = sft(cfg, str(base), str(p), rows, d.teacher_steps, d.teacher_lr, d.batch,
-                                           d.seed + 1 + i, learners, tool_use=True)
-            paths[f"teacher_{dom}"] = str(p)
+        losses, paths = {}, {}
+        for job in sft_plan(cfg, out, train):
+            losses[job["name"]] = sft(cfg, job["init"], job["path"], job["rows"], job["steps"], job["lr"], d.batch,
+                                      job["seed"], learners, tool_use=job["tool_use"])
+            paths[job["name"]] = job["path"]
     finally:  # kept warm for the runs after the bootstrap when their learner group is of this shape
         from .warm import WARM
 

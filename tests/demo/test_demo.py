@@ -149,3 +149,24 @@ def test_bootstrap_recipe_ignores_comparison_settings():
     assert recipe_of(compose_cfg("experiment=demo", "demo.base_tool_use=false")) != base
     assert recipe_of(compose_cfg("experiment=demo", "learner.world_size=1")) != base
     assert recipe_of(compose_cfg("experiment=demo", "learner.betas=[0.9,0.95]")) != base
+
+
+def test_the_base_student_sees_tool_calls_only_where_the_recipe_says():
+    """The quick demo's base student is fine-tuned on the tool domain's demonstrated episodes, the full study's on
+    bare answers; every expert on its own domain's rows (calc's expert on its episodes) from the base student."""
+    from pathlib import Path
+
+    from mopd_ray.bootstrap import sft_plan
+    from mopd_ray.data.domains import generate_split
+
+    for experiment, base_tools in (("demo", True), ("demo_full", False)):
+        cfg = compose_cfg(f"experiment={experiment}")
+        train = generate_split(list(cfg.data.domains), 4, 0, "train")
+        plan = sft_plan(cfg, Path("/out"), train)
+        assert [j["name"] for j in plan] == ["student_base", *[f"teacher_{d}" for d in cfg.data.domains]]
+        base, experts = plan[0], plan[1:]
+        assert base["tool_use"] is base_tools and base["rows"] == train and base["init"] == "/out/init"
+        assert base["steps"] == cfg.demo.base_steps
+        for job, dom in zip(experts, cfg.data.domains):
+            assert job["tool_use"] and job["init"] == "/out/student_base" and job["steps"] == cfg.demo.teacher_steps
+            assert {r["domain"] for r in job["rows"]} == {dom}

@@ -38,14 +38,23 @@ def start_server(model_dir: str, port: int, name: str = "tiny-teacher") -> subpr
 
 
 def stop_server(proc: subprocess.Popen) -> None:
-    """Kill the server and its engine-core process (killing the server alone left the engine core running)."""
+    """Kill the server and its engine-core process (killing the server alone left the engine core running); fails
+    if any process the server started outlives it."""
     import signal
 
+    import psutil
+
+    try:
+        children = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        children = []
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
     proc.wait(timeout=30)
+    _, alive = psutil.wait_procs(children, timeout=30)
+    assert not alive, f"processes of the vLLM server still running after it was killed: {alive}"
 
 
 def wait_ready(proc: subprocess.Popen, port: int, timeout_s: float = 240.0) -> None:

@@ -52,7 +52,10 @@ def describe_plan(cfg, model_paths: dict[str, str], started: list | None = None)
 def _prepare(cfg, out: Path) -> tuple:
     """Everything checked before any engine starts: models, tokenizers, data, storage, whose checkpoints
     this launch may load. Returns (model paths, prompt pool, RunStart); raises on bad input."""
-    from transformers import AutoTokenizer
+    from .utils.heavy import heavy_imports
+
+    with heavy_imports():  # the driver's big libraries, without the cycle collector's passes over them
+        from transformers import AutoTokenizer
 
     from .data.prompts import build_prompt_pool
     from .models.compat import check_context_lengths, check_local_tokenizers
@@ -96,10 +99,13 @@ def run(cfg: DictConfig) -> int:
           + (f", starting from {start.resume_from}" if start.resume_from else ""))
     if cfg.run.dry_run:
         return 0
-    from .collectives import SharedGPUError
     from .console import summary
-    from .models.compat import TokenizerMismatchError
-    from .orchestrator import Orchestrator
+    from .utils.heavy import heavy_imports
+
+    with heavy_imports():
+        from .collectives import SharedGPUError
+        from .models.compat import TokenizerMismatchError
+        from .orchestrator import Orchestrator
     from .preflight import PreflightError
     from .rewards import RewardError
     from .sync_check import WeightSyncCheckError

@@ -7,6 +7,13 @@ import pytest
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_MODE", "offline")
 
+from mopd_ray.utils.heavy import heavy_imports  # noqa: E402
+
+with heavy_imports():  # what every test process imports, without the cycle collector's passes (see the module)
+    import ray  # noqa: F401
+    import torch  # noqa: F401
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
+
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):

@@ -22,8 +22,12 @@ def init_distributed(timeout_s: float = 600.0, init_method: str | None = None, r
     ``init_method`` file://PATH rendezvous through a file (one node) instead of a TCP store (env://)."""
     import datetime
 
-    import deepspeed
     import torch
+
+    from ..utils.heavy import heavy_imports
+
+    with heavy_imports():
+        import deepspeed
 
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")

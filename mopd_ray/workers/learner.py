@@ -125,9 +125,13 @@ class LearnerWorker(LearnerForward, LearnerRows, LearnerAdvantages, LearnerWeigh
         return self._build_engine()
 
     def _build_engine(self) -> dict:
-        import deepspeed
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from ..utils.heavy import heavy_imports
+
+        with heavy_imports():
+            import deepspeed
 
         from ..models.compat import head_post, token_rows
         from .deepspeed_env import zero_config

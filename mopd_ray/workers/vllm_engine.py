@@ -111,7 +111,10 @@ def make_llm(model_path: str, *, dtype: str = "float32", max_model_len: int = 25
         import ray
 
         os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address  # the engine process joins this cluster
-    from vllm import LLM
+    from ..utils.heavy import heavy_imports
+
+    with heavy_imports():
+        from vllm import LLM
 
     kwargs = dict(model=model_path, dtype=dtype, max_model_len=max_model_len, seed=seed, max_logprobs=max_logprobs,
                   tensor_parallel_size=tensor_parallel_size, enforce_eager=enforce_eager,

@@ -1,0 +1,35 @@
+"""Importing vLLM, torch, DeepSpeed and transformers without paying the cycle collector for it.
+
+Their imports build millions of long-lived objects (modules, classes, registries). Python's cycle collector
+runs while they are built (its young generations fill every 700 allocations) and, once they are built, every
+full collection walks all of them again: a vLLM engine's construction ran four of those. ``heavy_imports``
+turns the collector off while a block imports them, then moves everything alive out of its reach
+(``gc.freeze``): module state is never garbage. Measured on this machine (2026-12-07, an engine process:
+``from vllm import LLM`` and one engine of the tiny student): 8.0 s of CPU -> 5.7 s.
+
+Freezing keeps whatever is alive at that moment for the life of the process, so it happens only when the
+block imported something new (the first engine of a process, not a warm actor's rebuild, whose previous
+engine may still wait for collection).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import sys
+
+
+@contextlib.contextmanager
+def heavy_imports():
+    """``with heavy_imports(): from vllm import LLM``: the collector off while the block runs, then the
+    imported modules' objects frozen out of its reach if the block imported anything new."""
+    known = len(sys.modules)
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if len(sys.modules) > known:
+            gc.freeze()
+        if enabled:
+            gc.enable()

@@ -12,7 +12,6 @@ from mopd_ray.utils.heavy import heavy_imports  # noqa: E402
 with heavy_imports():  # what every test process imports, without the cycle collector's passes (see the module)
     import ray  # noqa: F401
     import torch  # noqa: F401
-    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
 
 
 @pytest.fixture(scope="session")

@@ -7,14 +7,6 @@ import functools
 import os
 from typing import Optional
 
-from ..utils.heavy import heavy_imports
-
-# Every role's process imports torch and transformers: first, here, with the cycle collector off, and their
-# objects then frozen out of its reach (mopd_ray/utils/heavy.py); vLLM and DeepSpeed where first needed.
-with heavy_imports():
-    import torch  # noqa: F401
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: F401
-
 _PROCESS_ENV: Optional[dict] = None  # this process's environment before its first role changed it
 
 

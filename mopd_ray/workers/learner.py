@@ -15,12 +15,17 @@ import time
 
 import numpy as np
 
-from .base import RoleWorker
-from .learner_advantages import LearnerAdvantages
-from .learner_forward import LearnerForward
-from .learner_metrics import LearnerMetrics
-from .learner_rows import LearnerRows, _check_scored
-from .learner_weights import LearnerWeights
+from ..utils.heavy import heavy_imports
+
+with heavy_imports():  # torch, first imported by the mixins below (mopd_ray/utils/heavy.py)
+    import torch  # noqa: F401
+
+from .base import RoleWorker  # noqa: E402
+from .learner_advantages import LearnerAdvantages  # noqa: E402
+from .learner_forward import LearnerForward  # noqa: E402
+from .learner_metrics import LearnerMetrics  # noqa: E402
+from .learner_rows import LearnerRows, _check_scored  # noqa: E402
+from .learner_weights import LearnerWeights  # noqa: E402
 
 
 def lr_factor(step: int, total: int, warmup: int, schedule: str, min_ratio: float) -> float:
@@ -126,12 +131,10 @@ class LearnerWorker(LearnerForward, LearnerRows, LearnerAdvantages, LearnerWeigh
 
     def _build_engine(self) -> dict:
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        from ..utils.heavy import heavy_imports
 
         with heavy_imports():
             import deepspeed
+            from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from ..models.compat import head_post, token_rows
         from .deepspeed_env import zero_config

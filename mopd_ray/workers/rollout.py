@@ -19,11 +19,14 @@ class RolloutWorker(RoleWorker):
     def __init__(self, model_path: str, rollout_cfg: dict, max_model_len: int, replica_index: int = 0,
                  trust_remote_code: bool = False, rewards: Optional[dict] = None,
                  train_rewards: Optional[dict] = None):
-        from transformers import AutoTokenizer
-
         from ..console import quiet_worker
         from ..rewards import Rewards
+        from ..utils.heavy import heavy_imports
         from .vllm_engine import make_llm
+
+        with heavy_imports():  # the process's big libraries (vLLM's in make_llm), see the module
+            import torch  # noqa: F401
+            from transformers import AutoTokenizer
 
         quiet_worker()
         self.cfg = rollout_cfg

@@ -28,9 +28,12 @@ from .base import RoleWorker
 class TeacherWorker(RoleWorker):
     def __init__(self, name: str, model_path: str, teacher_cfg: dict, replica_index: int = 0,
                  trust_remote_code: bool = False):
-        from transformers import AutoConfig, AutoTokenizer
-
         from ..console import quiet_worker
+        from ..utils.heavy import heavy_imports
+
+        with heavy_imports():  # the process's big libraries (vLLM's in make_llm), see the module
+            import torch  # noqa: F401
+            from transformers import AutoConfig, AutoTokenizer
 
         quiet_worker()
         self.name, self.cfg, self.replica_index, self.model_path = name, teacher_cfg, replica_index, model_path

@@ -97,7 +97,10 @@ def make_llm(model_path: str, *, dtype: str = "float32", max_model_len: int = 25
     default CPU_KV_CACHE_BYTES), eager mode. On GPUs: ``gpu_memory_utilization``, and a fixed KV cache when
     ``kv_cache_memory_bytes`` is given.
     Tensor-parallel workers are placed by ``engine_placement``; the choice is kept as ``llm.mopd_placement``."""
-    gpu = on_gpu()
+    from ..utils.heavy import heavy_imports
+
+    with heavy_imports():  # torch (see the module)
+        gpu = on_gpu()
     if not gpu:
         apply_cpu_engine_env(omp_bind, enforce_eager, tensor_parallel_size)
     pg = current_placement_group()
@@ -111,9 +114,7 @@ def make_llm(model_path: str, *, dtype: str = "float32", max_model_len: int = 25
         import ray
 
         os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address  # the engine process joins this cluster
-    from ..utils.heavy import heavy_imports
-
-    with heavy_imports():
+    with heavy_imports():  # after the environment above: vLLM reads it
         from vllm import LLM
 
     kwargs = dict(model=model_path, dtype=dtype, max_model_len=max_model_len, seed=seed, max_logprobs=max_logprobs,

@@ -1,36 +1,40 @@
-"""heavy_imports: the collector off inside the block, what a new import built frozen after it, nothing frozen when
-the block imported nothing new (a warm actor's rebuild: its previous engine may still await collection)."""
+"""heavy_imports: the young generation's threshold raised inside the block, what a new import built collected and
+frozen after it, nothing frozen when the block imported nothing new (a warm actor's rebuild: its previous engine may
+still await collection), nested blocks left to the outermost."""
 
 import gc
 import sys
 
-from mopd_ray.utils.heavy import heavy_imports
+from mopd_ray.utils.heavy import IMPORT_GEN0_THRESHOLD, heavy_imports
 
 
-def test_the_collector_is_off_inside_and_a_new_import_is_frozen(tmp_path, monkeypatch):
-    (tmp_path / "mopd_probe_heavy_mod.py").write_text("TABLE = [[i] for i in range(20000)]\n")
+def test_a_new_import_is_frozen_and_its_garbage_collected_first(tmp_path, monkeypatch):
+    (tmp_path / "mopd_probe_heavy_mod.py").write_text(
+        "TABLE = [[i] for i in range(20000)]\n"
+        "class Cycle:\n    pass\n"
+        "for _ in range(2500):\n    a, b = Cycle(), Cycle(); a.b, b.a = b, a\n"  # garbage cycles
+        "del a, b\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    assert gc.isenabled()
-    frozen = gc.get_freeze_count()
+    thresholds, frozen = gc.get_threshold(), gc.get_freeze_count()
     with heavy_imports():
-        assert not gc.isenabled()
-        import mopd_probe_heavy_mod  # noqa: F401
-    assert gc.isenabled()
+        assert gc.get_threshold()[0] == IMPORT_GEN0_THRESHOLD
+        with heavy_imports():  # nested: no-op
+            import mopd_probe_heavy_mod  # noqa: F401
+        assert gc.get_freeze_count() == frozen  # the outer block freezes, not the inner one
+    assert gc.get_threshold() == thresholds
     assert gc.get_freeze_count() >= frozen + 20000  # the module's objects are out of the collector's reach
+    # its garbage cycles (2,500 pairs of instances with their dicts, 10,000 objects: fewer than one young generation)
+    # were collected, not frozen
+    assert not [o for o in gc.get_objects() if type(o).__name__ == "Cycle"]
+    frozen_cycles = gc.get_freeze_count() - frozen - 20000
+    assert frozen_cycles < 2000, frozen_cycles
     sys.modules.pop("mopd_probe_heavy_mod")
 
 
-def test_nothing_new_is_not_frozen_and_a_disabled_collector_stays_off():
+def test_a_block_that_imports_nothing_new_freezes_nothing():
     frozen = gc.get_freeze_count()
-    garbage = [[] for _ in range(1000)]  # alive now: would be kept for the process's life if frozen
+    alive = [[] for _ in range(1000)]  # would be kept for the process's life if frozen
     with heavy_imports():
         import json  # noqa: F401  (already imported)
-    assert gc.get_freeze_count() == frozen and gc.isenabled()
-    del garbage
-    gc.disable()
-    try:
-        with heavy_imports():
-            pass
-        assert not gc.isenabled()
-    finally:
-        gc.enable()
+    assert gc.get_freeze_count() == frozen
+    del alive

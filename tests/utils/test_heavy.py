@@ -3,32 +3,44 @@ frozen after it, nothing frozen when the block imported nothing new (a warm acto
 still await collection), nested blocks left to the outermost."""
 
 import gc
+import json
+import subprocess
 import sys
 
+from mopd_ray.utils.heavy import heavy_imports
+
+# In a fresh interpreter (a test process has frozen its own objects already): a module of 20,000 live lists and, last,
+# 2,500 pairs of instances in garbage cycles (10,000 objects with their dicts: fewer than one young generation).
+PROBE = """
+import gc, json, sys
+sys.path.insert(0, sys.argv[1])
 from mopd_ray.utils.heavy import IMPORT_GEN0_THRESHOLD, heavy_imports
+thresholds, frozen = gc.get_threshold(), gc.get_freeze_count()
+with heavy_imports():
+    inside = gc.get_threshold()[0]
+    with heavy_imports():
+        import mopd_probe_heavy_mod
+    frozen_by_inner = gc.get_freeze_count() - frozen
+out = dict(inside=inside, expected=IMPORT_GEN0_THRESHOLD, restored=gc.get_threshold() == thresholds,
+           frozen_by_inner=frozen_by_inner, frozen=gc.get_freeze_count() - frozen)
+gc.unfreeze()  # whatever was frozen is visible again: garbage frozen with the module would show here
+out["cycles_left"] = sum(type(o).__name__ == "Cycle" for o in gc.get_objects())
+print(json.dumps(out))
+"""
 
 
-def test_a_new_import_is_frozen_and_its_garbage_collected_first(tmp_path, monkeypatch):
+def test_a_new_import_is_frozen_and_its_garbage_collected_first(tmp_path):
     (tmp_path / "mopd_probe_heavy_mod.py").write_text(
         "TABLE = [[i] for i in range(20000)]\n"
         "class Cycle:\n    pass\n"
-        "for _ in range(2500):\n    a, b = Cycle(), Cycle(); a.b, b.a = b, a\n"  # garbage cycles
+        "for _ in range(2500):\n    a, b = Cycle(), Cycle(); a.b, b.a = b, a\n"
         "del a, b\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    thresholds, frozen = gc.get_threshold(), gc.get_freeze_count()
-    with heavy_imports():
-        assert gc.get_threshold()[0] == IMPORT_GEN0_THRESHOLD
-        with heavy_imports():  # nested: no-op
-            import mopd_probe_heavy_mod  # noqa: F401
-        assert gc.get_freeze_count() == frozen  # the outer block freezes, not the inner one
-    assert gc.get_threshold() == thresholds
-    assert gc.get_freeze_count() >= frozen + 20000  # the module's objects are out of the collector's reach
-    # its garbage cycles (2,500 pairs of instances with their dicts, 10,000 objects: fewer than one young generation)
-    # were collected, not frozen
-    assert not [o for o in gc.get_objects() if type(o).__name__ == "Cycle"]
-    frozen_cycles = gc.get_freeze_count() - frozen - 20000
-    assert frozen_cycles < 2000, frozen_cycles
-    sys.modules.pop("mopd_probe_heavy_mod")
+    out = json.loads(subprocess.run([sys.executable, "-c", PROBE, str(tmp_path)], capture_output=True, text=True,
+                                    check=True).stdout)
+    assert out["inside"] == out["expected"] and out["restored"]
+    assert out["frozen_by_inner"] == 0  # the outer block freezes, not the nested one
+    assert out["frozen"] >= 20000  # the module's objects are out of the collector's reach
+    assert out["cycles_left"] == 0  # its garbage was collected, not frozen (kept for the process's life)
 
 
 def test_a_block_that_imports_nothing_new_freezes_nothing():

@@ -227,7 +227,9 @@ def test_mopd_against_a_served_teacher_killed_and_restarted_in_the_middle_of_the
     cfg = compose_cfg("experiment=local_smoke", f"run.artifacts_dir={artifacts}", "run.total_steps=4",
                       f"run.checkpoint_dir={tmp_path}/ck", "logging.wandb_mode=disabled", "logging.progress_bar=false",
                       f"teachers.models.add_expert.endpoint={server['url']}",
-                      f"teachers.models.add_expert.model={server['model']}", "teachers.models.add_expert.max_retries=10")
+                      f"teachers.models.add_expert.model={server['model']}",
+                      # backoff capped at 10 s: ~165 s for the restart (~15 s alone; a minute and more on a loaded machine)
+                      "teachers.models.add_expert.max_retries=20")
     done = {}
 
     def chaos():

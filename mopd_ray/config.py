@@ -1,4 +1,5 @@
-"""Structured configuration: every default lives here, once. YAML under conf/ only overrides.
+"""Structured configuration: every default lives in the schema, once (here, and the sections in config_base.py,
+config_teachers.py and config_demo.py). YAML under conf/ only overrides.
 
 The dataclasses are registered with Hydra's ConfigStore as the schema of conf/config.yaml, so an
 unknown key or a value of the wrong type fails at composition with the key's full name.
@@ -6,54 +7,25 @@ unknown key or a value of the wrong type fails at composition with the key's ful
 that names the key and what to change.
 """
 
-import math
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
-# vLLM's CPU attention accepts only these head sizes (PLATFORM.md); GPU backends accept a superset.
-VLLM_CPU_HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
-SIGNALS = ("sampled", "topk", "full_vocab")
-DTYPES = ("float32", "bfloat16", "float16")
-RUN_SIGNALS = SIGNALS + ("none",)  # none: no teacher, verifiable rewards only (GRPO; needs alpha > 0)
-SELF_TEACHER = "self"
-ADVANTAGE_NORMS = ("none", "batch", "teacher", "batch_mean", "teacher_mean")
-
-
-class ConfigError(ValueError):
-    """A configuration that cannot run; the message names the key and the fix."""
-
-
-def _open_dict() -> DictConfig:
-    """An empty mapping that command-line overrides may add keys to without a leading '+'."""
-    return OmegaConf.create({}, flags={"struct": False})
-
-
-# The families a tiny model can be built of (mopd_ray/models/tiny.py; the architecture matrix:
-# tests/runtime/test_model_families.py).
-TINY_ARCHS = ("qwen2", "llama", "qwen3", "qwen3_moe", "mistral", "gemma2", "gemma3", "olmo2", "phi3")
-
-
-@dataclass
-class TinyModelConfig:
-    """Shape of a tiny model that the project builds itself (no hub), of one of several families."""
-
-    arch: str = "qwen2"  # one of TINY_ARCHS (qwen2, llama, qwen3, qwen3_moe, gemma3, ...)
-    hidden_size: int = 64
-    num_layers: int = 2
-    num_heads: int = 2
-    num_kv_heads: int = 1
-    intermediate_size: int = 128
-    max_position_embeddings: int = 256
-    tie_word_embeddings: bool = False
-    vocab_pad_to: int = 32  # embedding rows padded to a multiple of this (real models do it too)
-    seed: int = 0
-
+# the choices, the tiny model's shape and the checks every section uses (config_base.py); the teachers' section and
+# its routes (config_teachers.py); the demonstration's and the cascade's (config_demo.py): re-exported here, where
+# every module reads the schema
+from .config_base import (ADVANTAGE_NORMS, DTYPES, RUN_SIGNALS, SELF_TEACHER, SIGNALS, TINY_ARCHS,  # noqa: F401
+                          VLLM_CPU_HEAD_DIMS, ConfigError, TinyModelConfig, _check_choice, _check_fraction,
+                          _check_positive, _fail, _open_dict, _tiny_ok)
+from .config_demo import CascadeConfig, CascadeStageConfig, DemoConfig, check_cascade, check_demo  # noqa: F401
+from .config_teachers import (PreflightConfig, TeacherConfig, TeacherPoolConfig, TeachersConfig,  # noqa: F401
+                              _check_pools, _check_routing, _check_teachers, parse_route, resolved_backend,
+                              resolved_signal, route_of, route_slots, routes, teacher_model_path)
 
 @dataclass
 class ModelConfig:
@@ -79,219 +51,6 @@ def _check_model_and_run(cfg) -> None:
                             or re.fullmatch(r"step_\d+", str(rid))):
         _fail("run.id", f"{rid!r} must be a folder name (letters, digits, '.', '_', '-'; not step_N): it names "
               "the run's folder under run.checkpoint_dir")
-
-
-@dataclass
-class TeacherConfig:
-    """One teacher: an actor group of ``replicas`` x ``tensor_parallel_size`` shards."""
-
-    model_path: Optional[str] = None  # None only for the "self" teacher (a frozen initial student)
-    tiny: Optional[TinyModelConfig] = None  # build a tiny teacher at model_path when absent
-    backend: str = "auto"  # vllm | hf | auto (= vllm; hf for models vLLM cannot load). Both serve every signal
-    weight: float = 1.0  # coefficient of this teacher's distillation advantage / loss
-    signal: Optional[str] = None  # override algorithm.signal for rows routed here
-    replicas: int = 1
-    tensor_parallel_size: int = 1
-    max_model_len: int = 256
-    max_logprobs: int = 20  # vLLM engine limit on top-k log-probs
-    dtype: str = "float32"
-    hidden_dtype: str = "bfloat16"  # dtype of hidden states shipped for full_vocab
-    num_cpus_per_shard: float = 1.0
-    num_gpus_per_shard: float = 0.0
-    custom_resources: Dict[str, float] = field(default_factory=dict)  # e.g. pin to nodes with {teacher_node: 1}
-    # the engine's KV cache. null: 256 MiB on CPU, sized from gpu_memory_utilization on GPUs; a number: that
-    # size on either (vLLM then skips its memory profiling: engines that share a GPU and start at once)
-    kv_cache_memory_bytes: Optional[int] = None
-    # fraction of its GPU's memory the engine may take (weights + KV cache + activations); roles that share a
-    # GPU (fractional num_gpus_per_shard) must fit their fractions together
-    gpu_memory_utilization: float = 0.6
-    # vLLM's eager mode: no torch.compile (and on GPUs no CUDA graphs). False compiles the engine at
-    # start-up (cached under ~/.cache/vllm across runs): on GPUs the normal setting; on CPU it starts
-    # 10-45 s slower and scores ~5% faster at tiny sizes
-    enforce_eager: bool = True
-    micro_batch_size: int = 16  # rows per forward (hf backend)
-    # a teacher served elsewhere (workers/endpoint.py): an OpenAI-compatible base URL (http://HOST:PORT/v1) of
-    # a vLLM server; model_path is then a local folder with its tokenizer and config (the pre-flight compares
-    # it with the server's /tokenize, and its transformers forward with the server's log-probs). Sampled and
-    # top-k signals; no full-vocab (hidden states stay on the server)
-    endpoint: Optional[str] = None
-    model: Optional[str] = None  # the served model's name (null: model_path)
-    api_key_env: Optional[str] = None  # the environment variable holding the API key (read in the teacher's process)
-    max_concurrency: int = 8  # requests in flight per replica
-    rows_per_request: int = 8  # sequences per completions request
-    request_timeout_s: float = 120.0
-    max_retries: int = 6  # on connection errors, timeouts and 5xx, with exponential backoff; then the call fails
-    # hf backend: at most this many tokens per forward instead (packed rows where the model packs), as
-    # learner.max_tokens_per_micro_batch; null: micro_batch_size rows
-    max_tokens_per_micro_batch: Optional[int] = None
-    # pre-flight checks to skip for this teacher (stop_ids, template, probe), when a difference is intended
-    skip_checks: List[str] = field(default_factory=list)
-    # serve this teacher from a shared pool of engines (teachers.pools.NAME) instead of its own group; the
-    # pool's engine settings apply (replicas, tensor_parallel_size, dtype, ...), the ones above are unused
-    pool: Optional[str] = None
-
-
-def _check_teachers(cfg) -> None:
-    """teachers.models.*: each teacher's settings against the run's lengths and signal."""
-    ts, al, da, ro = _active_teachers_cfg(cfg), cfg.algorithm, cfg.data, cfg.rollout
-    if not ts.models and al.signal != "none":
-        _fail("teachers.models", "no teacher is defined; add at least one (e.g. teachers=local_tiny)")
-    for name, t in ts.models.items():
-        key = f"teachers.models.{name}"
-        _check_choice(f"{key}.backend", t.backend, ("auto", "vllm", "hf", "endpoint"))
-        if t.endpoint is not None or t.backend == "endpoint":
-            _check_endpoint(cfg, name, t, ts)
-        _check_choice(f"{key}.dtype", t.dtype, DTYPES)
-        _check_choice(f"{key}.hidden_dtype", t.hidden_dtype, DTYPES)
-        _tiny_ok(f"{key}.tiny", t.tiny)
-        if t.signal is not None:
-            _check_choice(f"{key}.signal", t.signal, SIGNALS)
-        for check in t.skip_checks:
-            _check_choice(f"{key}.skip_checks", check, ("stop_ids", "template", "probe"))
-        if t.pool is not None:
-            if t.pool not in ts.pools:
-                _fail(f"{key}.pool", f"'{t.pool}' is not a defined pool; defined pools: "
-                      f"{', '.join(sorted(ts.pools)) or 'none'} (add teachers.pools.{t.pool}.replicas=1)")
-            if t.backend == "hf":
-                _fail(f"{key}.backend", "a pooled teacher is served by the pool's vLLM engines; use backend=auto")
-        if name != SELF_TEACHER and not t.model_path:
-            _fail(f"{key}.model_path", f"teacher '{name}' has no model_path (only the '{SELF_TEACHER}' teacher, "
-                  "a frozen copy of the initial student, may omit it)")
-        if t.weight < 0:
-            _fail(f"{key}.weight", f"must be >= 0, got {t.weight}")
-        _check_positive(f"{key}.replicas", t.replicas)
-        if t.max_tokens_per_micro_batch is not None:
-            _check_positive(f"{key}.max_tokens_per_micro_batch", t.max_tokens_per_micro_batch)
-        _check_positive(f"{key}.tensor_parallel_size", t.tensor_parallel_size)
-        _check_fraction(f"{key}.gpu_memory_utilization", t.gpu_memory_utilization)
-        need = da.max_prompt_len + ro.max_new_tokens
-        if t.pool is None and not t.endpoint and t.max_model_len < need:  # pooled / served: their engines' settings
-            _fail(f"{key}.max_model_len", f"{t.max_model_len} is shorter than prompt + response = "
-                  f"data.max_prompt_len ({da.max_prompt_len}) + rollout.max_new_tokens ({ro.max_new_tokens}) "
-                  f"= {need}; raise it to at least {need}")
-        signal = resolved_signal(cfg, name)
-        if signal == "topk":
-            if t.pool is None and resolved_backend(cfg, name) == "vllm" and al.topk > t.max_logprobs:
-                _fail("algorithm.topk", f"top-k {al.topk} exceeds teacher '{name}' engine limit "
-                      f"{key}.max_logprobs={t.max_logprobs}; lower algorithm.topk or raise max_logprobs")
-
-
-def _check_endpoint(cfg, name: str, t, ts) -> None:
-    key = f"teachers.models.{name}"
-    if not t.endpoint or not re.fullmatch(r"https?://[^\s/]+(/\S*)?", str(t.endpoint)):
-        _fail(f"{key}.endpoint", f"{t.endpoint!r} is not an http(s) URL; give the server's OpenAI base URL, e.g. "
-              "http://teacher-host:8000/v1")
-    if t.backend not in ("auto", "endpoint"):
-        _fail(f"{key}.backend", f"'{t.backend}' with an endpoint: a served teacher is scored by its server; use "
-              "backend=auto")
-    if t.pool is not None:
-        _fail(f"{key}.pool", "a served teacher is not served by a pool; remove one of pool / endpoint")
-    if name == SELF_TEACHER:
-        _fail(f"{key}.endpoint", f"the '{SELF_TEACHER}' teacher is a frozen copy of the student inside the job")
-    if resolved_signal(cfg, name) == "full_vocab":
-        _fail(f"{key}.signal", "full_vocab needs the teacher's hidden states, which a served teacher does not return; "
-              f"use {key}.signal=topk or sampled")
-    _check_positive(f"{key}.max_concurrency", t.max_concurrency)
-    _check_positive(f"{key}.rows_per_request", t.rows_per_request)
-    _check_positive(f"{key}.request_timeout_s", t.request_timeout_s)
-    _check_positive(f"{key}.max_retries", t.max_retries, allow_zero=True)
-
-
-@dataclass
-class TeacherPoolConfig:
-    """M vLLM engine replicas serving N teachers of one architecture, swapping weights between calls."""
-
-    replicas: int = 1
-    tensor_parallel_size: int = 1
-    max_model_len: int = 256
-    max_logprobs: int = 20
-    dtype: str = "float32"
-    hidden_dtype: str = "bfloat16"
-    num_cpus_per_shard: float = 1.0
-    num_gpus_per_shard: float = 0.0
-    custom_resources: Dict[str, float] = field(default_factory=dict)
-    kv_cache_memory_bytes: Optional[int] = None  # as teachers.models.NAME.kv_cache_memory_bytes
-    gpu_memory_utilization: float = 0.6  # as teachers.models.NAME.gpu_memory_utilization
-    enforce_eager: bool = True  # as teachers.models.NAME.enforce_eager
-    # host memory per replica for the weights of the pool's teachers (one copy per replica, in its actor
-    # process, handed to the engine's workers bucket by bucket at a swap); a teacher that does not fit is
-    # re-read from its folder at every swap. 0: always from disk
-    cache_gb: float = 16.0
-
-
-def _check_pools(cfg) -> None:
-    """teachers.pools.*."""
-    ts, al, da, ro = _active_teachers_cfg(cfg), cfg.algorithm, cfg.data, cfg.rollout
-    for name, p in ts.pools.items():
-        key = f"teachers.pools.{name}"
-        _check_positive(f"{key}.replicas", p.replicas)
-        _check_positive(f"{key}.tensor_parallel_size", p.tensor_parallel_size)
-        _check_fraction(f"{key}.gpu_memory_utilization", p.gpu_memory_utilization)
-        _check_choice(f"{key}.dtype", p.dtype, DTYPES)
-        _check_choice(f"{key}.hidden_dtype", p.hidden_dtype, DTYPES)
-        _check_positive(f"{key}.cache_gb", p.cache_gb, allow_zero=True)
-        need = da.max_prompt_len + ro.max_new_tokens
-        if p.max_model_len < need:
-            _fail(f"{key}.max_model_len", f"{p.max_model_len} is shorter than prompt + response = {need}; raise it "
-                  f"to at least {need}")
-        members = [n for n, t in ts.models.items() if t.pool == name]
-        if al.topk > p.max_logprobs and any(resolved_signal(cfg, n) == "topk" for n in members):
-            _fail("algorithm.topk", f"top-k {al.topk} exceeds pool '{name}' engine limit {key}.max_logprobs="
-                  f"{p.max_logprobs}; lower algorithm.topk or raise max_logprobs")
-
-
-@dataclass
-class PreflightConfig:
-    """Checks before step 0 (mopd_ray/preflight.py): tokenizer, end-of-turn ids, chat template, and a
-    log-prob probe of every teacher replica against a transformers forward of its folder and against
-    the other replicas, and of the student's rollout engine against the learner."""
-
-    enabled: bool = True
-    # mean |difference| of log-probs per probe token allowed; null: 1e-3 when both sides compute in
-    # float32, 0.05 otherwise (bf16/fp16 kernels differ by more)
-    logprob_tolerance: Optional[float] = None
-    # the transformers reference is built only for teachers whose safetensors are at most this size
-    # (it loads a second copy of the weights on the replica's CPU, once); larger ones are checked
-    # replica against replica
-    reference_max_gb: float = 4.0
-
-
-@dataclass
-class TeachersConfig:
-    # name -> TeacherConfig. Held untyped and open (not struct) so that teachers can be added, changed and
-    # removed from the command line (teachers.models.NAME.model_path=DIR, teachers.models={NAME: {...}},
-    # ~teachers.models.NAME); finalize() then gives every entry TeacherConfig's defaults and types, and
-    # names the key of an unknown or wrongly typed setting.
-    models: Dict[str, Any] = field(default_factory=lambda: _open_dict())
-    pools: Dict[str, Any] = field(default_factory=lambda: _open_dict())  # name -> TeacherPoolConfig (open, as models)
-    # data domain -> a teacher name, or a weighted list of teachers that all score the domain's samples:
-    #   routing.math: [{teacher: math_expert, weight: 1.0}, {teacher: self, weight: 0.2}]   (see routes())
-    routing: Dict[str, Any] = field(default_factory=lambda: _open_dict())
-    default: Optional[Any] = None  # route of domains missing from routing (None: such a domain is an error)
-    # how a sample's teachers are combined: fixed (each entry's weight) | confidence (per token, each
-    # weight scaled by that teacher's probability of the sampled token, renormalised to the same total)
-    combine: str = "fixed"
-    preflight: PreflightConfig = field(default_factory=PreflightConfig)
-
-
-def _check_routing(cfg) -> None:
-    """teachers.routing / default / combine: every route names a defined teacher, every domain has one."""
-    ts, al, da, ro = _active_teachers_cfg(cfg), cfg.algorithm, cfg.data, cfg.rollout
-    if al.signal == "topk" and al.topk > ro.max_logprobs:
-        _fail("algorithm.topk", f"top-k {al.topk} exceeds the rollout engine's rollout.max_logprobs="
-              f"{ro.max_logprobs}; lower algorithm.topk or raise rollout.max_logprobs")
-    _check_choice("teachers.combine", ts.combine, ("fixed", "confidence"))
-    for domain, route in routes(cfg, ts).items():
-        key = "teachers.default" if domain == "*" else f"teachers.routing.{domain}"
-        for i, (teacher, _) in enumerate(route):
-            if teacher not in ts.models:
-                _fail(key if len(route) == 1 else f"{key}[{i}]", f"routes to teacher '{teacher}', which is not "
-                      f"defined; defined teachers: {', '.join(sorted(ts.models))}")
-    if da.train_path is None and al.signal != "none":  # synthetic domains are known now; files when loaded
-        for domain in da.domains:
-            if domain not in ts.routing and ts.default is None:
-                _fail("teachers.routing", f"data domain '{domain}' has no route; add "
-                      f"teachers.routing.{domain}=<teacher> or set teachers.default")
 
 
 @dataclass
@@ -660,67 +419,6 @@ class RunConfig:
 
 
 @dataclass
-class DemoConfig:
-    """The demonstration's bootstrap recipe (mopd_ray.bootstrap) and its comparison runs (mopd_ray.demo)."""
-
-    seed: int = 0
-    model: TinyModelConfig = field(default_factory=lambda: TinyModelConfig(
-        hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, intermediate_size=384, seed=0))
-    batch: int = 64
-    base_steps: int = 60
-    base_lr: float = 1e-3
-    # the base student's SFT on tool domains (calc): False, on the bare answer (it never saw the tool: MOPD teaches
-    # the calls); True, on the demonstrated episodes, as an instruction-tuned student has seen tool calls (the
-    # experts train on them for longer)
-    base_tool_use: bool = False
-    teacher_steps: int = 600
-    teacher_lr: float = 1e-3
-    signals: List[str] = field(default_factory=lambda: ["topk", "full_vocab", "sampled"])
-    # extra overrides of the MOPD run of one signal, e.g. {sampled: [algorithm.normalize_advantages=true]}
-    signal_overrides: Dict[str, List[str]] = field(default_factory=dict)
-    baselines: bool = True  # single-teacher distillation (the seesaw) and reward-only GRPO
-    single_teacher: str = "add"  # domain whose teacher the seesaw baseline uses for every prompt
-    single_teacher_signal: Optional[str] = None  # signal of the seesaw baseline (None: signals[0])
-    grpo_overrides: List[str] = field(default_factory=list)  # e.g. its own learning rate
-    # every comparison run once per run seed (run.seed), in <out>/seed<N>/<run>; the table shows the mean
-    # and +- half the range. Empty: once, with run.seed, in <out>/<run>
-    run_seeds: List[int] = field(default_factory=list)
-
-
-@dataclass
-class CascadeStageConfig:
-    """One stage of a sequential pipeline: train on ``domains`` only, from the previous stage's student."""
-
-    name: str = "???"  # also the teacher name of this stage's final checkpoint in the recovery runs
-    domains: List[str] = field(default_factory=list)
-    # distil from this teacher (a name in teachers.models) on the stage's domains; None: GRPO on their rewards
-    teacher: Optional[str] = None
-    steps: int = 200
-    overrides: List[str] = field(default_factory=list)  # Hydra overrides of this stage's run only
-
-
-@dataclass
-class CascadeConfig:
-    """The cascade (mopd_ray.cascade): stages trained one after another from the base student, each
-    stage's final checkpoint exported and evaluated on every domain (what the pipeline forgot), then
-    MOPD from the last stage's student with every stage's checkpoint as the teacher of its domains."""
-
-    stages: List[CascadeStageConfig] = field(default_factory=list)
-    signals: List[str] = field(default_factory=lambda: ["sampled", "topk", "full_vocab"])
-    # weight of the `self` teacher (the frozen last-stage student) added to every domain's route; each
-    # signal is run once per entry (0: without it)
-    self_weights: List[float] = field(default_factory=lambda: [0.0])
-    recovery_steps: int = 200
-    signal_overrides: Dict[str, List[str]] = field(default_factory=dict)  # per signal, as demo.signal_overrides
-    run_seeds: List[int] = field(default_factory=lambda: [0])  # recovery runs repeated per run.seed
-    grpo_baseline: bool = True  # reward-only GRPO from the last stage's student, per seed (demo.grpo_overrides)
-    # serve every recovery teacher (each stage's checkpoint and `self`, all grown from one student, so of
-    # one architecture) from one shared pool of engines, teachers.pools.cascade (replicas: 1 unless set),
-    # instead of one engine group per teacher: N + 1 teachers on one engine's devices, weights swapped
-    teacher_pool: bool = False
-
-
-@dataclass
 class MOPDConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     teachers: TeachersConfig = field(default_factory=TeachersConfig)
@@ -798,104 +496,6 @@ def _finalize_entries(models, schema, prefix: str, what: str) -> None:
 # --------------------------------------------------------------------------- validation
 
 
-def _fail(key: str, msg: str) -> None:
-    raise ConfigError(f"config key '{key}': {msg}")
-
-
-def _check_choice(key: str, value: Any, choices) -> None:
-    if value not in choices:
-        _fail(key, f"{value!r} is not one of {', '.join(map(str, choices))}")
-
-
-def _check_positive(key: str, value, allow_zero: bool = False) -> None:
-    if value is None or value < 0 or (value == 0 and not allow_zero):
-        _fail(key, f"must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
-
-
-def _check_fraction(key: str, value) -> None:
-    if not 0 < value <= 1:
-        _fail(key, f"must be in (0, 1] (a fraction of the GPU's memory), got {value}")
-
-
-def _tiny_ok(key: str, tiny) -> None:
-    if tiny is None:
-        return
-    _check_choice(f"{key}.arch", tiny.arch, TINY_ARCHS)
-    if tiny.hidden_size % tiny.num_heads:
-        _fail(f"{key}.hidden_size", f"{tiny.hidden_size} is not divisible by num_heads={tiny.num_heads}")
-    head_dim = tiny.hidden_size // tiny.num_heads
-    if head_dim not in VLLM_CPU_HEAD_DIMS:
-        _fail(f"{key}.num_heads", f"head dim hidden_size/num_heads = {head_dim} is not one vLLM's CPU attention "
-              f"accepts ({', '.join(map(str, VLLM_CPU_HEAD_DIMS))}); change hidden_size or num_heads")
-    if tiny.num_heads % tiny.num_kv_heads:
-        _fail(f"{key}.num_kv_heads", f"num_heads={tiny.num_heads} is not divisible by num_kv_heads={tiny.num_kv_heads}")
-
-
-def resolved_signal(cfg, teacher_name: str) -> str:
-    """The signal used for rows routed to ``teacher_name`` (teacher override, else algorithm.signal)."""
-    t = cfg.teachers.models[teacher_name]
-    return t.signal or cfg.algorithm.signal
-
-
-def parse_route(value, key: str) -> list:
-    """A route as [(teacher name, weight), ...]: a name, a list of names, or a list of
-    {teacher: NAME, weight: W} entries (weight defaults to 1). Raises ConfigError naming ``key``."""
-    if isinstance(value, (DictConfig, ListConfig)):
-        value = OmegaConf.to_container(value, resolve=True)
-    if isinstance(value, str):
-        return [(value, 1.0)]
-    if not isinstance(value, list) or not value:
-        _fail(key, f"must be a teacher name or a non-empty list of {{teacher: NAME, weight: W}}, got {value!r}")
-    out = []
-    for i, e in enumerate(value):
-        if isinstance(e, str):
-            e = {"teacher": e}
-        if not isinstance(e, dict) or not isinstance(e.get("teacher"), str) or set(e) - {"teacher", "weight"}:
-            _fail(f"{key}[{i}]", f"must be a teacher name or {{teacher: NAME, weight: W}}, got {e!r}")
-        w = e.get("weight", 1.0)
-        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
-            _fail(f"{key}[{i}].weight", f"must be a finite number >= 0, got {w!r}")
-        out.append((e["teacher"], float(w)))
-    names = [n for n, _ in out]
-    if len(set(names)) != len(names):
-        _fail(key, f"lists a teacher twice ({names}); give each teacher once, with its total weight")
-    return out
-
-
-def routes(cfg, ts=None) -> dict:
-    """{domain: [(teacher, weight), ...]} of teachers.routing, plus "*" for teachers.default if set."""
-    ts = cfg.teachers if ts is None else ts
-    out = {d: parse_route(v, f"teachers.routing.{d}") for d, v in ts.routing.items()}
-    if ts.default is not None:
-        out["*"] = parse_route(ts.default, "teachers.default")
-    return out
-
-
-def route_of(cfg, domain: str) -> list:
-    r = routes(cfg)
-    return r[domain] if domain in r else r["*"]
-
-
-def route_slots(cfg) -> int:
-    """The most teachers any sample has (the width of a batch's teacher slots)."""
-    return max((len(r) for r in routes(cfg).values()), default=1) if cfg.algorithm.signal != "none" else 1
-
-
-def teacher_model_path(cfg, name: str) -> str:
-    """The teacher's model folder (the student's for the "self" teacher without one of its own)."""
-    t = cfg.teachers.models[name]
-    return cfg.model.path if (name == SELF_TEACHER and not t.model_path) else t.model_path
-
-
-def resolved_backend(cfg, teacher_name: str) -> str:
-    """The scoring backend of a teacher: "endpoint" when it is served elsewhere; else its own setting, "auto"
-    being vLLM (it serves every signal)."""
-    t = cfg.teachers.models[teacher_name]
-    if t.get("endpoint"):
-        return "endpoint"
-    return "vllm" if t.backend == "auto" else t.backend
-
-
 def validate(cfg: Union[DictConfig, MOPDConfig]) -> None:
     """Check cross-field invariants; raise ConfigError naming the key and the fix. Each group's checks
     sit beside its schema above."""
@@ -910,12 +510,7 @@ def validate(cfg: Union[DictConfig, MOPDConfig]) -> None:
     _check_env(cfg)
     _check_cluster(cfg)
     _check_resources(cfg)
-    _check_demo(cfg)
-
-
-def _active_teachers_cfg(cfg):
-    """The teachers section, or an empty one when no teacher takes part (signal none: their checks skipped)."""
-    return TeachersConfig() if cfg.algorithm.signal == "none" else cfg.teachers
+    check_demo(cfg)
 
 
 def validate_rewards(cfg) -> None:
@@ -934,56 +529,6 @@ def validate_rewards(cfg) -> None:
                 resolve(name)
             except RewardError as e:
                 _fail(f"data.{key}.{domain}", str(e))
-
-
-def _check_demo(cfg) -> None:
-    dm = cfg.demo
-    if not dm.signals:
-        _fail("demo.signals", "is empty; name at least one of " + ", ".join(SIGNALS))
-    for s in dm.signals:
-        _check_choice("demo.signals", s, SIGNALS)
-    for s in dm.signal_overrides:
-        _check_choice(f"demo.signal_overrides.{s}", s, SIGNALS)
-    if dm.single_teacher_signal is not None:
-        _check_choice("demo.single_teacher_signal", dm.single_teacher_signal, SIGNALS)
-    if len(set(dm.run_seeds)) != len(dm.run_seeds):
-        _fail("demo.run_seeds", f"{list(dm.run_seeds)} repeats a seed; list each run seed once")
-
-
-def check_cascade(cfg) -> None:
-    """The cascade section against the rest (mopd_ray.cascade; the runs it starts do not use it)."""
-    cc = cfg.cascade
-    if not cc.stages:
-        _fail("cascade.stages", "is empty; use experiment=cascade or give the stages")
-    names = [st.name for st in cc.stages]
-    for i, st in enumerate(cc.stages):
-        key = f"cascade.stages[{i}]"
-        if st.name in ("???", "", "self") or not st.name.replace("_", "").isalnum():
-            _fail(f"{key}.name", f"{st.name!r} is not a usable name; give each stage a word such as stage_{i}")
-        if st.name in names[:i]:
-            _fail(f"{key}.name", f"{st.name!r} names two stages; each stage's checkpoint is a teacher by its name")
-        if not st.domains:
-            _fail(f"{key}.domains", "is empty; name the domains this stage trains on (from data.domains)")
-        for dom in st.domains:
-            _check_choice(f"{key}.domains", dom, list(cfg.data.domains))
-        if st.teacher is not None and st.teacher not in cfg.teachers.models:
-            _fail(f"{key}.teacher", f"{st.teacher!r} is not in teachers.models ({', '.join(cfg.teachers.models)}); "
-                  "name one, or null to train the stage by GRPO on its domains' rewards")
-        _check_positive(f"{key}.steps", st.steps)
-    covered = {dom for st in cc.stages for dom in st.domains}
-    missing = [d for d in cfg.data.domains if d not in covered]
-    if missing:
-        _fail("cascade.stages", f"no stage trains {missing}: the recovery needs a stage teacher for every domain")
-    if not cc.signals:
-        _fail("cascade.signals", "is empty; name at least one of " + ", ".join(SIGNALS))
-    for s in [*cc.signals, *cc.signal_overrides]:
-        _check_choice("cascade.signals", s, SIGNALS)
-    for w in cc.self_weights:
-        if w < 0:
-            _fail("cascade.self_weights", f"{w} is negative; 0 runs without the self teacher")
-    _check_positive("cascade.recovery_steps", cc.recovery_steps)
-    if not cc.run_seeds or len(set(cc.run_seeds)) != len(cc.run_seeds):
-        _fail("cascade.run_seeds", f"{list(cc.run_seeds)}: give each run seed once, at least one (e.g. [0])")
 
 
 def resource_demand(cfg) -> Dict[str, float]:

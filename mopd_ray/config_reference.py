@@ -1,6 +1,7 @@
 """The configuration reference, generated from the schema so it cannot drift from the code.
 
-The schema is the dataclasses of ``mopd_ray/config.py`` (``MOPDConfig`` and what it holds). Each option's
+The schema is the dataclasses of ``mopd_ray/config.py`` and the section modules it re-exports (``MOPDConfig`` and
+what it holds). Each option's
 description is the comment the code gives it: the ``# ...`` at the end of the field's line, or the comment
 lines right above it, read from the module's source with ``ast`` and ``tokenize``. An open mapping whose
 comment says ``name -> SomeConfig`` (``teachers.models``, ``teachers.pools``) is documented as that
@@ -48,11 +49,15 @@ class Section:
     options: tuple  # Option, in field order
 
 
+# the modules of the schema: mopd_ray/config.py and the sections it re-exports
+SCHEMA_MODULES = (schema.__name__, "mopd_ray.config_base", "mopd_ray.config_teachers", "mopd_ray.config_demo")
+
+
 def config_dataclasses() -> list:
-    """Every dataclass defined in mopd_ray/config.py, in source order."""
+    """Every dataclass of the schema's modules (SCHEMA_MODULES), module by module in source order."""
     found = [obj for _, obj in inspect.getmembers(schema, inspect.isclass)
-             if dataclasses.is_dataclass(obj) and obj.__module__ == schema.__name__]
-    return sorted(found, key=lambda c: inspect.getsourcelines(c)[1])
+             if dataclasses.is_dataclass(obj) and obj.__module__ in SCHEMA_MODULES]
+    return sorted(found, key=lambda c: (SCHEMA_MODULES.index(c.__module__), inspect.getsourcelines(c)[1]))
 
 
 @lru_cache(maxsize=None)

@@ -44,3 +44,13 @@ def heavy_imports():
         if len(sys.modules) > known:
             gc.collect()  # the imports' own garbage first: frozen, it would stay for the process's life
             gc.freeze()
+
+
+def freeze_survivors() -> None:
+    """After a role freed its engine in place (RoleWorker.close, before a warm rebuild): collect, then freeze what
+    is still alive, the libraries' objects again. vLLM's engine shutdown unfreezes every object of its process
+    (``gc.unfreeze``), so without this the next engine's construction walks them all again in its collections:
+    a rebuilt tiny engine took 1.4 s of CPU, 0.35 s after this (this machine, 2026-12-07; the freeing +0.35 s).
+    Only where nothing of the freed engine is alive: frozen, it would never be collected."""
+    gc.collect()
+    gc.freeze()

@@ -82,7 +82,7 @@ class RoleWorker:
 
     def close(self) -> None:
         """Free what this role holds (its vLLM engine, its model) before it becomes another."""
-        import gc
+        from ..utils.heavy import freeze_survivors
 
         llm = self.__dict__.pop("llm", None)
         if llm is not None:
@@ -90,7 +90,7 @@ class RoleWorker:
 
             close_llm(llm)
         self.__dict__.clear()
-        gc.collect()
+        freeze_survivors()  # collected, then what survives frozen: the next engine's build skips it
 
     def read_token(self, path: str) -> tuple:
         """(this node's address, the file's text or None): the shared-storage probe (mopd_ray/storage.py)."""

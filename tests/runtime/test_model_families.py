@@ -122,8 +122,11 @@ class Engine:
 
         from vllm.distributed import cleanup_dist_env_and_memory
 
+        from mopd_ray.utils.heavy import freeze_survivors
+
         gc.collect()
         cleanup_dist_env_and_memory()
+        freeze_survivors()  # as RoleWorker.close: the next family's engine does not walk vLLM's objects again
 
 
 def _gap(a, b) -> float:

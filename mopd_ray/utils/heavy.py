@@ -1,15 +1,16 @@
 """Importing vLLM, torch, DeepSpeed and transformers without paying the cycle collector for it.
 
-Their imports build millions of long-lived objects (modules, classes, registries). Python's cycle collector
-runs while they are built (its young generations fill every 700 allocations) and, once they are built, every
-full collection walks all of them again: a vLLM engine's construction ran four of those. ``heavy_imports``
-turns the collector off while a block imports them, then moves everything alive out of its reach
-(``gc.freeze``): module state is never garbage. Measured on this machine (2026-12-07, an engine process:
-``from vllm import LLM`` and one engine of the tiny student): 8.0 s of CPU -> 5.7 s.
+Their imports build millions of long-lived objects (modules, classes, registries). Python's cycle collector runs
+while they are built (its young generation fills every 700 allocations) and, once they are built, every full
+collection walks all of them again: a vLLM engine's construction ran four of those. ``heavy_imports`` raises the
+young generation's threshold while a block imports them, then collects the imports' garbage and moves everything
+alive out of the collector's reach (``gc.freeze``): module state is never garbage. Measured on this machine
+(2026-12-07, a fresh engine process: ``from vllm import LLM`` and one engine of the tiny student): 8.1 s of CPU ->
+5.7 s (benchmarks/results/2026-12-07_heavy_imports/).
 
-Freezing keeps whatever is alive at that moment for the life of the process, so it happens only when the
-block imported something new (the first engine of a process, not a warm actor's rebuild, whose previous
-engine may still wait for collection).
+Freezing keeps whatever is alive at that moment for the life of the process, so it happens only when the block
+imported something new (the first engine of a process, not a warm actor's rebuild, whose previous engine may still
+wait for collection), and ``freeze_survivors`` only after a role freed its engine.
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ IMPORT_GEN0_THRESHOLD = 20000
 
 @contextlib.contextmanager
 def heavy_imports():
-    """``with heavy_imports(): from vllm import LLM``: the collector off while the block runs, then the
-    imported modules' objects frozen out of its reach if the block imported anything new."""
+    """``with heavy_imports(): from vllm import LLM``: the young generation's threshold raised while the block runs,
+    then, if the block imported anything new, the garbage collected and what is alive frozen."""
     global _DEPTH
     if _DEPTH:  # inside another block: the outermost one collects and freezes
         yield

@@ -50,3 +50,38 @@ def test_a_block_that_imports_nothing_new_freezes_nothing():
         import json  # noqa: F401  (already imported)
     assert gc.get_freeze_count() == frozen
     del alive
+
+
+SURVIVORS = """
+import gc, json, sys
+sys.path.insert(0, sys.argv[1])
+from mopd_ray.utils.heavy import freeze_survivors
+from mopd_ray.workers.base import RoleWorker
+class Cycle:
+    pass
+class Role(RoleWorker):
+    def __init__(self):
+        self.engine = [Cycle() for _ in range(2000)]
+        for a, b in zip(self.engine, self.engine[1:]):
+            a.b, b.a = b, a  # the freed engine's objects: a cycle
+kept = [[i] for i in range(5000)]
+role = Role()
+frozen = gc.get_freeze_count()
+role.close()  # RoleWorker.close: frees the role, then freeze_survivors
+out = dict(frozen=gc.get_freeze_count() - frozen)
+gc.unfreeze()
+out["cycles_left"] = sum(type(o).__name__ == "Cycle" for o in gc.get_objects())
+print(json.dumps(out))
+"""
+
+
+def test_a_closed_role_freezes_what_survives_and_not_its_freed_engine():
+    """vLLM's shutdown unfreezes the process's heap; RoleWorker.close collects the freed engine, then freezes the
+    survivors (the libraries, what the process keeps) so that the next engine's build does not walk them."""
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parents[2])
+    out = json.loads(subprocess.run([sys.executable, "-c", SURVIVORS, root], capture_output=True, text=True,
+                                    check=True).stdout)
+    assert out["frozen"] >= 5000  # the survivors (the kept lists among them) are frozen
+    assert out["cycles_left"] == 0  # the freed engine's objects were collected first, not frozen

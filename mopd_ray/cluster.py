@@ -39,6 +39,12 @@ WORKER_ENV = {
 }
 
 
+# A local instance starts no Python workers ahead of need: Ray would prestart one per logical CPU for the first
+# driver, and more as tasks queue, all without the run's runtime environment, so no role can use them (each
+# ~1 s of CPU to start; measured: 25 such idle workers in one test-suite run).
+LOCAL_SYSTEM_CONFIG = {"prestart_worker_first_driver": False, "enable_worker_prestart": False}
+
+
 class PlacementError(RuntimeError):
     pass
 
@@ -129,6 +135,7 @@ def init_ray(cluster_cfg, cpu_demand: float = 0.0, gpu: bool = False) -> None:
         object_store_memory=cluster_cfg.object_store_memory,
         runtime_env={"env_vars": env},
         log_to_driver=True,
+        _system_config=dict(LOCAL_SYSTEM_CONFIG),  # a copy: Ray adds its own keys to it
         **quiet,
     )
 

@@ -48,13 +48,14 @@ def ensure_local_ray():
     shutting that one down, as the multi-node one does)."""
     import ray
 
-    from mopd_ray.cluster import WORKER_ENV
+    from mopd_ray.cluster import LOCAL_SYSTEM_CONFIG, WORKER_ENV
 
     if not ray.is_initialized():
         # address="local": always a new instance, never one found on this machine (a `ray start` head of
         # the job-submit test, or its stale address file, would otherwise be joined)
         ray.init(address="local", num_cpus=8, include_dashboard=False, _node_ip_address="127.0.0.1",
-                 runtime_env={"env_vars": dict(WORKER_ENV)}, log_to_driver=False)
+                 runtime_env={"env_vars": dict(WORKER_ENV)}, log_to_driver=False,
+                 _system_config=dict(LOCAL_SYSTEM_CONFIG))
     return ray
 
 

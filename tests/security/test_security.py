@@ -17,13 +17,20 @@ _LISTENERS = textwrap.dedent("""
     from mopd_ray.config import ClusterConfig
     init_ray(OmegaConf.structured(ClusterConfig(include_dashboard=True)), 2)
     import ray
-    ray.get(ray.remote(lambda: 1).remote())
+    class Probe:
+        def ping(self):
+            return 1
+    probe = ray.remote(num_cpus=1)(Probe).remote()
+    ray.get(probe.ping.remote())
     time.sleep(2)
     # this driver and what it started (Ray's processes, the worker): not other processes on the machine
-    ours = {os.getpid(), *(p.pid for p in psutil.Process().children(recursive=True))}
+    kids = psutil.Process().children(recursive=True)
+    ours = {os.getpid(), *(p.pid for p in kids)}
     new = sorted({c.laddr.ip for c in psutil.net_connections(kind="inet")
                   if c.status == psutil.CONN_LISTEN and c.pid in ours})
-    print(json.dumps({"listen": new, "node": [n["NodeManagerAddress"] for n in ray.nodes()]}))
+    # Python workers that nothing uses (Ray prestarts them unless told not to: cluster.LOCAL_SYSTEM_CONFIG)
+    idle = [p.pid for p in kids if " ".join(p.cmdline()).startswith("ray::IDLE")]
+    print(json.dumps({"listen": new, "node": [n["NodeManagerAddress"] for n in ray.nodes()], "idle": idle}))
     ray.shutdown()
 """)
 
@@ -40,6 +47,7 @@ def test_local_mode_listens_on_loopback_only(tmp_path):
     assert out["node"] == ["127.0.0.1"]
     assert out["listen"], "no listener seen"
     assert set(out["listen"]) <= {"127.0.0.1", "::ffff:127.0.0.1", "::1"}, out["listen"]
+    assert out["idle"] == [], "a local instance started Python workers that no role uses"
 
 
 def test_trust_remote_code_is_off_by_default():

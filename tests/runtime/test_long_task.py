@@ -1,9 +1,11 @@
 """The long built-in task end to end (`count`: 2,000-2,400 response tokens of working before the answer) on the
 real engines, with the long-sequence paths on: token-budget micro-batches, packed rows, token-balanced ranks.
 
-Its student and teacher are tiny models taught the task's format by the project's own SFT (mopd_ray.bootstrap,
-24 + 4 steps: enough that they rarely end a response early, not enough to count right), so a run samples,
-scores and trains >= 2k-token responses at a tiny size."""
+Its student and teacher are tiny models that do not end a response before the 2,560-token limit: their output
+head's end-of-turn rows are zeroed and the others scaled up (about one chance in a million per token to stop),
+the teacher's head perturbed from the student's. So a run samples, scores and trains 2.5k-token responses at a
+tiny size, with no fine-tuning first (the project's SFT writers of the task's format took 30 s to make and still
+ended some responses early)."""
 
 import pytest
 
@@ -16,31 +18,31 @@ LONG = ["data.domains=[count]", "data.num_train_per_domain=64", "data.num_eval_p
         f"rollout.max_new_tokens={MAX_NEW}", "model.max_model_len=2624"]
 
 
+def _long_writer(path, perturb: float):
+    """A tiny qwen2 whose head never favours its end-of-turn ids: their rows zero, the others' logits ~N(0, 5^2)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoTokenizer
+
+    from mopd_ray.config import TinyModelConfig
+    from mopd_ray.models.compat import stop_ids
+    from mopd_ray.models.tiny import build_tiny_model
+
+    path = build_tiny_model(path, TinyModelConfig(max_position_embeddings=4096, seed=0))
+    weights = load_file(path / "model.safetensors")
+    head = weights["lm_head.weight"] * 12  # hidden states of norm ~8 after the final norm: logits' std ~5
+    head += perturb * head.std() * torch.randn(head.shape, generator=torch.Generator().manual_seed(1))
+    head[stop_ids(AutoTokenizer.from_pretrained(path), str(path))] = 0
+    weights["lm_head.weight"] = head.contiguous()
+    save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
+    return str(path)
+
+
 @pytest.fixture(scope="module")
-def long_writers(tmp_path_factory, local_ray):
-    """(student, teacher): a tiny model SFT'd 24 steps on the long task, and that one 4 steps further."""
-    from mopd_ray.bootstrap import sft
-    from mopd_ray.data.domains import generate_split
-    from mopd_ray.models.prepare import prepare_models
-    from mopd_ray.roles import make_learner_group, setup_learners
-    from mopd_ray.warm import WARM
-
-    from ..helpers import compose_cfg
-
+def long_writers(tmp_path_factory):
+    """(student, teacher): writers that go on to the token limit, the teacher's head the student's perturbed."""
     root = tmp_path_factory.mktemp("long")
-    cfg = compose_cfg(f"run.artifacts_dir={root}", f"model.path={root}/init", "model.tiny.max_position_embeddings=4096",
-                      *LONG,
-                      "teachers=empty", "algorithm=sampled_grpo")
-    prepare_models(cfg)
-    rows = generate_split(["count"], 64, 0, "train")
-    learners = make_learner_group(cfg, [])
-    try:
-        setup_learners(cfg, learners)
-        sft(cfg, cfg.model.path, f"{root}/student", rows, steps=24, lr=5e-3, batch=4, seed=0, learners=learners)
-        sft(cfg, f"{root}/student", f"{root}/teacher", rows, steps=4, lr=5e-3, batch=4, seed=1, learners=learners)
-    finally:
-        WARM.park(learners)  # the run's learners (mopd_ray/warm.py)
-    return f"{root}/student", f"{root}/teacher"
+    return _long_writer(root / "student", 0.0), _long_writer(root / "teacher", 0.3)
 
 
 def test_a_long_reasoning_run_trains_2k_token_responses_packed_and_balanced(long_writers, tmp_path, caplog):
@@ -68,8 +70,7 @@ def test_a_long_reasoning_run_trains_2k_token_responses_packed_and_balanced(long
     lengths = [(r["rollout/mean_response_len"], r["rollout/truncated_fraction"]) for r in rows]
     assert any(r["rollout/truncated_fraction"] > 0 for r in rows), lengths  # rows of 2,560 tokens
     for r in rows:
-        # the long task's working: responses of 1-2.5k tokens, some cut at the 2,560-token limit (the tiny
-        # writers still end some early)
+        # responses of 1-2.5k tokens or more, cut at the 2,560-token limit
         assert r["rollout/mean_response_len"] >= 1200 and r["response_tokens"] >= 8 * 1200, lengths
         assert r["learner/padding_fraction"] == 0  # packed: no forward work on padding
         # 8 rows of ~2.3k tokens in micro-batches of at most 4,096 tokens: several, as many on each rank

@@ -6,6 +6,7 @@ import pytest
 import ray
 
 from mopd_ray.roles import make_pool_group, make_teacher_group
+from mopd_ray.warm import WARM
 
 from .conftest import compose_cfg
 from .test_teachers import _batch
@@ -66,7 +67,7 @@ def test_pooled_teachers_score_exactly_as_dedicated_engines(local_ray, artifacts
         np.testing.assert_array_equal(head[0], dedicated["sort_expert"].gather(dedicated["sort_expert"].call(0, "output_head"))[0])
     finally:
         for g in (pool, *dedicated.values()):
-            g.shutdown()
+            WARM.park(g)  # the next test's teachers take them or rebuild them in place (mopd_ray/warm.py)
 
 
 def test_a_teacher_of_another_architecture_cannot_join_a_pool(artifacts):

@@ -9,6 +9,7 @@ from mopd_ray.cluster import PlacementError
 from mopd_ray.config import TinyModelConfig
 from mopd_ray.models.compat import TokenizerMismatchError, check_compatible, tokenizer_fingerprint
 from mopd_ray.roles import make_learner_group, make_teacher_group
+from mopd_ray.warm import WARM
 
 from .conftest import compose_cfg
 
@@ -59,7 +60,7 @@ def test_sharded_teacher_scores_equal_unsharded_and_hf(local_ray, artifacts):
             hidden[label] = _score(group, batch, rows, hidden=True)
             heads[label] = group.gather(group.call(0, "output_head"))
         finally:
-            group.shutdown()
+            WARM.park(group)  # the transformers teacher rebuilds the TP=1 one's process in place (mopd_ray/warm.py)
     mask = batch.response_mask_BL()[rows]
     L = mask.shape[1]
     assert out["tp1"].teacher_logprobs_RT.shape[1] == batch.response_lens_B[rows].max()  # prompts not shipped

@@ -87,7 +87,8 @@ class Sampler(threading.Thread):
                                                      "ts": [(now, ticks)]}
                 elif ticks != p["ts"][-1][1]:
                     p["ts"].append((now, ticks))
-                    if len(p["cmd"]) < 4 and len(p["ts"]) % 5 == 2:  # Ray actors retitle themselves after start
+                    n = len(p["ts"])  # Ray actors retitle themselves after start: look again now and then
+                    if len(p["cmd"]) < 4 and n & (n - 1) == 0:
                         cmd = _cmdline(pid)
                         if cmd and cmd != p["cmd"][-1]:
                             p["cmd"].append(cmd)
@@ -95,8 +96,16 @@ class Sampler(threading.Thread):
 
 
 def kind_of(cmds: list) -> str:
-    text = " | ".join(cmds)
-    return next((k for k in KINDS if k in text), "other")
+    """The newest cmdline's kind (an actor's title replaces default_worker.py's command line)."""
+    for cmd in reversed(cmds):
+        kind = next((k for k in KINDS if k in cmd), None)
+        if kind == "default_worker" and cmd is not cmds[-1]:
+            continue
+        if kind:
+            return kind
+        if cmd.startswith("ray::"):
+            return "other Ray actor"
+    return "other"
 
 
 def report(procs: dict, timing: list, top: int, hz: float) -> dict:

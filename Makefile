@@ -4,7 +4,7 @@
 # nothing changed). Pass Hydra overrides with ARGS="...", pytest options with PYTEST_ARGS="...".
 VENV ?= .venv
 PY := $(VENV)/bin/python
-SUITE_BUDGET_S := 750
+SUITE_BUDGET_S := 780
 FAST_BUDGET_S := 180
 # The suite runs on two pytest-xdist workers, a whole test file per worker at a time (module-scoped runs and
 # warm engines stay in one process), in the order tests/conftest.py gives (the longest files first); it is

@@ -39,9 +39,9 @@ WORKER_ENV = {
 }
 
 
-# A local instance starts no Python workers ahead of need: Ray would prestart one per logical CPU for the first
-# driver, and more as tasks queue, all without the run's runtime environment, so no role can use them (each
-# ~1 s of CPU to start; measured: 25 such idle workers in one test-suite run).
+# A local instance starts no Python workers ahead of need: Ray prestarts some (up to one per logical CPU) when the
+# first driver connects and more as tasks queue, all without the run's runtime environment, so no role can use
+# them (each ~1 s of CPU to start; measured: 25 such idle workers in one test-suite run).
 LOCAL_SYSTEM_CONFIG = {"prestart_worker_first_driver": False, "enable_worker_prestart": False}
 
 
